@@ -1,0 +1,222 @@
+"""Batched atomic density on a grid and its adjoint (twin of ``kernels/density.cu``).
+
+Arguments shared by both functions (B models, N atoms, T scattering types, G = 5 Gaussians):
+
+xyz (B,N,3), b (B,N), u (B,N,6) or None, is_aniso (N,) bool or None, occ (B,N),
+stype (N,) int, coefs (T,2,G) float64 [a; b], radius (B,N) in Å,
+geom (21,) float64: index_from_xyz (3x3), xyz_from_index (3x3), origin (3),
+blur (Å²), periodic (bool).
+
+Where the kernel loops over the points around each atom, NumPy works on a padded copy of each
+model's grid so that every (atom, point) pair has a flat index ``base[atom] + offset[k]``; the
+squared distances come from one matrix product, and a periodic grid folds its padding back.
+"""
+import numpy as np
+
+NGAUSS = 5
+_FOUR_PI2 = 4.0 * np.pi**2
+_PAIRS_PER_CHUNK = 1 << 21
+
+
+def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
+    """Per (model, atom) and Gaussian: amplitude, exponent k = 4pi²/Bt, Bt; for anisotropic atoms
+    the inverse of Bm = 8pi² U + (b_g + blur) I and a flag."""
+    a = coefs[stype, 0][None]                      # (1,N,G)
+    bg = coefs[stype, 1][None]
+    bt = bg + b[..., None].astype(np.float64) + blur
+    shapes = {"amp": a * (4 * np.pi / bt) ** 1.5, "k": _FOUR_PI2 / bt, "bt": bt, "s": None,
+              "aniso": np.zeros(b.shape, dtype=bool)}
+    if u is not None and is_aniso is not None and np.any(is_aniso):
+        m = np.zeros(b.shape + (NGAUSS, 3, 3))
+        uu = 8 * np.pi**2 * u.astype(np.float64)[..., None, :]
+        iso = np.broadcast_to(bg + blur, b.shape + (NGAUSS,))
+        m[..., 0, 0] = uu[..., 0] + iso
+        m[..., 1, 1] = uu[..., 1] + iso
+        m[..., 2, 2] = uu[..., 2] + iso
+        m[..., 0, 1] = m[..., 1, 0] = uu[..., 3]
+        m[..., 0, 2] = m[..., 2, 0] = uu[..., 4]
+        m[..., 1, 2] = m[..., 2, 1] = uu[..., 5]
+        flag = np.broadcast_to(np.asarray(is_aniso, dtype=bool)[None, :], b.shape)
+        m[~flag] = np.eye(3)
+        shapes["s"] = np.linalg.inv(m)
+        amp_aniso = a * (4 * np.pi) ** 1.5 / np.sqrt(np.linalg.det(m))
+        shapes["amp"] = np.where(flag[..., None], amp_aniso, shapes["amp"])
+        shapes["aniso"] = flag
+    return shapes
+
+
+class _PaddedGrid:
+    """One model's grid padded so that every atom's bounding box lies inside it."""
+
+    def __init__(self, shape, pad, periodic):
+        self.n = np.asarray(shape, dtype=np.int64)
+        self.pad = pad
+        self.periodic = periodic
+        self.shape = tuple(self.n + 2 * pad)
+        self.strides = np.array([self.shape[1] * self.shape[2], self.shape[2], 1], dtype=np.int64)
+
+    def fold(self, acc):
+        """Sum the padded accumulator back onto the stored grid."""
+        acc = acc.reshape(self.shape)
+        if not self.periodic:
+            p = self.pad
+            return acc[p[0]:p[0] + self.n[0], p[1]:p[1] + self.n[1], p[2]:p[2] + self.n[2]]
+        for axis in range(3):
+            n, p = int(self.n[axis]), int(self.pad[axis])
+            s = (-p) % n
+            length = -(-(acc.shape[axis] + s) // n) * n
+            buf_shape = list(acc.shape)
+            buf_shape[axis] = length
+            buf = np.zeros(buf_shape)
+            sl = [slice(None)] * 3
+            sl[axis] = slice(s, s + acc.shape[axis])
+            buf[tuple(sl)] = acc
+            new_shape = buf_shape[:axis] + [length // n, n] + buf_shape[axis + 1:]
+            acc = buf.reshape(new_shape).sum(axis=axis)
+        return acc
+
+    def expand(self, grid):
+        """The padded copy of a stored grid (wrapped if periodic, zeros outside a box)."""
+        widths = [(int(p), int(p)) for p in self.pad]
+        return np.pad(grid, widths, mode="wrap" if self.periodic else "constant")
+
+
+class _Offsets:
+    """Displacement vectors d = point - atom of a chunk's pairs, built only when needed."""
+
+    def __init__(self, dbase, doff, ci, ki):
+        self._parts = (dbase, doff, ci, ki)
+        self._d = None
+
+    @property
+    def d(self):
+        if self._d is None:
+            dbase, doff, ci, ki = self._parts
+            self._d = dbase[ci] + doff[ki]
+        return self._d
+
+
+def _pairs(xyz_m, radius_m, geom, shape, periodic):
+    """For one model: the padded grid and chunks of (atom, offsets, d2 (P,), flat point).
+
+    Distances are computed in the precision of xyz (float32 or float64), as the kernel's inputs.
+    """
+    frac_m = geom[:9].reshape(3, 3)
+    orth_m = geom[9:18].reshape(3, 3)
+    origin = geom[18:21]
+    n = np.asarray(shape, dtype=np.int64)
+    r = radius_m.astype(np.float64)
+    g = (xyz_m.astype(np.float64) - origin) @ frac_m.T
+    if periodic:
+        g = g - np.floor(g / n) * n        # the same point of the periodic lattice
+    rn = np.sqrt((frac_m**2).sum(axis=1))
+    half = r[:, None] * rn[None, :]
+    lo = np.ceil(g - half).astype(np.int64)
+    hi = np.floor(g + half).astype(np.int64)
+    atoms = np.arange(len(g))
+    if not periodic:
+        touches = np.all((hi >= 0) & (lo < n), axis=1)
+        atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
+    rmax = float(r.max()) if len(r) else 0.0
+    grid = _PaddedGrid(shape, np.ceil(rmax * rn).astype(np.int64) + 1, periodic)
+    if not len(atoms):
+        return grid, []
+    # Offsets of every point of the largest sphere, relative to the box corner lo.
+    ext = np.ceil(2 * rmax * rn).astype(np.int64) + 1
+    offs = np.indices(ext).reshape(3, -1).T
+    real = xyz_m.dtype if xyz_m.dtype == np.float32 else np.float64
+    doff = (offs @ orth_m.T).astype(real)                         # (K,3) Å
+    doff2 = (doff * doff).sum(1)
+    off_lin = offs @ grid.strides
+    dbase = ((lo - g) @ orth_m.T).astype(real)                    # (A,3) Å
+    base_lin = (lo + grid.pad) @ grid.strides
+    chunk = max(1, _PAIRS_PER_CHUNK // len(offs))
+
+    def chunks():
+        for s in range(0, len(atoms), chunk):
+            db = dbase[s:s + chunk]
+            d2 = (db * db).sum(1)[:, None] + doff2[None, :] + 2 * db @ doff.T
+            ci, ki = np.nonzero(d2 < (r[s:s + chunk] ** 2).astype(real)[:, None])
+            yield (atoms[s + ci], _Offsets(db, doff, ci, ki), d2[ci, ki],
+                   base_lin[s + ci] + off_lin[ki])
+
+    return grid, chunks()
+
+
+def _rho_terms(shapes, m, atom, offsets, d2):
+    """rho_g (P,G) for the pairs of model m; for anisotropic atoms also S d (P,G,3)."""
+    real = d2.dtype
+    amp = shapes["amp"][m if shapes["amp"].shape[0] > 1 else 0].astype(real)[atom]
+    k = shapes["k"][m if shapes["k"].shape[0] > 1 else 0].astype(real)[atom]
+    rho = amp * np.exp(-k * d2[:, None])
+    if shapes["s"] is None:
+        return rho, None, None
+    sel = np.nonzero(shapes["aniso"][m, atom])[0]
+    if not len(sel):
+        return rho, None, None
+    d = offsets.d[sel].astype(np.float64)
+    s = shapes["s"][m, atom[sel]]                                  # (P',G,3,3)
+    sd = np.einsum("pgij,pj->pgi", s, d)
+    rho[sel] = amp[sel] * np.exp(-_FOUR_PI2 * np.einsum("pgi,pi->pg", sd, d))
+    return rho, sel, (sd, s)
+
+
+def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
+    """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
+    shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
+    for m in range(xyz.shape[0]):
+        grid, chunks = _pairs(xyz[m], radius[m], geom, out.shape[1:], periodic)
+        acc = np.zeros(int(np.prod(grid.shape)))
+        o = occ[m].astype(np.float64)
+        for atom, offsets, d2, point in chunks:
+            rho, _, _ = _rho_terms(shapes, m, atom, offsets, d2)
+            acc += np.bincount(point, weights=o[atom] * rho.sum(axis=1), minlength=acc.size)
+        out[m] = grid.fold(acc)
+    return out
+
+
+def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, dmap,
+                    out=None):
+    """Gradients of T = sum(dmap * rho) with respect to xyz, b, u and occ of every atom.
+
+    Returns (g_xyz (B,N,3), g_b (B,N), g_u (B,N,6), g_occ (B,N)) in xyz's dtype, written into
+    ``out`` (a tuple of those four arrays) when given.
+    """
+    shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
+    nm, na = xyz.shape[:2]
+    gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
+    gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
+    for m in range(nm):
+        grid, chunks = _pairs(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
+        w_flat = grid.expand(np.asarray(dmap[m])).reshape(-1)
+        k_all = shapes["k"][m if shapes["k"].shape[0] > 1 else 0]
+        bt_all = shapes["bt"][m if shapes["bt"].shape[0] > 1 else 0]
+        for atom, offsets, d2, point in chunks:
+            rho, sel, aniso = _rho_terms(shapes, m, atom, offsets, d2)
+            d = offsets.d
+            wr = w_flat[point][:, None] * rho                          # (P,G)
+            k, bt = k_all[atom], bt_all[atom]
+            pos = 2.0 * (k * wr).sum(axis=1)[:, None] * d              # d rho / d x, isotropic
+            db = (wr * (k * d2[:, None] - 1.5) / bt).sum(axis=1)
+            if sel is not None:
+                sd, s = aniso
+                wrs = wr[sel]
+                pos[sel] = 2.0 * _FOUR_PI2 * np.einsum("pg,pgi->pi", wrs, sd)
+                db[sel] = 0.0
+                outer = _FOUR_PI2 * np.einsum("pgi,pgj->pgij", sd, sd) - 0.5 * s
+                dbm = 8 * np.pi**2 * np.einsum("pg,pgij->pij", wrs, outer)
+                du = np.stack([dbm[:, 0, 0], dbm[:, 1, 1], dbm[:, 2, 2],
+                               2 * dbm[:, 0, 1], 2 * dbm[:, 0, 2], 2 * dbm[:, 1, 2]], axis=1)
+                for c in range(6):
+                    gu[m, :, c] += np.bincount(atom[sel], weights=du[:, c], minlength=na)
+            for c in range(3):
+                gx[m, :, c] += np.bincount(atom, weights=pos[:, c], minlength=na)
+            gb[m] += np.bincount(atom, weights=db, minlength=na)
+            go[m] += np.bincount(atom, weights=wr.sum(axis=1), minlength=na)
+    o = occ.astype(np.float64)
+    result = (gx * o[..., None], gb * o, gu * o[..., None], go)
+    if out is None:
+        return tuple(r.astype(xyz.dtype) for r in result)
+    for dst, src in zip(out, result):
+        dst[...] = src
+    return out

@@ -1,0 +1,118 @@
+"""CUDA kernel provider: loads ``kernels/*.cu`` through CuPy and exposes the same functions, with
+the same signatures, as ``cpu_fallback``.  Imported only by ``backend`` once CuPy has been seen
+to work.
+
+Each ``.cu`` file is a real CUDA source; the only generated text is ``#define REAL <type>``.
+Modules are memoized per (file, dtype, device).
+"""
+import functools
+import math
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+_BLOCK = 128
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def kernel_dir():
+    """``kernels/`` beside the package in a source checkout, or inside it once installed."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "kernels", here.parent / "kernels"):
+        if (cand / "density.cu").is_file():
+            return cand
+    raise FileNotFoundError("CUDA sources (kernels/*.cu) not found next to gpu_refine")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name, dtype_name, device_id):
+    src = (kernel_dir() / f"{name}.cu").read_text()
+    ctype = _CTYPES[np.dtype(dtype_name)]
+    return cp.RawModule(code=f"#define REAL {ctype}\n{src}", options=("--std=c++14",))
+
+
+def get_kernel(name, function, dtype):
+    """The compiled ``function`` of ``kernels/<name>.cu`` for ``dtype`` on the current device."""
+    return _module(name, np.dtype(dtype).name, cp.cuda.Device().id).get_function(function)
+
+
+def _real(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in _CTYPES:
+        raise TypeError(f"kernels take float32 or float64 arrays, not {dtype}")
+    return dtype
+
+
+def _c(a, dtype):
+    return cp.ascontiguousarray(cp.asarray(a, dtype=dtype))
+
+
+def _launch(kernel, n_threads, args):
+    if n_threads > 0:
+        kernel(((n_threads + _BLOCK - 1) // _BLOCK,), (_BLOCK,), args)
+
+
+def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
+    n_models, n_atoms = xyz.shape[:2]
+    has_aniso = u is not None and is_aniso is not None
+    u_arr = _c(u, dtype) if has_aniso else cp.zeros(1, dtype)
+    flag = _c(is_aniso, cp.uint8) if has_aniso else cp.zeros(1, cp.uint8)
+    geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
+    # Slabs along the first grid axis: the widest bounding box over all atoms.
+    rmax = float(radius.max()) if radius.size else 0.0
+    row0 = float(np.sqrt((geom_np[:3] ** 2).sum()))
+    n_slabs = int(math.floor(2 * rmax * row0)) + 1
+    args = (_c(xyz, dtype), _c(b, dtype), u_arr, flag, _c(occ, dtype), _c(stype, cp.int32),
+            _c(coefs, cp.float64), _c(radius, dtype), cp.asarray(geom_np))
+    return args, has_aniso, n_models, n_atoms, n_slabs
+
+
+def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
+    """GPU twin of cpu_fallback.spread_density."""
+    dtype = _real(out.dtype)
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    args, has_aniso, nm, na, ns = _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius,
+                                             geom, dtype)
+    out.fill(0)
+    n0, n1, n2 = out.shape[1:]
+    _launch(get_kernel("density", "spread_density_kernel", dtype), nm * na * ns,
+            args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
+                    np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
+                    np.int32(n2), out))
+    return out
+
+
+def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, dmap,
+                    out=None):
+    """GPU twin of cpu_fallback.density_adjoint."""
+    dtype = _real(xyz.dtype)
+    args, has_aniso, nm, na, ns = _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius,
+                                             geom, dtype)
+    if out is None:
+        out = (cp.empty((nm, na, 3), dtype), cp.empty((nm, na), dtype),
+               cp.empty((nm, na, 6), dtype), cp.empty((nm, na), dtype))
+    for o in out:
+        o.fill(0)
+    n0, n1, n2 = dmap.shape[1:]
+    _launch(get_kernel("density", "density_adjoint_kernel", dtype), nm * na * ns,
+            args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
+                    np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
+                    np.int32(n2), _c(dmap, dtype)) + tuple(out))
+    return out
+
+
+def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
+    """GPU twin of cpu_fallback.interpolate_at_atoms."""
+    dtype = _real(xyz.dtype)
+    nm, na = xyz.shape[:2]
+    if out is None:
+        out = (cp.empty((nm, na), dtype), cp.empty((nm, na, 3), dtype))
+    n0, n1, n2 = maps.shape[1:]
+    geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
+    _launch(get_kernel("interpolate", "interpolate_at_atoms_kernel", dtype), nm * na,
+            (_c(maps, dtype), _c(map_index, cp.int32), _c(xyz, dtype), cp.asarray(geom_np),
+             np.int32(bool(periodic)), np.int32(order), np.int64(nm), np.int64(na),
+             np.int32(n0), np.int32(n1), np.int32(n2)) + tuple(out))
+    return out

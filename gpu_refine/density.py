@@ -1,0 +1,279 @@
+"""Model maps for a batch of models: exact atomic density, its Fourier image at a resolution,
+and the adjoint that turns a gradient map into per-atom gradients.
+
+Written once for any array module; the per-atom work is done by the backend's kernel set
+(``spread_density`` / ``density_adjoint``).  Settings follow gemmi's DensityCalculator: a
+per-atom cutoff radius where the atom's density falls to ``cutoff``, an optional blur that is
+removed again in Fourier space, symmetry mates added for crystal cells.
+"""
+import logging
+from dataclasses import dataclass
+
+import gemmi
+import numpy as np
+
+from .backend import get_backend
+from .errors import InputError, ParameterError
+from .scattering import form_factor_table
+
+log = logging.getLogger(__name__)
+
+U_TO_B = 8 * np.pi**2
+
+
+def it92_radius_approx(b):
+    """gemmi's first guess of the density radius for total B (Å²)."""
+    return (8.5 + 0.075 * b) / (2.4 + 0.0045 * b)
+
+
+def cutoff_radius(xp, coefs, bt, cutoff=1e-5, max_steps=64):
+    """Radius (Å) where sum_g a_g (4pi/(b_g+bt))^1.5 exp(-4pi² r²/(b_g+bt)) falls to ``cutoff``.
+
+    coefs (N,2,G) per atom, bt (B,N) total B (B + blur).  Same search as gemmi's
+    determine_cutoff_radius: 0.5 Å steps from it92_radius_approx, then linear interpolation.
+    """
+    btot = coefs[None, :, 1, :] + bt[..., None]                       # (B,N,G)
+    amp = coefs[None, :, 0, :] * (4 * np.pi / btot) ** 1.5
+    k = 4 * np.pi**2 / btot
+
+    def f(x):
+        return xp.abs((amp * xp.exp(-k * (x * x)[..., None])).sum(axis=-1))
+
+    x1 = it92_radius_approx(bt)
+    y1 = f(x1)
+    x2, y2 = x1.copy(), y1.copy()
+    down = y1 < cutoff
+    # Walk inwards while still below the cutoff (x1 ends above it, x2 below) ...
+    active = down.copy()
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        x2 = xp.where(active, x1, x2)
+        y2 = xp.where(active, y1, y2)
+        x1 = xp.where(active, xp.maximum(x1 - 0.5, 0.0), x1)
+        y1 = xp.where(active, f(x1), y1)
+        active = active & (y1 < cutoff) & (x1 > 0)
+    # ... or outwards while above it.
+    active = ~down
+    for _ in range(max_steps):
+        if not bool(active.any()):
+            break
+        x1 = xp.where(active, x2, x1)
+        y1 = xp.where(active, y2, y1)
+        x2 = xp.where(active, x2 + 0.5, x2)
+        y2 = xp.where(active, f(x2), y2)
+        active = active & (y2 > cutoff)
+    denom = xp.where(y1 == y2, 1.0, y1 - y2)
+    return x1 + (x1 - x2) / denom * (cutoff - y1)
+
+
+def refmac_blur(spacing, b_min):
+    """Blur that makes the sampling adequate, as gemmi's set_refmac_compatible_blur (≥ 0)."""
+    return max(0.0, U_TO_B / 1.1 * spacing**2 - b_min)
+
+
+def _symmetry_ops(spec):
+    """Cartesian (R, t) of each space-group operation of a periodic crystal grid."""
+    sg = gemmi.SpaceGroup(spec.spacegroup)
+    if sg.number == 1 or not spec.periodic:
+        return [(np.eye(3), np.zeros(3))]
+    cell = spec.unit_cell
+    orth = np.array(cell.orth.mat.tolist())
+    frac = np.array(cell.frac.mat.tolist())
+    ops = []
+    for op in sg.operations():
+        rot = np.array(op.rot, dtype=np.float64) / op.DEN
+        tran = np.array(op.tran, dtype=np.float64) / op.DEN
+        ops.append((orth @ rot @ frac, orth @ tran))
+    return ops
+
+
+@dataclass
+class DensitySettings:
+    table: str = "electron"     # electron | xray
+    blur: float = None          # Å²; None: gemmi's Refmac-compatible choice
+    cutoff: float = 1e-5        # density level that sets each atom's radius
+    dtype: str = "float32"      # of the grids
+
+
+def split_on_oom(backend, n, fn, chunk=None):
+    """Call fn(slice) over range(n), halving the slice length when the device runs out of memory."""
+    chunk = chunk or n
+    start = 0
+    while start < n:
+        sl = slice(start, min(n, start + chunk))
+        try:
+            fn(sl)
+        except Exception as exc:
+            if not backend.is_out_of_memory(exc) or chunk == 1:
+                raise
+            backend.free_memory()
+            chunk = max(1, chunk // 2)
+            log.warning("device memory exhausted; continuing with %d models per launch", chunk)
+            continue
+        start = sl.stop
+    return chunk
+
+
+class ModelMapper:
+    """Model maps of a Batch on one grid, and the gradients of a map target through them.
+
+    mapper = ModelMapper(spec, resolution=3.2, settings=DensitySettings(table="electron"))
+    image = mapper.image(batch)                  # (B, n0, n1, n2) at resolution d
+    g_xyz, g_b, g_u, g_occ = mapper.image_adjoint(batch, dT_dimage)
+    """
+
+    def __init__(self, spec, resolution=None, settings=None, backend=None):
+        self.spec = spec
+        self.resolution = resolution
+        self.settings = settings or DensitySettings()
+        self.backend = get_backend(backend)
+        if resolution is not None and not (0.3 <= resolution <= 100):
+            raise ParameterError(f"resolution={resolution} Å is outside 0.3-100 Å")
+        self.ops = _symmetry_ops(spec)
+        self._filter = None
+        self._types = {}
+
+    # -- per-batch inputs -------------------------------------------------------------------
+    def _type_arrays(self, model):
+        key = id(model)
+        if key not in self._types:
+            names, stype = np.unique(model.element, return_inverse=True)
+            try:
+                coefs = form_factor_table(list(names), self.settings.table)
+            except Exception as exc:
+                raise InputError(f"no form factors for the elements of this model: {exc}") from None
+            self._types = {key: (stype.astype(np.int32), coefs)}
+        return self._types[key]
+
+    def blur_for(self, batch):
+        if self.settings.blur is not None:
+            return float(self.settings.blur)
+        spacing = float(min(self.spec.voxel_size))
+        b_min = float(self.backend.xp.min(batch.b)) if batch.b.size else 0.0
+        return refmac_blur(spacing, b_min)
+
+    def _inputs(self, batch, blur):
+        """Kernel inputs with symmetry mates appended: (xyz, b, u, is_aniso, occ, stype, coefs, radius)."""
+        xp = self.backend.xp
+        stype, coefs = self._type_arrays(batch.model)
+        aniso = batch.model.is_aniso if batch.u is not None else None
+        bt = batch.b + blur
+        if bool(xp.any(bt <= 0)):
+            raise InputError("B + blur must be positive for every atom")
+        atom_coefs = xp.asarray(coefs[stype])
+        if aniso is not None and aniso.any():
+            u = batch.u
+            bmax = U_TO_B * xp.max(u[..., :3], axis=-1) + blur
+            bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
+        radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
+                               self.settings.cutoff).astype(batch.dtype)
+        xyz, u = batch.xyz, batch.u
+        if len(self.ops) > 1:
+            rs = [xp.asarray(r, dtype=batch.dtype) for r, _ in self.ops]
+            xyz = xp.concatenate([batch.xyz @ r.T + xp.asarray(t, dtype=batch.dtype)
+                                  for r, (_, t) in zip(rs, self.ops)], axis=1)
+            if u is not None:
+                u = xp.concatenate([_rotate_u(xp, u, r) for r in rs], axis=1)
+        k = len(self.ops)
+        tile = (lambda a: a if k == 1 else xp.concatenate([a] * k, axis=1))
+        stype_k = np.tile(stype, k)
+        aniso_k = None if aniso is None else np.tile(aniso, k)
+        return (xyz, tile(batch.b), u, aniso_k, tile(batch.occ), stype_k, coefs, tile(radius))
+
+    # -- maps -------------------------------------------------------------------------------
+    def exact(self, batch, blur=None):
+        """Atomic density (blurred by ``blur``) of every batch member: (B, n0, n1, n2)."""
+        blur = self.blur_for(batch) if blur is None else blur
+        xp = self.backend.xp
+        out = xp.empty((batch.size,) + tuple(self.spec.shape), dtype=self.settings.dtype)
+        inputs = self._inputs(batch, blur)
+        geom = self.spec.geom
+
+        def run(sl):
+            xyz, b, u, aniso, occ, stype, coefs, radius = inputs
+            self.backend.ops.spread_density(
+                xyz[sl], b[sl], None if u is None else u[sl], aniso, occ[sl], stype, coefs,
+                radius[sl], geom, blur, self.spec.periodic, out[sl])
+
+        split_on_oom(self.backend, batch.size, run)
+        return out
+
+    def fourier_filter(self, blur):
+        """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else 0."""
+        xp = self.backend.xp
+        s2 = self.spec.s2(xp)
+        keep = s2 <= 1.0 / self.resolution**2 if self.resolution else xp.ones(s2.shape, bool)
+        return xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0)
+
+    def apply_filter(self, maps, blur):
+        """Fourier image of blurred densities: drop terms beyond d, undo the blur (batched FFT)."""
+        xp = self.backend.xp
+        filt = self.fourier_filter(blur)
+        f = xp.fft.rfftn(maps, axes=(1, 2, 3))
+        f *= filt[None]
+        return xp.fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3)).astype(maps.dtype)
+
+    def image(self, batch):
+        """Model map at the mapper's resolution for each batch member: (B, n0, n1, n2)."""
+        blur = self.blur_for(batch)
+        return self.apply_filter(self.exact(batch, blur), blur)
+
+    def image_adjoint(self, batch, dmap):
+        """Per-atom gradients of T given dT/d(image) (B, n0, n1, n2).
+
+        The Fourier filter is real and even, hence self-adjoint: dT/d(exact) is the filtered
+        dT/d(image).  Returns (g_xyz, g_b, g_u or None, g_occ) for the batch's atoms.
+        """
+        blur = self.blur_for(batch)
+        return self.exact_adjoint(batch, self.apply_filter(dmap, blur), blur)
+
+    def exact_adjoint(self, batch, dmap, blur=None):
+        """Per-atom gradients of T given dT/d(exact blurred density)."""
+        blur = self.blur_for(batch) if blur is None else blur
+        xp = self.backend.xp
+        xyz, b, u, aniso, occ, stype, coefs, radius = self._inputs(batch, blur)
+        dmap = self.backend.asarray(dmap, dtype=batch.dtype)
+        n_all = xyz.shape[1]
+        out = (xp.empty((batch.size, n_all, 3), batch.dtype), xp.empty((batch.size, n_all), batch.dtype),
+               xp.empty((batch.size, n_all, 6), batch.dtype), xp.empty((batch.size, n_all), batch.dtype))
+        geom = self.spec.geom
+
+        def run(sl):
+            self.backend.ops.density_adjoint(
+                xyz[sl], b[sl], None if u is None else u[sl], aniso, occ[sl], stype, coefs,
+                radius[sl], geom, blur, self.spec.periodic, dmap[sl], out=tuple(o[sl] for o in out))
+
+        split_on_oom(self.backend, batch.size, run)
+        gx, gb, gu, go = out
+        k, n = len(self.ops), batch.model.n_atoms
+        if k > 1:
+            # Mate j is R_j x + t_j: its gradient maps back through R_j^T; U through R^T U R.
+            rs = [xp.asarray(r, dtype=batch.dtype) for r, _ in self.ops]
+            gx = sum(gx[:, j * n:(j + 1) * n] @ rs[j] for j in range(k))
+            gb = gb.reshape(batch.size, k, n).sum(axis=1)
+            go = go.reshape(batch.size, k, n).sum(axis=1)
+            gu = sum(_rotate_u_gradient(xp, gu[:, j * n:(j + 1) * n], rs[j]) for j in range(k))
+        return gx, gb, (gu if batch.u is not None else None), go
+
+
+def _sym6_to_mat(xp, u):
+    m = xp.stack([u[..., 0], u[..., 3], u[..., 4], u[..., 3], u[..., 1], u[..., 5],
+                  u[..., 4], u[..., 5], u[..., 2]], axis=-1)
+    return m.reshape(u.shape[:-1] + (3, 3))
+
+
+def _rotate_u(xp, u, r):
+    """U' = R U R^T for (…,6) tensors."""
+    m = r @ _sym6_to_mat(xp, u) @ r.T
+    return xp.stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2],
+                     m[..., 1, 2]], axis=-1)
+
+
+def _rotate_u_gradient(xp, g, r):
+    """Gradient w.r.t. U given the gradient w.r.t. U' = R U R^T (6-vector convention:
+    off-diagonal entries count both symmetric elements)."""
+    half = xp.asarray([1, 1, 1, 0.5, 0.5, 0.5], dtype=g.dtype)
+    gm = r.T @ _sym6_to_mat(xp, g * half) @ r
+    return xp.stack([gm[..., 0, 0], gm[..., 1, 1], gm[..., 2, 2], 2 * gm[..., 0, 1],
+                     2 * gm[..., 0, 2], 2 * gm[..., 1, 2]], axis=-1)

@@ -1,0 +1,106 @@
+"""Grid geometry: where grid point (i, j, k) lies in Å, for a full unit cell or a box in it.
+
+Arrays are indexed [i, j, k] along the cell axes a, b, c (gemmi's order).  Point (i, j, k) is at
+``origin + orth · ((start + (i, j, k)) / sampling)``, where ``sampling`` is the number of grid
+points per cell edge (MRC MX, MY, MZ), ``start`` the index of the first stored point (MRC NSTART)
+and ``origin`` a Cartesian shift in Å (MRC ORIGIN).  A grid that covers the whole cell is periodic.
+"""
+from dataclasses import dataclass
+
+import gemmi
+import numpy as np
+from scipy import fft as sp_fft
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    cell: tuple          # (a, b, c, alpha, beta, gamma), Å and degrees
+    sampling: tuple      # points per cell edge
+    shape: tuple         # stored points along a, b, c
+    start: tuple = (0, 0, 0)
+    origin: tuple = (0.0, 0.0, 0.0)
+    spacegroup: str = "P 1"
+
+    @property
+    def periodic(self):
+        return tuple(self.shape) == tuple(self.sampling)
+
+    @property
+    def unit_cell(self):
+        return gemmi.UnitCell(*self.cell)
+
+    @property
+    def orth(self):
+        return np.array(self.unit_cell.orth.mat.tolist(), dtype=np.float64)
+
+    @property
+    def xyz_from_index(self):
+        return self.orth / np.asarray(self.sampling, dtype=np.float64)[None, :]
+
+    @property
+    def index_from_xyz(self):
+        return np.linalg.inv(self.xyz_from_index)
+
+    @property
+    def origin_xyz(self):
+        """Cartesian position of stored point (0, 0, 0)."""
+        return np.asarray(self.origin, dtype=np.float64) + self.xyz_from_index @ np.asarray(
+            self.start, dtype=np.float64)
+
+    @property
+    def geom(self):
+        """The 21 numbers the kernels take: index_from_xyz, xyz_from_index, origin."""
+        return np.concatenate([self.index_from_xyz.ravel(), self.xyz_from_index.ravel(),
+                               self.origin_xyz])
+
+    @property
+    def voxel_size(self):
+        return np.asarray(self.cell[:3], dtype=np.float64) / np.asarray(self.sampling)
+
+    def index_coordinates(self, xyz):
+        """Fractional grid indices of Cartesian positions (..., 3)."""
+        return (np.asarray(xyz, dtype=np.float64) - self.origin_xyz) @ self.index_from_xyz.T
+
+    def contains(self, xyz, margin=0.0):
+        """Boolean per position: inside the stored box (always True for a periodic grid)."""
+        xyz = np.asarray(xyz, dtype=np.float64)
+        if self.periodic:
+            return np.ones(xyz.shape[:-1], dtype=bool)
+        g = self.index_coordinates(xyz)
+        m = margin * np.sqrt((self.index_from_xyz**2).sum(axis=1))
+        return np.all((g >= m) & (g <= np.asarray(self.shape) - 1 - m), axis=-1)
+
+    def s2(self, xp=np, rfft=True):
+        """|s|² (Å⁻²) of every Fourier term of this grid treated as one periodic cell."""
+        n = self.shape
+        freqs = [xp.fft.fftfreq(n[0], 1.0 / n[0]), xp.fft.fftfreq(n[1], 1.0 / n[1]),
+                 xp.fft.rfftfreq(n[2], 1.0 / n[2]) if rfft else xp.fft.fftfreq(n[2], 1.0 / n[2])]
+        # Reciprocal basis of the box: the box edges are shape/sampling of the cell edges.
+        box = self.orth * (np.asarray(n, dtype=np.float64) / np.asarray(self.sampling))[None, :]
+        rec = xp.asarray(np.linalg.inv(box).T)   # s = rec @ (h, k, l)
+        h = xp.stack(xp.meshgrid(*freqs, indexing="ij"), axis=-1)
+        s = h @ rec.T
+        return (s * s).sum(axis=-1)
+
+
+def box_around(xyz, spacing, padding=5.0):
+    """A periodic P1 box grid around positions, sampling at most ``spacing`` Å, FFT-friendly."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    lo = xyz.min(axis=0) - padding
+    extent = xyz.max(axis=0) + padding - lo
+    shape = tuple(int(sp_fft.next_fast_len(int(np.ceil(e / spacing)), real=True)) for e in extent)
+    # Keep the requested spacing; the box grows to a size that FFTs well.
+    cell = tuple(float(n * spacing) for n in shape) + (90.0, 90.0, 90.0)
+    return GridSpec(cell=cell, sampling=shape, shape=shape, origin=tuple(lo))
+
+
+def cell_grid(unit_cell, spacegroup, spacing):
+    """A periodic grid over a crystal's unit cell, compatible with its space group (gemmi's rule)."""
+    g = gemmi.FloatGrid()
+    g.unit_cell = unit_cell
+    g.spacegroup = gemmi.SpaceGroup(spacegroup)
+    g.set_size_from_spacing(spacing, gemmi.GridSizeRounding.Up)
+    shape = (g.nu, g.nv, g.nw)
+    c = unit_cell
+    return GridSpec(cell=(c.a, c.b, c.c, c.alpha, c.beta, c.gamma), sampling=shape, shape=shape,
+                    spacegroup=spacegroup)

@@ -1,0 +1,94 @@
+"""Reading and writing MRC/CCP4 maps with mrcfile, keeping axis order, NSTART, ORIGIN and cell."""
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import mrcfile
+import numpy as np
+
+from .errors import InputError
+from .grid import GridSpec
+from .io import check_readable, write_atomically
+
+log = logging.getLogger(__name__)
+
+MAP_EXTENSIONS = (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz")
+
+
+@dataclass
+class MapData:
+    """A map as a C-contiguous float32 array indexed [i, j, k] along a, b, c, and its grid."""
+    data: np.ndarray
+    spec: GridSpec
+
+
+def read_map(path):
+    """Read an MRC/CCP4 map.  The map is placed by ORIGIN when it is non-zero, else by NSTART."""
+    path = os.fspath(path)
+    check_readable(path, MAP_EXTENSIONS, "map")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, permissive=True) as mrc:
+                h = mrc.header
+                raw = mrc.data
+                if raw is None or h is None:
+                    raise ValueError("no data block")
+                data = np.asarray(raw, dtype=np.float32)
+                axes = [int(h.maps), int(h.mapr), int(h.mapc)]   # data dims are (sec, row, col)
+                starts = [int(h.nzstart), int(h.nystart), int(h.nxstart)]
+                sampling = (int(h.mx), int(h.my), int(h.mz))
+                cell = (float(h.cella.x), float(h.cella.y), float(h.cella.z),
+                        float(h.cellb.alpha), float(h.cellb.beta), float(h.cellb.gamma))
+                origin = (float(h.origin.x), float(h.origin.y), float(h.origin.z))
+                ispg = int(h.ispg)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot read map {path}: {exc}") from None
+    if data.ndim != 3 or sorted(axes) != [1, 2, 3]:
+        raise InputError(f"map {path} is not a 3D volume with a valid axis order")
+    order = [axes.index(1), axes.index(2), axes.index(3)]
+    data = np.ascontiguousarray(data.transpose(order))
+    start = tuple(starts[d] for d in order)
+    shape = data.shape
+    if min(sampling) <= 0:
+        sampling = shape
+    if min(cell[:3]) <= 0:
+        raise InputError(f"map {path} has no valid unit cell in its header")
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"map {path} contains NaN or infinite values")
+    if any(origin) and any(start):
+        log.warning("map %s sets both ORIGIN and NSTART; placing it by ORIGIN", path)
+    if any(origin):
+        start = (0, 0, 0)
+    spacegroup = "P 1"
+    if ispg > 1 and tuple(shape) == tuple(sampling):
+        import gemmi
+        sg = gemmi.find_spacegroup_by_number(ispg)
+        spacegroup = sg.hm if sg else "P 1"
+    spec = GridSpec(cell=cell, sampling=tuple(sampling), shape=tuple(shape), start=start,
+                    origin=origin, spacegroup=spacegroup)
+    return MapData(data=data, spec=spec)
+
+
+def write_map(path, data, spec, overwrite=False):
+    """Write an [i, j, k]-indexed array as MRC with axes X, Y, Z, NSTART, ORIGIN and cell."""
+    import gemmi
+    arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
+
+    def write(tmp):
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            h = mrc.header
+            h.mx, h.my, h.mz = spec.sampling
+            h.cella = spec.cell[:3]
+            h.cellb = spec.cell[3:]
+            h.nxstart, h.nystart, h.nzstart = spec.start
+            h.origin = spec.origin
+            h.mapc, h.mapr, h.maps = 1, 2, 3
+            h.ispg = gemmi.SpaceGroup(spec.spacegroup).number if spec.periodic else 1
+            mrc.update_header_stats()
+
+    write_atomically(os.fspath(path), write, overwrite=overwrite)

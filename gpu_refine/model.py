@@ -1,0 +1,201 @@
+"""Models: a gemmi structure kept for writing back, plus the arrays the kernels use.
+
+``Model`` is one topology (atoms in file order).  ``Batch`` holds B models of that topology as
+(B, N, ...) arrays on a backend: ensemble members, shaken starts and trial weights are all just
+batch members.
+"""
+import os
+from dataclasses import dataclass, field
+
+import gemmi
+import numpy as np
+
+from .backend import get_backend
+from .errors import InputError, ParameterError
+from .io import check_readable, write_atomically
+
+MODEL_EXTENSIONS = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
+
+
+@dataclass
+class Model:
+    """One topology.  Arrays are NumPy; ``structure`` holds exactly the atoms of the arrays."""
+    structure: gemmi.Structure
+    xyz: np.ndarray          # (N,3) Å
+    b: np.ndarray            # (N,) Å² (B_iso, or B_eq for anisotropic atoms)
+    u_aniso: np.ndarray      # (N,6) Å², U11 U22 U33 U12 U13 U23; zero where isotropic
+    is_aniso: np.ndarray     # (N,) bool
+    occ: np.ndarray          # (N,)
+    element: np.ndarray      # (N,) str, scattering type (element symbol)
+    residue_index: np.ndarray  # (N,) int, index into ``residues``
+    residues: list = field(default_factory=list)  # [(chain, seqid str, resname)]
+
+    @property
+    def n_atoms(self):
+        return len(self.xyz)
+
+    @classmethod
+    def from_gemmi(cls, st, model_index=0):
+        """Arrays from model ``model_index`` of a gemmi Structure (which is copied and trimmed)."""
+        if len(st) == 0:
+            raise InputError("the model file has no models")
+        st = st.clone()
+        while len(st) > model_index + 1:
+            del st[len(st) - 1]
+        for _ in range(model_index):
+            del st[0]
+        st.remove_empty_chains()
+        xyz, b, u, occ, el, rix, residues = [], [], [], [], [], [], []
+        unknown = set()
+        for ch in st[0]:
+            for res in ch:
+                residues.append((ch.name, str(res.seqid).strip(), res.name))
+                for at in res:
+                    e = at.element
+                    if e == gemmi.Element("X"):
+                        unknown.add(f"{ch.name}/{res.name} {res.seqid}/{at.name}")
+                    xyz.append(at.pos.tolist())
+                    b.append(at.b_iso)
+                    a = at.aniso
+                    u.append([a.u11, a.u22, a.u33, a.u12, a.u13, a.u23])
+                    occ.append(at.occ)
+                    el.append("H" if e.name == "D" else e.name)
+                    rix.append(len(residues) - 1)
+        if not xyz:
+            raise InputError("the model has no atoms")
+        if unknown:
+            some = ", ".join(sorted(unknown)[:3])
+            raise InputError(f"{len(unknown)} atoms have no known element (e.g. {some}); "
+                             "set the element column")
+        u = np.array(u, dtype=np.float64)
+        model = cls(structure=st, xyz=np.array(xyz, dtype=np.float64),
+                    b=np.array(b, dtype=np.float64), u_aniso=u, is_aniso=np.any(u != 0, axis=1),
+                    occ=np.array(occ, dtype=np.float64), element=np.array(el),
+                    residue_index=np.array(rix), residues=residues)
+        model.check_finite()
+        return model
+
+    def check_finite(self):
+        for name in ("xyz", "b", "occ", "u_aniso"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise InputError(f"the model has non-finite values in {name}")
+
+    def to_gemmi(self, xyz=None, b=None, occ=None, u_aniso=None):
+        """A copy of the structure with new per-atom values (same atoms, order, names)."""
+        st = self.structure.clone()
+        xyz = self.xyz if xyz is None else np.asarray(xyz, dtype=np.float64)
+        b = self.b if b is None else np.asarray(b, dtype=np.float64)
+        occ = self.occ if occ is None else np.asarray(occ, dtype=np.float64)
+        for i, cra in enumerate(st[0].all()):
+            at = cra.atom
+            at.pos = gemmi.Position(*xyz[i])
+            at.b_iso = float(b[i])
+            at.occ = float(occ[i])
+            if u_aniso is not None and self.is_aniso[i]:
+                at.aniso = gemmi.SMat33f(*map(float, u_aniso[i]))
+        return st
+
+    def unit_cell(self):
+        c = self.structure.cell
+        return gemmi.UnitCell(c.a, c.b, c.c, c.alpha, c.beta, c.gamma)
+
+    def has_cell(self):
+        return self.structure.cell.is_crystal()
+
+
+def read_model(path, model_index=0):
+    """Read PDB or mmCIF (optionally gzipped) into a Model."""
+    path = os.fspath(path)
+    check_readable(path, MODEL_EXTENSIONS, "model")
+    try:
+        st = gemmi.read_structure(path, merge_chain_parts=True)
+    except Exception as exc:
+        raise InputError(f"cannot read model {path}: {exc}") from None
+    st.setup_entities()
+    return Model.from_gemmi(st, model_index)
+
+
+def read_batch(path, backend=None, dtype=np.float32):
+    """All models of a multi-model file as one Batch (they must share one topology)."""
+    path = os.fspath(path)
+    check_readable(path, MODEL_EXTENSIONS, "model")
+    st = gemmi.read_structure(path, merge_chain_parts=True)
+    models = [Model.from_gemmi(st, i) for i in range(len(st))]
+    ref = models[0]
+    for i, m in enumerate(models[1:], start=2):
+        if m.n_atoms != ref.n_atoms or list(m.element) != list(ref.element):
+            raise InputError(f"model {i} of {path} has different atoms from model 1")
+    batch = Batch.from_model(ref, len(models), backend=backend, dtype=dtype)
+    xp = batch.backend.xp
+    batch.xyz[...] = xp.asarray(np.stack([m.xyz for m in models]), dtype=dtype)
+    batch.b[...] = xp.asarray(np.stack([m.b for m in models]), dtype=dtype)
+    batch.occ[...] = xp.asarray(np.stack([m.occ for m in models]), dtype=dtype)
+    return batch
+
+
+class Batch:
+    """B models of one topology on a backend: xyz (B,N,3), b (B,N), occ (B,N), u (B,N,6)."""
+
+    def __init__(self, model, xyz, b, occ, u=None, backend=None):
+        self.model = model
+        self.backend = get_backend(backend)
+        bk = self.backend
+        self.xyz = bk.asarray(xyz)
+        self.b = bk.asarray(b, dtype=self.xyz.dtype)
+        self.occ = bk.asarray(occ, dtype=self.xyz.dtype)
+        self.u = None if u is None else bk.asarray(u, dtype=self.xyz.dtype)
+        n = model.n_atoms
+        if self.xyz.ndim != 3 or self.xyz.shape[1:] != (n, 3):
+            raise ParameterError(f"xyz must have shape (B, {n}, 3), got {self.xyz.shape}")
+        if self.b.shape != self.xyz.shape[:2] or self.occ.shape != self.xyz.shape[:2]:
+            raise ParameterError("b and occ must have shape (B, N)")
+
+    @classmethod
+    def from_model(cls, model, n_models=1, backend=None, dtype=np.float32):
+        """n_models copies of ``model``."""
+        if n_models < 1:
+            raise ParameterError("a batch needs at least one model")
+        rep = lambda a: np.broadcast_to(a, (n_models,) + a.shape).astype(dtype)
+        u = rep(model.u_aniso) if model.is_aniso.any() else None
+        return cls(model, rep(model.xyz), rep(model.b), rep(model.occ), u, backend=backend)
+
+    @property
+    def size(self):
+        return self.xyz.shape[0]
+
+    @property
+    def dtype(self):
+        return self.xyz.dtype
+
+    def to_structures(self):
+        """One gemmi Structure per batch member."""
+        bk = self.backend
+        xyz, b, occ = bk.to_numpy(self.xyz), bk.to_numpy(self.b), bk.to_numpy(self.occ)
+        u = None if self.u is None else bk.to_numpy(self.u)
+        return [self.model.to_gemmi(xyz[i], b[i], occ[i], None if u is None else u[i])
+                for i in range(self.size)]
+
+
+def structures_as_models(structures):
+    """One multi-model Structure from several single-model ones (MODEL 1..B)."""
+    out = structures[0].clone()
+    for i, st in enumerate(structures[1:], start=2):
+        m = st[0].clone()
+        m.num = i
+        out.add_model(m)
+    out[0].num = 1
+    return out
+
+
+def write_model(path, structure, fmt=None, overwrite=False):
+    """Write mmCIF (default; by extension) or PDB.  Refuses to replace a file unless overwrite."""
+    path = os.fspath(path)
+    fmt = fmt or ("pdb" if path.lower().endswith((".pdb", ".ent")) else "cif")
+    st = structure.clone()
+    st.setup_entities()
+    if fmt == "pdb":
+        text = st.make_pdb_string(gemmi.PdbWriteOptions(minimal=False))
+    else:
+        doc = st.make_mmcif_document()
+        text = doc.as_string()
+    write_atomically(path, text.encode(), overwrite=overwrite)

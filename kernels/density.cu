@@ -1,0 +1,241 @@
+// Batched atomic density on a grid and its adjoint.
+//
+// NumPy twins: cpu_fallback/density.py  spread_density, density_adjoint.
+// Loader: gpu_refine/cuda.py prepends "#define REAL float|double"; nothing else is generated.
+//
+// Density of one atom (form factor as a sum of G Gaussians a_g, b_g):
+//   isotropic:   rho(d) = occ * sum_g a_g (4 pi / Bt)^1.5 exp(-4 pi^2 |d|^2 / Bt),  Bt = b_g + B + blur
+//   anisotropic: rho(d) = occ * sum_g a_g (4 pi)^1.5 det(Bm)^-0.5 exp(-4 pi^2 d^T Bm^-1 d),
+//                Bm = 8 pi^2 U + (b_g + blur) I
+// d = p - x, p = origin + M idx.  Points with |d| < radius are used (radius per model and atom,
+// chosen on the host as gemmi does).  Work item = (model, atom, slab along the first grid axis),
+// so that a small batch still fills the device.
+//
+// Geometry block `geom` (double[21]): index_from_xyz (3x3 row-major), xyz_from_index (3x3),
+// origin (3).
+
+#ifndef REAL
+#define REAL float
+#endif
+
+#define NGAUSS 5
+#define PI_D 3.14159265358979323846
+
+typedef REAL real_t;
+
+struct AtomFrame {
+  double g[3];       // atom position in grid-index coordinates
+  int lo[3], hi[3];  // inclusive index range of its bounding box
+};
+
+__device__ inline void atom_frame(const double* geom, const real_t* x, double radius,
+                                  AtomFrame& f) {
+  double dx = (double)x[0] - geom[18], dy = (double)x[1] - geom[19], dz = (double)x[2] - geom[20];
+  for (int a = 0; a < 3; ++a) {
+    const double* row = geom + 3 * a;
+    f.g[a] = row[0] * dx + row[1] * dy + row[2] * dz;
+    double half = radius * sqrt(row[0] * row[0] + row[1] * row[1] + row[2] * row[2]);
+    f.lo[a] = (int)ceil(f.g[a] - half);
+    f.hi[a] = (int)floor(f.g[a] + half);
+  }
+}
+
+__device__ inline bool wrap_index(int i, int n, int periodic, int& out) {
+  if (periodic) {
+    out = ((i % n) + n) % n;
+    return true;
+  }
+  out = i;
+  return i >= 0 && i < n;
+}
+
+// Per-Gaussian precomputation for one atom.  For isotropic atoms only amp[g] and k[g] are used.
+struct AtomShape {
+  double amp[NGAUSS];
+  double k[NGAUSS];            // isotropic: 4 pi^2 / Bt
+  double bt[NGAUSS];           // isotropic: Bt
+  double s[NGAUSS][6];         // anisotropic: Bm^-1 (11,22,33,12,13,23)
+  bool aniso;
+};
+
+__device__ inline void atom_shape(const double* coef, double b, const real_t* u, bool aniso,
+                                  double blur, AtomShape& sh) {
+  const double four_pi = 4.0 * PI_D;
+  const double eight_pi2 = 8.0 * PI_D * PI_D;
+  sh.aniso = aniso;
+  for (int g = 0; g < NGAUSS; ++g) {
+    double a = coef[g], bg = coef[NGAUSS + g];
+    if (!aniso) {
+      double bt = bg + b + blur;
+      sh.bt[g] = bt;
+      sh.k[g] = PI_D * four_pi / bt;
+      sh.amp[g] = a * pow(four_pi / bt, 1.5);
+    } else {
+      double iso = bg + blur;
+      double m11 = eight_pi2 * u[0] + iso, m22 = eight_pi2 * u[1] + iso,
+             m33 = eight_pi2 * u[2] + iso;
+      double m12 = eight_pi2 * u[3], m13 = eight_pi2 * u[4], m23 = eight_pi2 * u[5];
+      double c11 = m22 * m33 - m23 * m23, c22 = m11 * m33 - m13 * m13,
+             c33 = m11 * m22 - m12 * m12;
+      double c12 = m13 * m23 - m12 * m33, c13 = m12 * m23 - m13 * m22,
+             c23 = m12 * m13 - m11 * m23;
+      double det = m11 * c11 + m12 * c12 + m13 * c13;
+      sh.s[g][0] = c11 / det; sh.s[g][1] = c22 / det; sh.s[g][2] = c33 / det;
+      sh.s[g][3] = c12 / det; sh.s[g][4] = c13 / det; sh.s[g][5] = c23 / det;
+      sh.amp[g] = a * pow(four_pi, 1.5) / sqrt(det);
+    }
+  }
+}
+
+__device__ inline double quad(const double* s, double x, double y, double z) {
+  return s[0] * x * x + s[1] * y * y + s[2] * z * z +
+         2.0 * (s[3] * x * y + s[4] * x * z + s[5] * y * z);
+}
+
+extern "C" __global__ void spread_density_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    real_t* __restrict__ out) {
+  long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long total = n_models * n_atoms * n_slabs;
+  if (tid >= total) return;
+  int slab = (int)(tid % n_slabs);
+  long long ma = tid / n_slabs;  // model * n_atoms + atom
+  long long atom = ma % n_atoms;
+  long long model = ma / n_atoms;
+  double r = (double)radius[ma];
+  AtomFrame f;
+  atom_frame(geom, xyz + 3 * ma, r, f);
+  int i = f.lo[0] + slab;
+  if (i > f.hi[0]) return;
+  int iw;
+  if (!wrap_index(i, n0, periodic, iw)) return;
+  bool aniso = has_aniso && is_aniso[atom];
+  AtomShape sh;
+  atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[ma],
+             has_aniso ? uaniso + 6 * ma : nullptr, aniso, blur, sh);
+  double o = (double)occ[ma];
+  double r2max = r * r;
+  const double* M = geom + 9;
+  double fi = i - f.g[0];
+  real_t* grid = out + model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+  for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
+    int jw;
+    if (!wrap_index(j, n1, periodic, jw)) continue;
+    double fj = j - f.g[1];
+    for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
+      int kw;
+      if (!wrap_index(k, n2, periodic, kw)) continue;
+      double fk = k - f.g[2];
+      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+      double d2 = dx * dx + dy * dy + dz * dz;
+      if (d2 >= r2max) continue;
+      double rho = 0.0;
+      for (int g = 0; g < NGAUSS; ++g) {
+        double e = aniso ? 4.0 * PI_D * PI_D * quad(sh.s[g], dx, dy, dz) : sh.k[g] * d2;
+        rho += sh.amp[g] * exp(-e);
+      }
+      atomicAdd(grid + (long long)jw * n2 + kw, (real_t)(o * rho));
+    }
+  }
+}
+
+// Adjoint: given dT/drho on the grid of each model (dmap), accumulate
+// dT/dxyz (B,N,3), dT/dB (B,N), dT/dU (B,N,6) and dT/docc (B,N).
+extern "C" __global__ void density_adjoint_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    const real_t* __restrict__ dmap, real_t* __restrict__ g_xyz, real_t* __restrict__ g_b,
+    real_t* __restrict__ g_u, real_t* __restrict__ g_occ) {
+  long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  long long total = n_models * n_atoms * n_slabs;
+  if (tid >= total) return;
+  int slab = (int)(tid % n_slabs);
+  long long ma = tid / n_slabs;
+  long long atom = ma % n_atoms;
+  long long model = ma / n_atoms;
+  double r = (double)radius[ma];
+  AtomFrame f;
+  atom_frame(geom, xyz + 3 * ma, r, f);
+  int i = f.lo[0] + slab;
+  if (i > f.hi[0]) return;
+  int iw;
+  if (!wrap_index(i, n0, periodic, iw)) return;
+  bool aniso = has_aniso && is_aniso[atom];
+  AtomShape sh;
+  atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[ma],
+             has_aniso ? uaniso + 6 * ma : nullptr, aniso, blur, sh);
+  double o = (double)occ[ma];
+  double r2max = r * r;
+  const double* M = geom + 9;
+  const double four_pi2 = 4.0 * PI_D * PI_D;
+  double fi = i - f.g[0];
+  const real_t* grid = dmap + model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+  double sx = 0, sy = 0, sz = 0, sb = 0, socc = 0;
+  double su[6] = {0, 0, 0, 0, 0, 0};
+  for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
+    int jw;
+    if (!wrap_index(j, n1, periodic, jw)) continue;
+    double fj = j - f.g[1];
+    for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
+      int kw;
+      if (!wrap_index(k, n2, periodic, kw)) continue;
+      double fk = k - f.g[2];
+      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+      double d2 = dx * dx + dy * dy + dz * dz;
+      if (d2 >= r2max) continue;
+      double w = (double)grid[(long long)jw * n2 + kw];
+      if (w == 0.0) continue;
+      for (int g = 0; g < NGAUSS; ++g) {
+        if (!aniso) {
+          double rho = sh.amp[g] * exp(-sh.k[g] * d2);
+          double wr = w * rho;
+          socc += wr;
+          // d rho / d x = rho * 2k d ; d rho / d B = rho (k d2 / Bt - 1.5 / Bt)
+          double c = 2.0 * sh.k[g] * wr;
+          sx += c * dx; sy += c * dy; sz += c * dz;
+          sb += wr * (sh.k[g] * d2 - 1.5) / sh.bt[g];
+        } else {
+          const double* s = sh.s[g];
+          double rho = sh.amp[g] * exp(-four_pi2 * quad(s, dx, dy, dz));
+          double wr = w * rho;
+          socc += wr;
+          double vx = s[0] * dx + s[3] * dy + s[4] * dz;  // S d
+          double vy = s[3] * dx + s[1] * dy + s[5] * dz;
+          double vz = s[4] * dx + s[5] * dy + s[2] * dz;
+          double c = 2.0 * four_pi2 * wr;
+          sx += c * vx; sy += c * vy; sz += c * vz;
+          // d rho / d Bm = rho (-S/2 + 4 pi^2 S d d^T S); dU = 8 pi^2 dBm, off-diagonals twice
+          double e = 8.0 * PI_D * PI_D * wr;
+          su[0] += e * (-0.5 * s[0] + four_pi2 * vx * vx);
+          su[1] += e * (-0.5 * s[1] + four_pi2 * vy * vy);
+          su[2] += e * (-0.5 * s[2] + four_pi2 * vz * vz);
+          su[3] += 2.0 * e * (-0.5 * s[3] + four_pi2 * vx * vy);
+          su[4] += 2.0 * e * (-0.5 * s[4] + four_pi2 * vx * vz);
+          su[5] += 2.0 * e * (-0.5 * s[5] + four_pi2 * vy * vz);
+        }
+      }
+    }
+  }
+  atomicAdd(g_xyz + 3 * ma, (real_t)(o * sx));
+  atomicAdd(g_xyz + 3 * ma + 1, (real_t)(o * sy));
+  atomicAdd(g_xyz + 3 * ma + 2, (real_t)(o * sz));
+  atomicAdd(g_occ + ma, (real_t)socc);
+  if (aniso) {
+    for (int c = 0; c < 6; ++c) atomicAdd(g_u + 6 * ma + c, (real_t)(o * su[c]));
+  } else {
+    atomicAdd(g_b + ma, (real_t)(o * sb));
+  }
+}
