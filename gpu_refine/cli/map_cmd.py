@@ -1,0 +1,31 @@
+"""Model map: the Fourier image of a model at a resolution, on a map's grid or a box.
+
+gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray]
+"""
+import logging
+
+from ..maps import read_map, write_map
+from ..model import read_model
+from ..workflows import compute_model_map
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="model file (PDB or mmCIF)")
+    parser.add_argument("map", nargs="?", help="map whose grid to use (MRC/CCP4); else a box")
+    parser.add_argument("--resolution", type=float, help="resolution d in Å (required)")
+    parser.add_argument("--output", default="model_map.mrc", help="output map (MRC)")
+    parser.add_argument("--table", default="electron", choices=["electron", "xray"],
+                        help="scattering table")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def main(args):
+    model = read_model(args.model)
+    spec = read_map(args.map).spec if args.map else None
+    maps, spec = compute_model_map(model, args.resolution, spec, table=args.table,
+                                   backend=args.backend)
+    write_map(args.output, maps[0], spec, overwrite=args.overwrite)
+    log.info("model map of %d atoms at %.2f Å on a %s grid written to %s", model.n_atoms,
+             args.resolution, "x".join(map(str, spec.shape)), args.output)

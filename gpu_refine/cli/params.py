@@ -1,0 +1,62 @@
+"""Phenix-style ``key=value`` parameters, translated to argparse options.
+
+A key matches an option exactly or as a unique dotted suffix (``prefix`` for ``output.prefix``);
+unknown keys get the close matches suggested.
+"""
+import difflib
+
+from ..errors import ParameterError
+
+
+def option_names(parser):
+    """Long option names (without dashes) that take parameters: {name: action}."""
+    names = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                names[opt[2:]] = action
+    return names
+
+
+def resolve_key(key, names):
+    key = key.strip().lstrip("-").replace("_", "-") if key not in names else key
+    candidates = [key, key.replace("-", "_")]
+    for c in candidates:
+        if c in names:
+            return c
+    matches = [n for n in names if n.endswith("." + key) or n.split(".")[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ParameterError(f"parameter {key!r} is ambiguous: {', '.join(sorted(matches))}")
+    close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ParameterError(f"unknown parameter {key!r}{hint}")
+
+
+def translate(argv, parser):
+    """Turn ``key=value`` tokens into ``--key value``; check ``--key`` tokens too."""
+    names = option_names(parser)
+    out = []
+    for tok in argv:
+        if "=" in tok and not tok.startswith("-"):
+            key, value = tok.split("=", 1)
+            if "/" in key or "\\" in key:  # a file path that contains '='
+                out.append(tok)
+                continue
+            name = resolve_key(key, names)
+            action = names[name]
+            if action.nargs == 0:
+                if value.lower() in ("true", "yes", "1"):
+                    out.append("--" + name)
+                elif value.lower() not in ("false", "no", "0"):
+                    raise ParameterError(f"{key} takes true or false, not {value!r}")
+            else:
+                out += ["--" + name, value]
+        elif tok.startswith("--") and len(tok) > 2:
+            key, eq, value = tok[2:].partition("=")
+            name = resolve_key(key, names)
+            out.append("--" + name + (eq + value if eq else ""))
+        else:
+            out.append(tok)
+    return out
