@@ -36,10 +36,10 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     m = np.asarray(map_index)[:, None, None, None, None]
     vals = maps[m, idx[..., 0, :, None, None], idx[..., 1, None, :, None],
                 idx[..., 2, None, None, :]].astype(np.float64)          # (B,N,4,4,4)
-    value = np.einsum("bna,bnb,bnc,bnabc->bn", w[..., 0, :], w[..., 1, :], w[..., 2, :], vals)
-    gi = np.einsum("bna,bnb,bnc,bnabc->bn", dw[..., 0, :], w[..., 1, :], w[..., 2, :], vals)
-    gj = np.einsum("bna,bnb,bnc,bnabc->bn", w[..., 0, :], dw[..., 1, :], w[..., 2, :], vals)
-    gk = np.einsum("bna,bnb,bnc,bnabc->bn", w[..., 0, :], w[..., 1, :], dw[..., 2, :], vals)
+    value = np.einsum("mni,mnj,mnk,mnijk->mn", w[..., 0, :], w[..., 1, :], w[..., 2, :], vals)
+    gi = np.einsum("mni,mnj,mnk,mnijk->mn", dw[..., 0, :], w[..., 1, :], w[..., 2, :], vals)
+    gj = np.einsum("mni,mnj,mnk,mnijk->mn", w[..., 0, :], dw[..., 1, :], w[..., 2, :], vals)
+    gk = np.einsum("mni,mnj,mnk,mnijk->mn", w[..., 0, :], w[..., 1, :], dw[..., 2, :], vals)
     grad = np.stack([gi, gj, gk], axis=-1) @ frac_m
     if out is None:
         return value.astype(xyz.dtype), grad.astype(xyz.dtype)

@@ -74,7 +74,7 @@ def refmac_blur(spacing, b_min):
 
 def _symmetry_ops(spec):
     """Cartesian (R, t) of each space-group operation of a periodic crystal grid."""
-    sg = gemmi.SpaceGroup(spec.spacegroup)
+    sg = gemmi.SpaceGroup(spec.spacegroup or "P 1")
     if sg.number == 1 or not spec.periodic:
         return [(np.eye(3), np.zeros(3))]
     cell = spec.unit_cell

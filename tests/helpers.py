@@ -1,0 +1,38 @@
+"""Random inputs for kernel tests (fresh every run)."""
+import numpy as np
+
+from gpu_refine.grid import GridSpec
+from gpu_refine.scattering import form_factor_table
+
+
+def random_atoms(rng, n_models, n_atoms, spec, aniso=False, dtype=np.float64, margin=3.0):
+    """Atoms inside ``spec``'s box (away from a non-periodic edge by ``margin`` Å)."""
+    lo = spec.origin_xyz + margin
+    box = spec.xyz_from_index @ (np.asarray(spec.shape) - 1) - 2 * margin
+    xyz = lo + rng.random((n_models, n_atoms, 3)) * box
+    b = rng.uniform(10, 60, (n_models, n_atoms))
+    occ = rng.uniform(0.3, 1.0, (n_models, n_atoms))
+    elements = ["C", "N", "O", "S", "H"]
+    stype = rng.integers(0, len(elements), n_atoms).astype(np.int32)
+    coefs = form_factor_table(elements, "electron")
+    u = flag = None
+    if aniso:
+        flag = rng.random(n_atoms) < 0.5
+        a = rng.normal(size=(n_models, n_atoms, 3, 3)) * 0.15
+        m = a @ np.swapaxes(a, -1, -2) + 0.08 * np.eye(3)
+        u = np.stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2],
+                      m[..., 1, 2]], axis=-1)
+        u = u.astype(dtype)
+    return (xyz.astype(dtype), b.astype(dtype), u, flag, occ.astype(dtype), stype, coefs)
+
+
+def triclinic_spec(periodic=True):
+    shape = (20, 24, 22)
+    sampling = shape if periodic else (40, 48, 44)
+    return GridSpec(cell=(14.0, 16.0, 15.0, 80.0, 95.0, 105.0), sampling=sampling, shape=shape,
+                    start=(0, 0, 0) if periodic else (5, 6, 7), origin=(1.0, -2.0, 0.5))
+
+
+def ortho_box_spec():
+    return GridSpec(cell=(18.0, 20.0, 16.0, 90, 90, 90), sampling=(30, 32, 28),
+                    shape=(30, 32, 28), origin=(100.0, 50.0, -20.0))
