@@ -61,10 +61,13 @@ class GridSpec:
         """Fractional grid indices of Cartesian positions (..., 3)."""
         return (np.asarray(xyz, dtype=np.float64) - self.origin_xyz) @ self.index_from_xyz.T
 
-    def contains(self, xyz, margin=0.0):
-        """Boolean per position: inside the stored box (always True for a periodic grid)."""
+    def contains(self, xyz, margin=0.0, wrap=None):
+        """Boolean per position: inside the stored box.  A periodic crystal grid (space group
+        other than P 1) contains everything; a P 1 box, as cryo-EM maps are, only its own box."""
         xyz = np.asarray(xyz, dtype=np.float64)
-        if self.periodic:
+        if wrap is None:
+            wrap = self.periodic and (self.spacegroup or "P 1").replace(" ", "") != "P1"
+        if wrap:
             return np.ones(xyz.shape[:-1], dtype=bool)
         g = self.index_coordinates(xyz)
         m = margin * np.sqrt((self.index_from_xyz**2).sum(axis=1))

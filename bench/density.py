@@ -1,0 +1,142 @@
+"""Model-map speed: gemmi's C++ DensityCalculatorE (one thread), the NumPy fallback and CuPy.
+
+For N atoms (random protein-like C/N/O/S, B 20-60 Å², density 0.05 atoms/Å³), batch B and
+resolution d (grid spacing d/3, gemmi's rate 1.5): time of the exact density ("map") and of map +
+adjoint ("map+grad"), in ms per model and in atom×grid-point evaluations per second.
+
+    python bench/density.py            # the full table (GPU rows where CuPy sees a device)
+    python bench/density.py --quick    # small sizes, a minute on a laptop
+"""
+import argparse
+import platform
+import time
+
+import gemmi
+import numpy as np
+
+import gpu_refine as gr
+from gpu_refine.backend import available_backends, get_backend
+from gpu_refine.density import DensitySettings, ModelMapper, cutoff_radius
+from gpu_refine.scattering import form_factor_table
+
+
+def random_model(n_atoms, seed=0):
+    rng = np.random.default_rng(seed)
+    edge = (n_atoms / 0.05) ** (1 / 3)
+    st = gemmi.Structure()
+    model = gemmi.Model("1")
+    chain = gemmi.Chain("A")
+    elements = rng.choice(["C", "C", "C", "N", "O", "S"], n_atoms)
+    xyz = rng.random((n_atoms, 3)) * edge
+    b = rng.uniform(20, 60, n_atoms)
+    for start in range(0, n_atoms, 10):
+        res = gemmi.Residue()
+        res.name = "UNK"
+        res.seqid = gemmi.SeqId(start // 10 + 1, " ")
+        for i in range(start, min(n_atoms, start + 10)):
+            a = gemmi.Atom()
+            a.name = f"{elements[i]}{i - start}"
+            a.element = gemmi.Element(elements[i])
+            a.pos = gemmi.Position(*xyz[i])
+            a.b_iso = b[i]
+            a.occ = 1.0
+            res.add_atom(a)
+        chain.add_residue(res)
+    model.add_chain(chain)
+    st.add_model(model)
+    st.spacegroup_hm = "P 1"
+    return st
+
+
+def timed(fn, sync, repeat):
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def pairs_per_model(model, spec, blur):
+    names, stype = np.unique(model.element, return_inverse=True)
+    coefs = form_factor_table(list(names), "electron")[stype]
+    r = cutoff_radius(np, coefs, model.b[None] + blur)[0]
+    return float((4 / 3 * np.pi * r**3).sum() / abs(np.linalg.det(spec.xyz_from_index)))
+
+
+def run(sizes, batches, resolutions, numpy_max_atoms, repeat):
+    rows = []
+    backends = available_backends()
+    for d in resolutions:
+        for n in sizes:
+            st = random_model(n)
+            model = gr.Model.from_gemmi(st)
+            spec = gr.box_around(model.xyz, d / 3.0, 3.0)
+            c = spec.cell
+            st.cell = gemmi.UnitCell(*c)
+            st2 = st.clone()
+            for cra in st2[0].all():
+                cra.atom.pos = cra.atom.pos - gemmi.Position(*spec.origin)
+            dc = gemmi.DensityCalculatorE()
+            dc.grid.set_unit_cell(st.cell)
+            dc.grid.set_size(*spec.shape)
+            settings = DensitySettings(table="electron")
+            mapper0 = ModelMapper(spec, d, settings, backend="numpy")
+            batch0 = gr.Batch.from_model(model, 1, backend="numpy")
+            blur = mapper0.blur_for(batch0)
+            dc.blur = blur
+            npairs = pairs_per_model(model, spec, blur)
+
+            def gem():
+                dc.grid.fill(0.0)
+                dc.add_model_density_to_grid(st2[0])
+
+            t = timed(gem, lambda: None, repeat)
+            rows.append(("gemmi C++ (1 thread)", n, 1, d, "map", t, npairs))
+            for name in backends:
+                bk = get_backend(name)
+                sync = (lambda: bk.xp.cuda.Device().synchronize()) if bk.is_gpu else (lambda: None)
+                mapper = ModelMapper(spec, d, settings, backend=bk)
+                for nb in batches:
+                    if name == "numpy" and (nb > 1 or n > numpy_max_atoms):
+                        continue
+                    batch = gr.Batch.from_model(model, nb, backend=bk)
+                    dmap = bk.xp.ones((nb,) + spec.shape, dtype=np.float32)
+                    t_map = timed(lambda: mapper.exact(batch, blur), sync, repeat)
+                    t_both = timed(lambda: (mapper.exact(batch, blur),
+                                            mapper.exact_adjoint(batch, dmap, blur)), sync, repeat)
+                    rows.append((name, n, nb, d, "map", t_map, npairs * nb))
+                    rows.append((name, n, nb, d, "map+grad", t_both, 2 * npairs * nb))
+                    del batch, dmap
+                    bk.free_memory()
+    return rows
+
+
+def table(rows):
+    lines = [f"| backend | atoms | batch | d (Å) | work | ms per model | atom×points/s |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for name, n, nb, d, work, t, pairs in rows:
+        lines.append(f"| {name} | {n} | {nb} | {d} | {work} | {1e3 * t / nb:.3f} | {pairs / t:.3g} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if args.quick:
+        sizes, batches, res, nmax = [1000, 5000], [1, 10], [3.0], 5000
+    else:
+        sizes, batches, res, nmax = [1000, 5000, 20000, 100000], [1, 10, 100], [3.0, 2.0], 20000
+    bk = get_backend()
+    print(f"hardware: {platform.processor() or platform.machine()}, {bk.device}; "
+          f"gemmi {gemmi.__version__}, numpy {np.__version__}")
+    print(table(run(sizes, batches, res, nmax, args.repeat)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The command line as a user runs it: outputs, one-line errors, exit codes."""
+import json
+import subprocess
+import sys
+
+import mrcfile
+import numpy as np
+import pytest
+
+import gpu_refine as gr
+from gpu_refine.examples import helix_structure
+
+
+def cli(*args, cwd=None):
+    p = subprocess.run([sys.executable, "-m", "gpu_refine", *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ex")
+    rc, out, err = cli("example", f"directory={d}", "--backend", "numpy")
+    assert rc == 0, err
+    return d
+
+
+def test_validate_and_map(example, tmp_path):
+    rc, out, err = cli("validate", example / "helix.cif", example / "helix_3A.mrc",
+                       "resolution=3", f"json={tmp_path / 'v.json'}", "backend=numpy")
+    assert rc == 0, err
+    assert "CCmask" in out and "device:" in out and "command: gpu-refine validate" in out
+    r = json.loads((tmp_path / "v.json").read_text())
+    assert set(r) >= {"cc_mask", "cc_box", "cc_peaks", "cc_volume", "per_residue"}
+    assert r["cc_mask"] > 0.8
+    assert r["per_residue"][0].keys() >= {"chain", "resseq", "resname", "cc"}
+    rc, out, err = cli("map", example / "helix.cif", example / "helix_3A.mrc", "--resolution",
+                       "3", "--output", tmp_path / "mm.mrc", "table=electron")
+    assert rc == 0, err
+    mm = gr.read_map(tmp_path / "mm.mrc")
+    ex = gr.read_map(example / "helix_3A.mrc")
+    assert mm.spec == ex.spec
+    assert np.corrcoef(mm.data.ravel(), ex.data.ravel())[0, 1] > 0.9
+
+
+def _one_line_error(rc, err):
+    assert rc != 0
+    assert err.count("\n") == 1 and err.startswith("gpu-refine: error:")
+    assert "Traceback" not in err
+
+
+def test_bad_inputs(example, tmp_path):
+    model, emap = example / "helix.cif", example / "helix_3A.mrc"
+    rc, _, err = cli("validate", tmp_path / "missing.pdb", emap, "resolution=3")
+    _one_line_error(rc, err)
+    assert "not found" in err
+    (tmp_path / "model.xyz").write_text("nothing")
+    rc, _, err = cli("validate", tmp_path / "model.xyz", emap, "resolution=3")
+    _one_line_error(rc, err)
+    assert "unknown model format" in err
+    (tmp_path / "empty.pdb").write_text("END\n")
+    rc, _, err = cli("validate", tmp_path / "empty.pdb", emap, "resolution=3")
+    _one_line_error(rc, err)
+    rc, _, err = cli("validate", model, emap, "resolutoin=3")
+    _one_line_error(rc, err)
+    assert "did you mean resolution" in err
+    rc, _, err = cli("validate", model, emap)
+    _one_line_error(rc, err)
+    assert "resolution is required" in err
+    rc, _, err = cli("validate", model, emap, "resolution=-2")
+    _one_line_error(rc, err)
+    # NaN in the map
+    with mrcfile.open(emap) as m:
+        data = m.data.copy()
+        voxel = m.voxel_size.copy()
+    data[1, 2, 3] = np.nan
+    with mrcfile.new(tmp_path / "nan.mrc") as m:
+        m.set_data(data)
+        m.voxel_size = voxel
+    rc, _, err = cli("validate", model, tmp_path / "nan.mrc", "resolution=3")
+    _one_line_error(rc, err)
+    assert "NaN" in err
+    # A model far from the map box
+    st = helix_structure("AAA")
+    for c in st[0].all():
+        c.atom.pos = c.atom.pos + gr.model.gemmi.Position(500, 0, 0)
+    st.write_pdb(str(tmp_path / "far.pdb"))
+    rc, _, err = cli("validate", tmp_path / "far.pdb", emap, "resolution=3")
+    _one_line_error(rc, err)
+    assert "does not overlap" in err
+    # Outputs are not silently replaced
+    (tmp_path / "taken.mrc").write_text("keep me")
+    rc, _, err = cli("map", model, "resolution=3", f"output={tmp_path / 'taken.mrc'}")
+    _one_line_error(rc, err)
+    assert (tmp_path / "taken.mrc").read_text() == "keep me"

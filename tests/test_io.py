@@ -1,0 +1,79 @@
+"""Model and map reading/writing: atoms, order and names kept; axis order, NSTART and ORIGIN."""
+import gemmi
+import mrcfile
+import numpy as np
+import pytest
+
+import gpu_refine as gr
+from gpu_refine.examples import helix_structure
+from gpu_refine.model import structures_as_models
+
+
+def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
+    model = gr.read_model(shared / "xray/4xof/4xof.pdb")
+    assert model.is_aniso.sum() == 0 or model.u_aniso[model.is_aniso].any()
+    batch = gr.Batch.from_model(model, 2, backend="numpy", dtype=np.float64)
+    batch.xyz[1] += 0.5
+    structures = batch.to_structures()
+    for ext in ("cif", "pdb"):
+        gr.write_model(tmp_path / f"out.{ext}", structures_as_models(structures))
+        back = gemmi.read_structure(str(tmp_path / f"out.{ext}"))
+        assert len(back) == 2
+        names = [(c.chain.name, c.residue.name, c.atom.name, c.atom.altloc) for c in back[1].all()]
+        assert names == [(c.chain.name, c.residue.name, c.atom.name, c.atom.altloc)
+                         for c in model.structure[0].all()]
+        xyz = np.array([c.atom.pos.tolist() for c in back[1].all()])
+        np.testing.assert_allclose(xyz, model.xyz + 0.5, atol=1e-3)
+    with pytest.raises(gr.InputError, match="overwrite"):
+        gr.write_model(tmp_path / "out.cif", structures[0])
+
+
+def test_read_batch_from_multimodel_file(tmp_path):
+    st = helix_structure("AAK")
+    m2 = st[0].clone()
+    st.add_model(m2)
+    st[1].num = 2
+    for c in st[1].all():
+        c.atom.pos = c.atom.pos + gemmi.Position(1, 0, 0)
+    path = tmp_path / "two.pdb"
+    st.write_pdb(str(path))
+    batch = gr.read_batch(path, backend="numpy")
+    assert batch.size == 2
+    np.testing.assert_allclose(batch.xyz[1] - batch.xyz[0], [[1, 0, 0]] * 15, atol=1e-3)
+
+
+@pytest.mark.parametrize("axes", [(1, 2, 3), (3, 1, 2), (2, 3, 1)])
+def test_map_axis_order_nstart_origin(tmp_path, rng, axes):
+    """A map written with any axis order reads back as the same [a, b, c] array and places
+    the same grid point at the same position (by NSTART, or by ORIGIN when that is set)."""
+    data_xyz = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    # File dims are (section, row, column) = axes (MAPS, MAPR, MAPC); axis 1 is X.
+    file_data = np.ascontiguousarray(data_xyz.transpose(axes[2] - 1, axes[1] - 1, axes[0] - 1))
+    sampling = (12, 14, 16)
+    nstart_xyz = (2, 3, 4)
+    path = tmp_path / "m.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(file_data)
+        h = mrc.header
+        h.mapc, h.mapr, h.maps = axes
+        h.nxstart, h.nystart, h.nzstart = (nstart_xyz[axes[0] - 1], nstart_xyz[axes[1] - 1],
+                                           nstart_xyz[axes[2] - 1])
+        h.mx, h.my, h.mz = sampling
+        h.cella = (24.0, 28.0, 32.0)
+    m = gr.read_map(path)
+    np.testing.assert_array_equal(m.data, data_xyz)
+    assert m.spec.start == nstart_xyz and not m.spec.periodic
+    np.testing.assert_allclose(m.spec.origin_xyz, [4.0, 6.0, 8.0])
+    # Written back (X,Y,Z order) it is the same map.
+    gr.write_map(tmp_path / "back.mrc", m.data, m.spec)
+    m2 = gr.read_map(tmp_path / "back.mrc")
+    np.testing.assert_array_equal(m2.data, m.data)
+    assert m2.spec == m.spec
+
+
+def test_shared_em_map_is_placed_by_origin(shared):
+    m = gr.read_map(shared / "cryoem/emd2566_3j6b_chain9/2566_3J6B_9.mrc")
+    np.testing.assert_allclose(m.spec.origin_xyz, [356.44, 155.44, 159.46], atol=1e-3)
+    model = gr.read_model(shared / "cryoem/emd2566_3j6b_chain9/3J6B_9.pdb")
+    assert m.spec.contains(model.xyz).all()
+    assert m.data.shape == (35, 52, 47)
