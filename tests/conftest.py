@@ -6,7 +6,8 @@ import pytest
 
 from gpu_refine.backend import available_backends, get_backend
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(os.environ.get("GPU_REFINE_SHARED_DATA")
+              or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 BACKENDS = available_backends()
 
 
