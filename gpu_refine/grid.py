@@ -26,6 +26,11 @@ class GridSpec:
         return tuple(self.shape) == tuple(self.sampling)
 
     @property
+    def is_crystal(self):
+        """A periodic cell with space-group symmetry (not a P 1 box such as a cryo-EM map)."""
+        return self.periodic and (self.spacegroup or "P 1").replace(" ", "") != "P1"
+
+    @property
     def unit_cell(self):
         return gemmi.UnitCell(*self.cell)
 
@@ -65,9 +70,7 @@ class GridSpec:
         """Boolean per position: inside the stored box.  A periodic crystal grid (space group
         other than P 1) contains everything; a P 1 box, as cryo-EM maps are, only its own box."""
         xyz = np.asarray(xyz, dtype=np.float64)
-        if wrap is None:
-            wrap = self.periodic and (self.spacegroup or "P 1").replace(" ", "") != "P1"
-        if wrap:
+        if wrap if wrap is not None else self.is_crystal:
             return np.ones(xyz.shape[:-1], dtype=bool)
         g = self.index_coordinates(xyz)
         m = margin * np.sqrt((self.index_from_xyz**2).sum(axis=1))

@@ -16,15 +16,21 @@ def molecular_mask(model, xyz, spec):
     The stored box is treated as its own periodic P1 cell, as mmtbx's five_cc does for boxes;
     a crystal's full cell keeps its space group.
     """
+    crystal = spec.is_crystal
     box = np.asarray(spec.cell[:3]) * np.asarray(spec.shape) / np.asarray(spec.sampling)
     grid = gemmi.FloatGrid(*spec.shape)
     grid.set_unit_cell(gemmi.UnitCell(*box, *spec.cell[3:]))
-    grid.spacegroup = gemmi.SpaceGroup(spec.spacegroup if spec.periodic else "P 1")
-    shift = spec.origin_xyz if not spec.periodic or any(spec.origin) else np.zeros(3)
+    grid.spacegroup = gemmi.SpaceGroup(spec.spacegroup if crystal else "P 1")
+    # A box is its own cell with point 0 at origin_xyz; a crystal cell keeps its symmetry
+    # about the cell origin, and the stored array starts at NSTART.
+    shift = np.zeros(3) if crystal else spec.origin_xyz
     st = model.to_gemmi(np.asarray(xyz, dtype=np.float64) - shift)
     masker = gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx)
     masker.put_mask_on_float_grid(grid, st[0])
-    return np.array(grid, copy=True) == 0
+    inside = np.array(grid, copy=True) == 0
+    if crystal:
+        inside = np.roll(inside, [-int(s) for s in spec.start], axis=(0, 1, 2))
+    return inside
 
 
 def correlation(xp, x, y, weight=None, axis=-1):

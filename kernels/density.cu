@@ -92,6 +92,37 @@ __device__ inline double quad(const double* s, double x, double y, double z) {
          2.0 * (s[3] * x * y + s[4] * x * z + s[5] * y * z);
 }
 
+// One work item (model, atom, slab): its frame, shape and first-axis plane, or false if the
+// slab lies outside the atom's box or (for a box grid) outside the stored grid.
+struct WorkItem {
+  long long ma, model;
+  int i, iw;
+  double r, o;
+  AtomFrame f;
+  AtomShape sh;
+};
+
+__device__ inline bool work_item(long long tid, const real_t* xyz, const real_t* bfac,
+                                 const real_t* uaniso, const unsigned char* is_aniso,
+                                 const real_t* occ, const int* stype, const double* coefs,
+                                 const real_t* radius, const double* geom, double blur,
+                                 int periodic, int has_aniso, long long n_atoms, int n_slabs,
+                                 int n0, WorkItem& w) {
+  int slab = (int)(tid % n_slabs);
+  w.ma = tid / n_slabs;  // model * n_atoms + atom
+  long long atom = w.ma % n_atoms;
+  w.model = w.ma / n_atoms;
+  w.r = (double)radius[w.ma];
+  atom_frame(geom, xyz + 3 * w.ma, w.r, w.f);
+  w.i = w.f.lo[0] + slab;
+  if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic, w.iw)) return false;
+  bool aniso = has_aniso && is_aniso[atom];
+  atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[w.ma],
+             has_aniso ? uaniso + 6 * w.ma : nullptr, aniso, blur, w.sh);
+  w.o = (double)occ[w.ma];
+  return true;
+}
+
 extern "C" __global__ void spread_density_kernel(
     const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
     const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
@@ -101,28 +132,19 @@ extern "C" __global__ void spread_density_kernel(
     long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
     real_t* __restrict__ out) {
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  long long total = n_models * n_atoms * n_slabs;
-  if (tid >= total) return;
-  int slab = (int)(tid % n_slabs);
-  long long ma = tid / n_slabs;  // model * n_atoms + atom
-  long long atom = ma % n_atoms;
-  long long model = ma / n_atoms;
-  double r = (double)radius[ma];
-  AtomFrame f;
-  atom_frame(geom, xyz + 3 * ma, r, f);
-  int i = f.lo[0] + slab;
-  if (i > f.hi[0]) return;
-  int iw;
-  if (!wrap_index(i, n0, periodic, iw)) return;
-  bool aniso = has_aniso && is_aniso[atom];
-  AtomShape sh;
-  atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[ma],
-             has_aniso ? uaniso + 6 * ma : nullptr, aniso, blur, sh);
-  double o = (double)occ[ma];
-  double r2max = r * r;
+  if (tid >= n_models * n_atoms * n_slabs) return;
+  WorkItem w;
+  if (!work_item(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
+                 periodic, has_aniso, n_atoms, n_slabs, n0, w))
+    return;
+  const AtomFrame& f = w.f;
+  const AtomShape& sh = w.sh;
+  const bool aniso = sh.aniso;
+  const double o = w.o;
+  double r2max = w.r * w.r;
   const double* M = geom + 9;
-  double fi = i - f.g[0];
-  real_t* grid = out + model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+  double fi = w.i - f.g[0];
+  real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
     int jw;
     if (!wrap_index(j, n1, periodic, jw)) continue;
@@ -158,29 +180,21 @@ extern "C" __global__ void density_adjoint_kernel(
     const real_t* __restrict__ dmap, real_t* __restrict__ g_xyz, real_t* __restrict__ g_b,
     real_t* __restrict__ g_u, real_t* __restrict__ g_occ) {
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  long long total = n_models * n_atoms * n_slabs;
-  if (tid >= total) return;
-  int slab = (int)(tid % n_slabs);
-  long long ma = tid / n_slabs;
-  long long atom = ma % n_atoms;
-  long long model = ma / n_atoms;
-  double r = (double)radius[ma];
-  AtomFrame f;
-  atom_frame(geom, xyz + 3 * ma, r, f);
-  int i = f.lo[0] + slab;
-  if (i > f.hi[0]) return;
-  int iw;
-  if (!wrap_index(i, n0, periodic, iw)) return;
-  bool aniso = has_aniso && is_aniso[atom];
-  AtomShape sh;
-  atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[ma],
-             has_aniso ? uaniso + 6 * ma : nullptr, aniso, blur, sh);
-  double o = (double)occ[ma];
-  double r2max = r * r;
+  if (tid >= n_models * n_atoms * n_slabs) return;
+  WorkItem w;
+  if (!work_item(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
+                 periodic, has_aniso, n_atoms, n_slabs, n0, w))
+    return;
+  const AtomFrame& f = w.f;
+  const AtomShape& sh = w.sh;
+  const bool aniso = sh.aniso;
+  const long long ma = w.ma;
+  const double o = w.o;
+  double r2max = w.r * w.r;
   const double* M = geom + 9;
   const double four_pi2 = 4.0 * PI_D * PI_D;
-  double fi = i - f.g[0];
-  const real_t* grid = dmap + model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+  double fi = w.i - f.g[0];
+  const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   double sx = 0, sy = 0, sz = 0, sb = 0, socc = 0;
   double su[6] = {0, 0, 0, 0, 0, 0};
   for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
