@@ -110,13 +110,12 @@ def run(sizes, batches, resolutions, numpy_max_atoms, repeat):
                                             mapper.exact_adjoint(batch, dmap, blur)), sync, repeat)
                     rows.append((name, n, nb, d, "map", t_map, npairs * nb))
                     rows.append((name, n, nb, d, "map+grad", t_both, 2 * npairs * nb))
-                    del batch, dmap
                     bk.free_memory()
     return rows
 
 
 def table(rows):
-    lines = [f"| backend | atoms | batch | d (Å) | work | ms per model | atom×points/s |",
+    lines = ["| backend | atoms | batch | d (Å) | work | ms per model | atom×points/s |",
              "|---|---:|---:|---:|---|---:|---:|"]
     for name, n, nb, d, work, t, pairs in rows:
         lines.append(f"| {name} | {n} | {nb} | {d} | {work} | {1e3 * t / nb:.3f} | {pairs / t:.3g} |")

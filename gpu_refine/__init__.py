@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 from .backend import Backend, available_backends, get_backend
 from .density import DensitySettings, ModelMapper
 from .errors import BackendError, GpuRefineError, InputError, ParameterError
-from .grid import GridSpec, box_around, cell_grid
+from .grid import GridSpec, box_around
 from .maps import MapData, read_map, write_map
 from .model import Batch, Model, read_batch, read_model, write_model
 
 __all__ = ["Backend", "Batch", "BackendError", "DensitySettings", "GpuRefineError", "GridSpec",
            "InputError", "MapData", "Model", "ModelMapper", "ParameterError", "available_backends",
-           "box_around", "cell_grid", "get_backend", "read_batch", "read_map", "read_model",
+           "box_around", "get_backend", "read_batch", "read_map", "read_model",
            "write_map", "write_model", "__version__"]

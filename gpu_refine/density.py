@@ -132,19 +132,19 @@ class ModelMapper:
             raise ParameterError(f"resolution={resolution} Å is outside 0.3-100 Å")
         self.ops = _symmetry_ops(spec)
         self._filter = None
-        self._types = {}
+        self._types = None   # (model, stype, coefs) of the last model seen
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):
-        key = id(model)
-        if key not in self._types:
+        """Scattering-type index per atom and the (T,2,5) table, computed once per model."""
+        if self._types is None or self._types[0] is not model:
             names, stype = np.unique(model.element, return_inverse=True)
             try:
                 coefs = form_factor_table(list(names), self.settings.table)
             except Exception as exc:
                 raise InputError(f"no form factors for the elements of this model: {exc}") from None
-            self._types = {key: (stype.astype(np.int32), coefs)}
-        return self._types[key]
+            self._types = (model, stype.astype(np.int32), coefs)
+        return self._types[1:]
 
     def blur_for(self, batch):
         if self.settings.blur is not None:

@@ -38,9 +38,9 @@ def helix_structure(sequence=_SEQUENCE, b_iso=30.0):
     chain = gemmi.Chain("A")
     for i, aa in enumerate(sequence):
         if i > 0:
-            n_new = _place(prev_n, prev_ca, prev_c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
-            ca_new = _place(prev_ca, prev_c, n_new, _BOND["N-CA"], _ANGLE["C-N-CA"], _OMEGA)
-            c_new = _place(prev_c, n_new, ca_new, _BOND["CA-C"], _ANGLE["N-CA-C"], _PHI)
+            n_new = _place(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
+            ca_new = _place(ca, c, n_new, _BOND["N-CA"], _ANGLE["C-N-CA"], _OMEGA)
+            c_new = _place(c, n_new, ca_new, _BOND["CA-C"], _ANGLE["N-CA-C"], _PHI)
             n, ca, c = n_new, ca_new, c_new
         # O is trans to the next N; CB from the backbone with L chirality.
         n_next = _place(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
@@ -60,7 +60,6 @@ def helix_structure(sequence=_SEQUENCE, b_iso=30.0):
             atom.occ = 1.0
             res.add_atom(atom)
         chain.add_residue(res)
-        prev_n, prev_ca, prev_c = n, ca, c
     model.add_chain(chain)
     st.add_model(model)
     st.setup_entities()

@@ -99,14 +99,3 @@ def box_around(xyz, spacing, padding=5.0):
     cell = tuple(float(n * spacing) for n in shape) + (90.0, 90.0, 90.0)
     return GridSpec(cell=cell, sampling=shape, shape=shape, origin=tuple(lo))
 
-
-def cell_grid(unit_cell, spacegroup, spacing):
-    """A periodic grid over a crystal's unit cell, compatible with its space group (gemmi's rule)."""
-    g = gemmi.FloatGrid()
-    g.unit_cell = unit_cell
-    g.spacegroup = gemmi.SpaceGroup(spacegroup)
-    g.set_size_from_spacing(spacing, gemmi.GridSizeRounding.Up)
-    shape = (g.nu, g.nv, g.nw)
-    c = unit_cell
-    return GridSpec(cell=(c.a, c.b, c.c, c.alpha, c.beta, c.gamma), sampling=shape, shape=shape,
-                    spacegroup=spacegroup)

@@ -95,13 +95,6 @@ class Model:
                 at.aniso = gemmi.SMat33f(*map(float, u_aniso[i]))
         return st
 
-    def unit_cell(self):
-        c = self.structure.cell
-        return gemmi.UnitCell(c.a, c.b, c.c, c.alpha, c.beta, c.gamma)
-
-    def has_cell(self):
-        return self.structure.cell.is_crystal()
-
 
 def read_model(path, model_index=0):
     """Read PDB or mmCIF (optionally gzipped) into a Model."""
