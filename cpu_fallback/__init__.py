@@ -4,5 +4,9 @@ Each function here is the reference that the matching ``.cu`` kernel is tested a
 """
 from .density import density_adjoint, spread_density
 from .interpolate import interpolate_at_atoms
+from .restraints import (adp_similarity_terms, angle_terms, bond_terms, chiral_terms,
+                         nonbonded_terms, plane_terms, torsion_terms)
 
-__all__ = ["spread_density", "density_adjoint", "interpolate_at_atoms"]
+__all__ = ["spread_density", "density_adjoint", "interpolate_at_atoms", "bond_terms",
+           "angle_terms", "torsion_terms", "chiral_terms", "plane_terms", "nonbonded_terms",
+           "adp_similarity_terms"]

@@ -116,3 +116,86 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
              np.int32(bool(periodic)), np.int32(order), np.int64(nm), np.int64(na),
              np.int32(n0), np.int32(n1), np.int32(n2)) + tuple(out))
     return out
+
+
+_RESTRAINT_BLOCK = 128
+
+
+def _restraint_launch(function, dtype, n_models, n_restr, args, energy, grad, delta):
+    """Grid (restraints, models); ``energy`` and ``grad`` are added to, ``delta`` filled."""
+    if energy.dtype != cp.float64 or not energy.flags.c_contiguous:
+        raise ValueError("energy must be a C-contiguous float64 array")
+    if grad.dtype != dtype or not grad.flags.c_contiguous:
+        raise ValueError(f"grad must be a C-contiguous {dtype} array")
+    if delta is not None and (delta.dtype != dtype or not delta.flags.c_contiguous):
+        raise ValueError(f"delta must be a C-contiguous {dtype} array")
+    if n_restr == 0 or n_models == 0:
+        return
+    want = delta is not None
+    out = delta if want else cp.empty(1, dtype)
+    grid = ((n_restr + _RESTRAINT_BLOCK - 1) // _RESTRAINT_BLOCK, n_models)
+    get_kernel("restraints", function, dtype)(
+        grid, (_RESTRAINT_BLOCK,), args + (np.int32(n_restr), np.int32(want), energy, grad, out))
+
+
+def _pair_like(function, xyz, atoms, ideal, weight, energy, grad, delta, extra=()):
+    dtype = _real(xyz.dtype)
+    xyz = _c(xyz, dtype)
+    args = (xyz, _c(atoms, cp.int32), _c(ideal, dtype), _c(weight, dtype)) + extra + (
+        np.int32(xyz.shape[1]),)
+    _restraint_launch(function, dtype, xyz.shape[0], len(atoms), args, energy, grad, delta)
+
+
+def bond_terms(xyz, atoms, ideal, weight, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.bond_terms."""
+    _pair_like("bond_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
+
+
+def nonbonded_terms(xyz, atoms, dmin, weight, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.nonbonded_terms."""
+    _pair_like("nonbonded_terms_kernel", xyz, atoms, dmin, weight, energy, grad, delta)
+
+
+def angle_terms(xyz, atoms, ideal, weight, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.angle_terms."""
+    _pair_like("angle_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
+
+
+def torsion_terms(xyz, atoms, ideal, weight, period, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.torsion_terms."""
+    _pair_like("torsion_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
+               (_c(period, cp.int32),))
+
+
+def chiral_terms(xyz, atoms, ideal, weight, sign, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.chiral_terms."""
+    _pair_like("chiral_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
+               (_c(sign, cp.int8),))
+
+
+def plane_terms(xyz, ptr, atoms, weight, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.plane_terms."""
+    dtype = _real(xyz.dtype)
+    xyz = _c(xyz, dtype)
+    args = (xyz, _c(ptr, cp.int32), _c(atoms, cp.int32), _c(weight, dtype),
+            np.int32(xyz.shape[1]))
+    _restraint_launch("plane_terms_kernel", dtype, xyz.shape[0], len(ptr) - 1, args, energy,
+                      grad, delta)
+
+
+def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
+    """GPU twin of cpu_fallback.adp_similarity_terms."""
+    dtype = _real(values.dtype)
+    values = _c(values, dtype)
+    n_models, n_atoms, n_values = values.shape
+    args = (values, _c(atoms, cp.int32), _c(weight, dtype), np.int32(n_atoms))
+    if energy.dtype != cp.float64 or grad.dtype != dtype:
+        raise ValueError("energy must be float64 and grad of the values' dtype")
+    if len(atoms) == 0 or n_models == 0:
+        return
+    want = delta is not None
+    out = delta if want else cp.empty(1, dtype)
+    grid = ((len(atoms) + _RESTRAINT_BLOCK - 1) // _RESTRAINT_BLOCK, n_models)
+    get_kernel("restraints", "adp_similarity_terms_kernel", dtype)(
+        grid, (_RESTRAINT_BLOCK,), args + (np.int32(len(atoms)), np.int32(n_values),
+                                           np.int32(want), energy, grad, out))

@@ -1,0 +1,81 @@
+"""Geometry statistics per model of a batch: rmsd / rmsZ per restraint type, outliers, overlaps.
+
+rmsd: root mean square deviation from the ideal values (Å, degrees, Å³; planes: the members'
+distances from their best planes).  rmsZ: root mean square of deviation / sigma over restraints
+with sigma > 0.  Outliers: restraints with |deviation / sigma| above ``z_outlier`` (4, as
+MolProbity and phenix use), worst first.  Overlaps: nonbonded pairs closer than their minimum
+distance by more than ``clash_overlap``.
+"""
+import numpy as np
+
+UNITS = {"bonds": "Å", "angles": "°", "torsions": "°", "chirals": "Å³", "planes": "Å"}
+ANGULAR = ("angles", "torsions")
+
+
+def _member_atoms(topology, name):
+    """(R, k) atom indices of each reported deviation."""
+    if name == "planes":
+        return topology.planes.atoms[:, None]
+    return getattr(topology, name).atoms
+
+
+def _sigma_ideal(topology, name):
+    terms = getattr(topology, name)
+    if name == "planes":
+        return terms.sigma, np.zeros(len(terms.sigma))
+    ideal = terms.ideal
+    if name == "chirals":
+        ideal = ideal * np.where(terms.sign < 0, -1.0, 1.0)
+    return terms.sigma, ideal
+
+
+def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
+    """A list with one dict per model of ``xyz`` (B,N,3)."""
+    topo = restraints.topology
+    bk = restraints.backend
+    terms = {k: (bk.to_numpy(e), bk.to_numpy(d).astype(np.float64))
+             for k, (e, d) in restraints.terms(xyz).items()}
+    n_models = next(iter(terms.values()))[1].shape[0]
+    results = []
+    for m in range(n_models):
+        r = dict(topo.counts())
+        outliers = []
+        for name in ("bonds", "angles", "torsions", "chirals", "planes"):
+            delta = terms[name][1][m]
+            if name in ANGULAR:
+                delta = np.degrees(delta)
+            sigma, ideal = _sigma_ideal(topo, name)
+            if delta.size:
+                ok = sigma > 0
+                z = np.where(ok, delta / np.where(ok, sigma, 1.0), 0.0)
+                r[f"rmsd_{name}"] = float(np.sqrt(np.mean(delta ** 2)))
+                r[f"rmsz_{name}"] = float(np.sqrt(np.mean(z[ok] ** 2))) if ok.any() else 0.0
+                r[f"max_{name}"] = float(np.abs(delta).max())
+                atoms = _member_atoms(topo, name)
+                for k in np.flatnonzero(np.abs(z) > z_outlier):
+                    outliers.append({"type": name[:-1], "atoms": [str(topo.labels[a]) for a in atoms[k]],
+                                     "ideal": float(ideal[k]),
+                                     "model": float(ideal[k] + delta[k]) if name != "planes"
+                                     else float(delta[k]),
+                                     "delta": float(delta[k]), "sigma": float(sigma[k]),
+                                     "z": float(z[k]), "unit": UNITS[name]})
+            else:
+                r[f"rmsd_{name}"] = r[f"rmsz_{name}"] = r[f"max_{name}"] = 0.0
+        outliers.sort(key=lambda o: -abs(o["z"]))
+        r["n_outliers"] = len(outliers)
+        r["outliers"] = outliers[:max_outliers]
+        if "nonbonded" in terms:
+            delta = terms["nonbonded"][1][m]
+            overlap = -delta
+            clash = overlap > restraints.nonbonded_settings.clash_overlap
+            r["n_nonbonded"] = int(len(delta))
+            r["n_overlaps"] = int(clash.sum())
+            if len(delta):
+                k = int(np.argmax(overlap))
+                i, j = restraints.pairs.pairs[k]
+                r["worst_overlap"] = {"atoms": [str(topo.labels[i]), str(topo.labels[j])],
+                                      "distance": float(restraints.pairs.dmin[k] + delta[k]),
+                                      "min_distance": float(restraints.pairs.dmin[k]),
+                                      "overlap": float(overlap[k])}
+        results.append(r)
+    return results

@@ -1,0 +1,201 @@
+"""gemmi topology → index arrays, built once per Model and shared by every model of a batch.
+
+``build_topology(model)`` runs ``gemmi.prepare_topology`` with a monomer library (see
+``library``) and keeps, for each restraint type, the atom indices (into the Model's atom order),
+ideal values and sigmas.  Counts equal gemmi's (altloc atoms are restrained per conformer).
+
+Polymers are linked by sequence: consecutive residues whose C(i)-N(i+1) (or O3'(i)-P(i+1))
+distance is beyond gemmi's bond cut-off but within ``link_distance`` still get their peptide
+(phosphodiester) link, as cctbx does.  Otherwise a shaken or badly fitted start loses its chain
+links and refinement pulls the chain apart.
+"""
+import io
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import gemmi
+import numpy as np
+
+from ..errors import InputError
+from .library import read_library
+
+log = logging.getLogger(__name__)
+
+CHIRAL_SIGMA = 0.2     # Å³, as refmac and servalcat use for chiral volumes
+LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by sequence
+
+
+@dataclass
+class Terms:
+    """One restraint type: atoms (R, k) int32, ideal and sigma (R,) float64 in library units
+    (Å, degrees, Å³).  Torsions add ``period``; chiral volumes add ``sign`` (+1, -1, 0 = either).
+    Planes use ``ptr`` (P+1,) into flat ``atoms`` (M,) and per-member ``sigma`` (M,)."""
+    atoms: np.ndarray
+    ideal: np.ndarray = None
+    sigma: np.ndarray = None
+    period: np.ndarray = None
+    sign: np.ndarray = None
+    ptr: np.ndarray = None
+
+    def __len__(self):
+        return len(self.ptr) - 1 if self.ptr is not None else len(self.atoms)
+
+
+@dataclass
+class Topology:
+    n_atoms: int
+    labels: np.ndarray            # (N,) "chain/RES seq/name[.alt]"
+    altloc: np.ndarray            # (N,) str, "" where none
+    element: np.ndarray           # (N,) str
+    bonds: Terms
+    angles: Terms
+    torsions: Terms
+    chirals: Terms
+    planes: Terms
+    links: Counter = field(default_factory=Counter)   # link id -> count (polymer + extra)
+    unrestrained: list = field(default_factory=list)  # labels of atoms with no definition
+    library: str = ""
+
+    def counts(self):
+        return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
+                "n_torsions": len(self.torsions), "n_chirals": len(self.chirals),
+                "n_planes": len(self.planes)}
+
+
+def _labels(st):
+    labels, alts = [], []
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                alt = at.altloc if at.altloc != "\0" else ""
+                labels.append(f"{ch.name}/{res.name} {str(res.seqid).strip()}/{at.name}"
+                              + (f".{alt}" if alt else ""))
+                alts.append(alt)
+    return np.array(labels), np.array(alts)
+
+
+def _consecutive(r1, r2):
+    n1, n2 = r1.seqid.num, r2.seqid.num
+    return n2 == n1 + 1 or (n2 == n1 and r1.seqid.icode != r2.seqid.icode)
+
+
+def _link_by_sequence(st, link_distance):
+    """Move, in this (scratch) copy, the N (or P) of a sequence-consecutive residue onto bond
+    distance from C (O3') so that gemmi links the pair.  The move is along the C-N line, which
+    keeps the omega angle and hence gemmi's cis/trans choice.  Returns the number moved."""
+    moved = 0
+    for ch in st[0]:
+        for r1, r2 in zip(ch, list(ch)[1:]):
+            if not _consecutive(r1, r2):
+                continue
+            info1, info2 = gemmi.find_tabulated_residue(r1.name), gemmi.find_tabulated_residue(r2.name)
+            if info1 is None or info2 is None:
+                continue
+            if info1.is_amino_acid() and info2.is_amino_acid():
+                a_name, b_name, ideal, cut = "C", "N", 1.33, 1.341 * 1.5
+            elif info1.is_nucleic_acid() and info2.is_nucleic_acid():
+                a_name, b_name, ideal, cut = "O3'", "P", 1.60, 1.6 * 1.5
+            else:
+                continue
+            a = r1.find_atom(a_name, "*")
+            if a is None:
+                continue
+            for b in r2:
+                d = b.pos.dist(a.pos)
+                if b.name == b_name and cut <= d < link_distance:
+                    b.pos = a.pos + (b.pos - a.pos) * (ideal / d)
+                    moved += 1
+    return moved
+
+
+def _index(atoms):
+    return [a.serial - 1 for a in atoms]
+
+
+def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
+                   link_distance=LINK_DISTANCE):
+    """Topology of ``model`` (a Model) from a monomer library.
+
+    monlib: library directory (else $CLIBD_MON, else the built-in dictionary); dictionaries:
+    extra monomer CIF files; ignore_unknown: leave residues without a dictionary unrestrained
+    instead of failing.
+    """
+    if model.n_atoms == 0:
+        raise InputError("the model has no atoms")
+    st = model.structure.clone()
+    for i, cra in enumerate(st[0].all()):
+        cra.atom.serial = i + 1
+    resnames = set(st[0].get_all_residue_names())
+    lib, where, missing = read_library(resnames, monlib, dictionaries)
+    labels, altloc = _labels(st)
+    unrestrained = []
+    if missing:
+        if not ignore_unknown:
+            raise InputError(
+                f"no restraint dictionary for residue(s) {', '.join(missing)} in {where}; "
+                "give a monomer CIF with dictionary=FILE.cif (or a library with monlib=DIR), "
+                "or ignore_unknown=true to leave them unrestrained")
+        for ch in st[0]:
+            for k in reversed(range(len(ch))):
+                if ch[k].name in missing:
+                    unrestrained.extend(labels[a.serial - 1] for a in ch[k])
+                    del ch[k]
+        log.warning("%d atoms of residue(s) %s have no dictionary and are left unrestrained",
+                    len(unrestrained), ", ".join(missing))
+    if link_distance:
+        moved = _link_by_sequence(st, link_distance)
+        if moved:
+            log.info("%d polymer links made by sequence (C-N or O3'-P beyond bond distance)",
+                     moved)
+    warnings = io.StringIO()
+    try:
+        topo = gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.NoChange,
+                                      reorder=False, warnings=warnings,
+                                      ignore_unknown_links=True)
+    except Exception as exc:
+        raise InputError(f"cannot build the restraint topology: {exc}") from None
+    no_def = re.findall(r"definition not found for (.+)$", warnings.getvalue(), re.M)
+    if no_def:
+        unrestrained.extend(no_def)
+        log.warning("%d atoms have no definition in their residue's dictionary and are "
+                    "unrestrained (e.g. %s)", len(no_def), ", ".join(no_def[:3]))
+    for line in warnings.getvalue().splitlines():
+        if "definition not found" not in line and line.strip():
+            log.info("topology: %s", line.strip())
+
+    def simple(items, n):
+        if not items:
+            return Terms(np.zeros((0, n), np.int32), np.zeros(0), np.zeros(0))
+        return Terms(np.array([_index(t.atoms) for t in items], np.int32),
+                     np.array([t.restr.value for t in items], np.float64),
+                     np.array([t.restr.esd for t in items], np.float64))
+
+    bonds = simple(topo.bonds, 2)
+    angles = simple(topo.angles, 3)
+    torsions = simple(topo.torsions, 4)
+    torsions.period = np.array([t.restr.period for t in topo.torsions], np.int32)
+    signs = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1}
+    chirs = list(topo.chirs)
+    chirals = Terms(np.array([_index(c.atoms) for c in chirs], np.int32).reshape(-1, 4),
+                    np.array([topo.ideal_chiral_abs_volume(c) for c in chirs], np.float64),
+                    np.full(len(chirs), CHIRAL_SIGMA),
+                    sign=np.array([signs.get(c.restr.sign, 0) for c in chirs], np.int8))
+    plane_list = list(topo.planes)
+    sizes = [len(p.atoms) for p in plane_list]
+    planes = Terms(np.array([i for p in plane_list for i in _index(p.atoms)], np.int32),
+                   sigma=np.repeat([p.restr.esd for p in plane_list], sizes).astype(np.float64),
+                   ptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    links = Counter()
+    for chain_info in topo.chain_infos:
+        for ri in chain_info.res_infos:
+            for link in ri.prev:
+                if link.link_id:
+                    links[link.link_id] += 1
+    for extra in topo.extras:
+        links[extra.link_id] += 1
+    return Topology(n_atoms=model.n_atoms, labels=labels, altloc=altloc,
+                    element=np.asarray(model.element), bonds=bonds, angles=angles,
+                    torsions=torsions, chirals=chirals, planes=planes, links=links,
+                    unrestrained=unrestrained, library=where)
