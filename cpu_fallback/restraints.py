@@ -109,8 +109,8 @@ def torsion_terms(xyz, atoms, ideal, weight, period, energy, grad, delta=None):
     g3 = cb * lg / b2
     fg = _dot(f, g)[..., None] / lg ** 2
     hg = _dot(h, g)[..., None] / lg ** 2
-    g1 = g0 * (fg - 1.0) - g3 * hg
-    g2 = g3 * (hg - 1.0) - g0 * fg
+    g1 = -g0 * (1.0 + fg) - g3 * hg
+    g2 = g3 * (hg - 1.0) + g0 * fg
     for col, gk in enumerate((g0, g1, g2, g3)):
         _scatter(grad, atoms[:, col], gk * k)
     _finish(energy, delta, w * diff * diff, diff)

@@ -112,7 +112,11 @@ def read_batch(path, backend=None, dtype=np.float32):
     """All models of a multi-model file as one Batch (they must share one topology)."""
     path = os.fspath(path)
     check_readable(path, MODEL_EXTENSIONS, "model")
-    st = gemmi.read_structure(path, merge_chain_parts=True)
+    try:
+        st = gemmi.read_structure(path, merge_chain_parts=True)
+    except Exception as exc:
+        raise InputError(f"cannot read model {path}: {exc}") from None
+    st.setup_entities()
     models = [Model.from_gemmi(st, i) for i in range(len(st))]
     ref = models[0]
     for i, m in enumerate(models[1:], start=2):

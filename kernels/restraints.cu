@@ -173,8 +173,8 @@ extern "C" __global__ void torsion_terms_kernel(
     V3 g0 = scale(ca, -lg / a2);
     V3 g3 = scale(cb, lg / b2);
     double fg = dot(f, g) / (lg * lg), hg = dot(h, g) / (lg * lg);
-    V3 g1 = sub(scale(g0, fg - 1.0), scale(g3, hg));
-    V3 g2 = sub(scale(g3, hg - 1.0), scale(g0, fg));
+    V3 g1 = sub(scale(g0, -1.0 - fg), scale(g3, hg));
+    V3 g2 = add(scale(g3, hg - 1.0), scale(g0, fg));
     add_grad(grad, base, a, scale(g0, k));
     add_grad(grad, base, b, scale(g1, k));
     add_grad(grad, base, c, scale(g2, k));

@@ -19,14 +19,14 @@ def backend(request):
     return get_backend(request.param)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gpu():
     if "cupy" not in BACKENDS:
         pytest.skip("CuPy with a CUDA device is not available")
     return get_backend("cupy")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared():
     """Path of ../shared/data; skips where it is absent."""
     if not SHARED.is_dir():
@@ -34,6 +34,6 @@ def shared():
     return SHARED
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))

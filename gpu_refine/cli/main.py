@@ -10,10 +10,11 @@ import sys
 
 from .. import __version__
 from ..errors import GpuRefineError
-from . import example_cmd, map_cmd, validate_cmd
+from . import example_cmd, geometry_cmd, map_cmd, validate_cmd
 from .params import translate
 
-SUBCOMMANDS = {"map": map_cmd, "validate": validate_cmd, "example": example_cmd}
+SUBCOMMANDS = {"map": map_cmd, "validate": validate_cmd, "geometry": geometry_cmd,
+               "example": example_cmd}
 log = logging.getLogger("gpu_refine")
 
 

@@ -64,7 +64,7 @@ class GeometryRestraints:
             moved = float(xp.sqrt(((xyz - ref) ** 2).sum(-1)).max())
             if moved <= self.pairs.allowed_move:
                 return False
-        self.pairs.build(self.backend.to_numpy(xyz))
+        self.pairs.build(xyz, self.backend)
         w = 1.0 / self.nonbonded_settings.sigma ** 2
         self._pair_arrays = (self.backend.asarray(self.pairs.pairs, dtype=np.int32),
                              self.backend.asarray(self.pairs.dmin, dtype=self.dtype),

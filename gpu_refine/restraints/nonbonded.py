@@ -1,11 +1,12 @@
 """Nonbonded repulsion: one pair list for a whole batch, rebuilt only when atoms have moved.
 
 Pairs are all atom pairs closer than their minimum distance plus a margin, except 1-2 and 1-3
-pairs (bonded, or bonded to a common atom) and pairs of different alternative conformations;
-1-4 pairs are kept with their minimum distance scaled by ``one_four_factor`` (as phenix's
-vdw_1_4_factor).  The list is the union over the models of the batch: built around the batch
-mean with the radius grown by twice the largest deviation from it, so every model's close pairs
-are in it.  It is rebuilt when any atom of any model has moved more than half the margin since.
+pairs (bonded, or bonded to a common atom), pairs of different alternative conformations and
+atoms without a dictionary definition.  1-4 pairs are kept with their minimum distance scaled
+by ``one_four_factor`` (as phenix's vdw_1_4_factor).  The list is the union over the models of
+a batch: candidates come from a search around the batch mean with the radius grown by twice the
+largest deviation from it; a candidate is kept when some model has it within dmin + margin.  It
+is rebuilt when any atom of any model has moved more than half the margin since.
 
 Minimum distances: the sum of the two atoms' radii below (reduced van der Waals radii, so that
 well-refined deposited structures have almost no violations), 2.6 Å between N/O atoms (they may
@@ -59,6 +60,10 @@ class PairList:
         self.element = np.array([e.upper() for e in topology.element])
         self.radius = np.array([atom_radius(e) for e in self.element])
         self.altloc = np.asarray(topology.altloc)
+        # Atoms without a dictionary definition have no bonds to exclude them from their
+        # neighbours, so they take no part in nonbonded repulsion either.
+        self._unrestrained = np.zeros(n, dtype=bool)
+        self._unrestrained[topology.unrestrained] = True
         bonds = topology.bonds.atoms
         ones = np.ones(len(bonds), dtype=np.int32)
         a = scipy.sparse.coo_matrix((ones, (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
@@ -84,22 +89,30 @@ class PairList:
         one_four = np.isin(_keys(i, j, self.n_atoms), self._one_four)
         return np.where(one_four, dmin * self.settings.one_four_factor, dmin)
 
-    def build(self, xyz):
-        """Pairs for every model of ``xyz`` (B,N,3), a NumPy array."""
-        xyz = np.asarray(xyz, dtype=np.float64)
-        mean = xyz.mean(axis=0)
-        spread = float(np.sqrt(((xyz - mean) ** 2).sum(-1)).max()) if xyz.size else 0.0
+    def build(self, xyz, backend):
+        """Pairs for every model of ``xyz`` (B,N,3), an array of ``backend``."""
+        xp = backend.xp
+        mean = backend.to_numpy(xyz.mean(axis=0)).astype(np.float64)
+        spread = float(xp.sqrt(((xyz - xyz.mean(axis=0)) ** 2).sum(-1)).max()) if xyz.size else 0.0
         radius = self.max_dmin + self.settings.margin + 2 * spread
         pairs = cKDTree(mean).query_pairs(radius, output_type="ndarray")
         i, j = pairs[:, 0], pairs[:, 1]
         keep = ~np.isin(_keys(i, j, self.n_atoms), self._excluded)
         alt_i, alt_j = self.altloc[i], self.altloc[j]
         keep &= ~((alt_i != "") & (alt_j != "") & (alt_i != alt_j))
+        keep &= ~(self._unrestrained[i] | self._unrestrained[j])
         i, j = i[keep], j[keep]
         dmin = self.min_distance(i, j)
-        # Drop pairs that no model can bring within dmin before the next rebuild.
-        reach = np.sqrt(((mean[i] - mean[j]) ** 2).sum(-1)) - 2 * spread - self.settings.margin
-        close = reach < dmin
+        # Keep the pairs that some model has within dmin + margin: until an atom moves by half
+        # the margin, no other pair can come closer than dmin.
+        close = np.zeros(len(i), dtype=bool)
+        chunk = max(1, 2 ** 26 // max(1, xyz.shape[0]))
+        for lo in range(0, len(i), chunk):
+            ii = backend.asarray(i[lo:lo + chunk], dtype=np.int64)
+            jj = backend.asarray(j[lo:lo + chunk], dtype=np.int64)
+            d2 = ((xyz[:, ii] - xyz[:, jj]) ** 2).sum(-1).min(axis=0)
+            reach = backend.asarray(dmin[lo:lo + chunk] + self.settings.margin)
+            close[lo:lo + chunk] = backend.to_numpy(d2 < reach ** 2)
         self.pairs = np.stack([i[close], j[close]], axis=1).astype(np.int32)
         self.dmin = dmin[close]
         self.n_builds += 1

@@ -55,7 +55,7 @@ class Topology:
     chirals: Terms
     planes: Terms
     links: Counter = field(default_factory=Counter)   # link id -> count (polymer + extra)
-    unrestrained: list = field(default_factory=list)  # labels of atoms with no definition
+    unrestrained: np.ndarray = None   # indices of atoms with no dictionary definition
     library: str = ""
 
     def counts(self):
@@ -131,6 +131,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     lib, where, missing = read_library(resnames, monlib, dictionaries)
     labels, altloc = _labels(st)
     unrestrained = []
+    index_of = {lab: k for k, lab in enumerate(labels)}
     if missing:
         if not ignore_unknown:
             raise InputError(
@@ -140,7 +141,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         for ch in st[0]:
             for k in reversed(range(len(ch))):
                 if ch[k].name in missing:
-                    unrestrained.extend(labels[a.serial - 1] for a in ch[k])
+                    unrestrained.extend(a.serial - 1 for a in ch[k])
                     del ch[k]
         log.warning("%d atoms of residue(s) %s have no dictionary and are left unrestrained",
                     len(unrestrained), ", ".join(missing))
@@ -158,7 +159,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         raise InputError(f"cannot build the restraint topology: {exc}") from None
     no_def = re.findall(r"definition not found for (.+)$", warnings.getvalue(), re.M)
     if no_def:
-        unrestrained.extend(no_def)
+        unrestrained.extend(index_of[lab] for lab in no_def if lab in index_of)
         log.warning("%d atoms have no definition in their residue's dictionary and are "
                     "unrestrained (e.g. %s)", len(no_def), ", ".join(no_def[:3]))
     for line in warnings.getvalue().splitlines():
@@ -198,4 +199,5 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     return Topology(n_atoms=model.n_atoms, labels=labels, altloc=altloc,
                     element=np.asarray(model.element), bonds=bonds, angles=angles,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
-                    unrestrained=unrestrained, library=where)
+                    unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
+                    library=where)

@@ -1,0 +1,68 @@
+"""Geometry report: restraint rmsd / rmsZ, outliers and nonbonded overlaps of a model.
+
+gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ignore_unknown=true]
+"""
+import json
+import logging
+
+from ..io import write_atomically
+from ..model import read_batch
+from ..workflows.geometry import geometry_report
+
+log = logging.getLogger(__name__)
+
+ROWS = [("bonds", "Å", "{:8.4f}"), ("angles", "°", "{:8.3f}"), ("torsions", "°", "{:8.3f}"),
+        ("chirals", "Å³", "{:8.3f}"), ("planes", "Å", "{:8.4f}")]
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are a batch")
+    parser.add_argument("--monlib", help="monomer library directory (CCP4 layout); default "
+                        "$CLIBD_MON, else the built-in dictionary")
+    parser.add_argument("--dictionary", action="append", default=[],
+                        help="extra monomer CIF (repeatable)")
+    parser.add_argument("--ignore-unknown", action="store_true",
+                        help="leave residues without a dictionary unrestrained")
+    parser.add_argument("--json", help="write the statistics as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _table(r):
+    log.info("%-10s %7s %10s %8s %10s", "restraint", "count", "rmsd", "rmsZ", "max")
+    for name, unit, fmt in ROWS:
+        log.info("%-10s %7d %s %-2s %7.3f %s", name, r[f"n_{name}"],
+                 fmt.format(r[f"rmsd_{name}"]), unit, r[f"rmsz_{name}"],
+                 fmt.format(r[f"max_{name}"]))
+    if "n_nonbonded" in r:
+        w = r.get("worst_overlap")
+        worst = (f"; worst {w['atoms'][0]} - {w['atoms'][1]} {w['distance']:.2f} Å "
+                 f"(min {w['min_distance']:.2f})") if w else ""
+        log.info("nonbonded  %7d pairs, %d overlaps%s", r["n_nonbonded"], r["n_overlaps"], worst)
+    log.info("outliers (|Z| > 4): %d", r["n_outliers"])
+    for o in r["outliers"][:10]:
+        log.info("  %-8s %-60s model %9.3f ideal %9.3f %s  Z %6.1f", o["type"],
+                 " - ".join(o["atoms"]), o["model"], o["ideal"], o["unit"], o["z"])
+
+
+def main(args):
+    batch = read_batch(args.model, backend=args.backend, dtype="float64")
+    xyz = batch.backend.to_numpy(batch.xyz)
+    topology, results = geometry_report(batch.model, monlib=args.monlib,
+                                        dictionaries=args.dictionary,
+                                        ignore_unknown=args.ignore_unknown, xyz=xyz,
+                                        backend=args.backend)
+    links = ", ".join(f"{k} {v}" for k, v in sorted(topology.links.items()))
+    log.info("restraints from %s; links: %s", topology.library, links or "none")
+    for i, r in enumerate(results, start=1):
+        if len(results) > 1:
+            log.info("model %d", i)
+        _table(r)
+    if args.json:
+        for r in results:
+            r["library"] = topology.library
+            r["links"] = dict(topology.links)
+            r["n_unrestrained_atoms"] = len(topology.unrestrained)
+        payload = results[0] if len(results) == 1 else {"models": results}
+        write_atomically(args.json, json.dumps(payload, indent=1).encode(),
+                         overwrite=args.overwrite)
+        log.info("statistics written to %s", args.json)

@@ -1,0 +1,56 @@
+"""Geometry of a model or batch: restraint statistics, and regularisation (T_restraints alone)."""
+import logging
+
+import numpy as np
+
+from ..backend import get_backend
+from ..minimize import LBFGSSettings, minimize_lbfgs
+from ..model import Batch
+from ..restraints.geometry import GeometryRestraints
+from ..restraints.stats import geometry_statistics
+from ..restraints.topology import build_topology
+
+log = logging.getLogger(__name__)
+
+
+def geometry_report(model, monlib=None, dictionaries=(), ignore_unknown=False, xyz=None,
+                    backend=None):
+    """(topology, [statistics per model]) for ``model`` or for coordinates ``xyz`` (B,N,3) of
+    its topology."""
+    topology = build_topology(model, monlib=monlib, dictionaries=dictionaries,
+                              ignore_unknown=ignore_unknown)
+    restraints = GeometryRestraints(topology, backend=backend, dtype=np.float64)
+    coords = model.xyz[None] if xyz is None else xyz
+    return topology, geometry_statistics(restraints, coords)
+
+
+def regularize(batch, restraints=None, settings=None, monlib=None):
+    """Minimise T_restraints for every model of ``batch`` in place; returns the LBFGSResult."""
+    bk = batch.backend
+    if restraints is None:
+        restraints = GeometryRestraints(build_topology(batch.model, monlib=monlib), backend=bk,
+                                        dtype=batch.xyz.dtype)
+    shape = batch.xyz.shape
+
+    def fg(x):
+        f, g = restraints.energy_and_gradient(x.reshape(shape))
+        return f, g.reshape(shape[0], -1)
+
+    result = minimize_lbfgs(fg, batch.xyz.reshape(shape[0], -1),
+                            settings or LBFGSSettings(max_iterations=300, max_step=0.3),
+                            xp=bk.xp)
+    batch.xyz[...] = result.x.reshape(shape)
+    log.info("regularised %d models: %d-%d iterations, %d evaluations", shape[0],
+             int(result.iterations.min()), int(result.iterations.max()), result.n_evaluations)
+    return result
+
+
+def shaken_batch(model, n_models, rms, seed=0, backend=None, dtype=np.float32):
+    """``n_models`` copies of ``model`` with Gaussian shifts scaled to exactly ``rms`` Å each."""
+    bk = get_backend(backend)
+    rng = np.random.default_rng(seed)
+    shifts = rng.normal(size=(n_models, model.n_atoms, 3))
+    shifts *= rms / np.sqrt((shifts ** 2).sum(axis=(1, 2), keepdims=True) / model.n_atoms)
+    batch = Batch.from_model(model, n_models, backend=bk, dtype=dtype)
+    batch.xyz[...] = bk.asarray(model.xyz[None] + shifts, dtype=dtype)
+    return batch

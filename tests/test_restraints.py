@@ -1,0 +1,180 @@
+"""Restraints from gemmi topologies: counts and values against gemmi's own Topo calculations,
+deposited-model statistics, nonbonded pair lists, ADP restraints, regularisation, bad input."""
+import io
+
+import gemmi
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from gpu_refine.errors import InputError
+from gpu_refine.model import Model, read_model
+from gpu_refine.restraints.adp import ADPRestraints
+from gpu_refine.restraints.geometry import GeometryRestraints
+from gpu_refine.restraints.stats import geometry_statistics
+from gpu_refine.restraints.topology import build_topology
+from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
+
+MODELS = {"5e5z": "xray/5e5z/5e5z.pdb", "1l2h": "xray/1l2h/1l2h.cif.gz",
+          "4hg7": "xray/4hg7/4hg7.cif", "4iid": "xray/4iid/4iid.pdb", "4xof": "xray/4xof/4xof.pdb",
+          "3j6b": "cryoem/emd2566_3j6b_chain9/3J6B_9.pdb"}
+
+
+def without_h(path):
+    st = gemmi.read_structure(str(path))
+    st.setup_entities()
+    st.remove_hydrogens()
+    return Model.from_gemmi(st)
+
+
+def gemmi_topology(model, monlib):
+    """gemmi's Topo and the structure and library it points into (which must outlive it)."""
+    st = model.structure.clone()
+    lib = gemmi.read_monomer_lib(str(monlib) + "/", st[0].get_all_residue_names())
+    return gemmi.prepare_topology(st, lib, warnings=io.StringIO(),
+                                  ignore_unknown_links=True), st, lib
+
+
+@pytest.mark.parametrize("name", ["5e5z", "1l2h", "4hg7", "4xof", "3j6b"])
+def test_values_and_counts_match_gemmi(shared, backend, name):
+    monlib = shared / "monomers"
+    model = read_model(shared / MODELS[name])
+    topo = build_topology(model, monlib=monlib)
+    ref, _st, _lib = gemmi_topology(model, monlib)
+    assert topo.counts() == {"n_bonds": len(ref.bonds), "n_angles": len(ref.angles),
+                             "n_torsions": len(ref.torsions), "n_chirals": len(ref.chirs),
+                             "n_planes": len(ref.planes)}
+    terms = GeometryRestraints(topo, backend=backend, dtype=np.float64).terms(model.xyz[None])
+    got = {k: backend.to_numpy(d)[0] for k, (_, d) in terms.items()}
+    bonds = np.array([b.calculate() - b.restr.value for b in ref.bonds])
+    np.testing.assert_allclose(got["bonds"], bonds, atol=1e-9)
+    angles = np.array([np.degrees(a.calculate()) - a.restr.value for a in ref.angles])
+    np.testing.assert_allclose(np.degrees(got["angles"]), angles, atol=1e-7)
+    ok = topo.torsions.sigma > 0
+    tz = np.array([t.calculate_z() for t in ref.torsions])
+    np.testing.assert_allclose(np.abs(np.degrees(got["torsions"]) / np.where(ok, topo.torsions.sigma, 1))[ok],
+                               tz[ok], atol=1e-7)
+    cz = np.array([c.calculate_z(ref.ideal_chiral_abs_volume(c), 0.2) for c in ref.chirs])
+    np.testing.assert_allclose(np.abs(got["chirals"]) / 0.2, cz, atol=1e-8)
+    dist = []
+    for p in ref.planes:
+        coeff = gemmi.find_best_plane(p.atoms)
+        dist += [abs(gemmi.get_distance_from_plane(a.pos, coeff)) for a in p.atoms]
+    np.testing.assert_allclose(np.abs(got["planes"]), dist, atol=1e-8)
+
+
+def test_4iid_links_as_gemmi_finds_them(shared):
+    topo = build_topology(read_model(shared / MODELS["4iid"]), monlib=shared / "monomers")
+    assert topo.counts()["n_bonds"] == 14239
+    assert {k: topo.links[k] for k in ("disulf", "pyr-ASN", "BETA1-4", "ALPHA1-3", "ALPHA1-6",
+                                       "ALPHA1-2")} == {"disulf": 6, "pyr-ASN": 19, "BETA1-4": 26,
+                                                        "ALPHA1-3": 11, "ALPHA1-6": 15,
+                                                        "ALPHA1-2": 12}
+
+
+@pytest.mark.parametrize("name", ["5e5z", "4hg7", "4iid", "4xof", "3j6b"])
+def test_deposited_models_have_deposited_geometry(shared, name):
+    # 3J6B's riding hydrogens sit 0.04 Å rms off any X-H ideal; its heavy atoms are judged.
+    model = without_h(shared / MODELS[name]) if name == "3j6b" else read_model(
+        shared / MODELS[name])
+    _, (r,) = geometry_report(model, monlib=shared / "monomers", backend="numpy")
+    assert 0.004 < r["rmsd_bonds"] < 0.025
+    assert 0.4 < r["rmsd_angles"] < 2.5
+    assert r["rmsd_planes"] < 0.02
+    assert r["n_overlaps"] <= 0.01 * model.n_atoms
+
+
+def test_polymers_linked_by_sequence_after_a_shake(shared):
+    model = without_h(shared / MODELS["3j6b"])
+    ref = build_topology(model, monlib=shared / "monomers")
+    rng = np.random.default_rng(0)
+    shift = rng.normal(size=model.xyz.shape)
+    shaken = model.structure.clone()
+    for k, cra in enumerate(shaken[0].all()):
+        cra.atom.pos = gemmi.Position(*(model.xyz[k] + 0.5 * shift[k] / np.sqrt(3)))
+    topo = build_topology(Model.from_gemmi(shaken), monlib=shared / "monomers")
+    assert topo.counts() == ref.counts()
+    assert topo.links == ref.links
+    np.testing.assert_array_equal(topo.bonds.atoms, ref.bonds.atoms)
+
+
+def test_pair_list_is_the_union_over_the_batch(shared, backend):
+    model = without_h(shared / MODELS["3j6b"])
+    topo = build_topology(model, monlib=shared / "monomers")
+    restraints = GeometryRestraints(topo, backend=backend, dtype=np.float64)
+    batch = shaken_batch(model, 4, 0.4, seed=3, backend=backend, dtype=np.float64)
+    restraints.update_pairs(batch.xyz, force=True)
+    listed = {tuple(p) for p in restraints.pairs.pairs.tolist()}
+    bonded = {tuple(sorted(p)) for p in topo.bonds.atoms.tolist()}
+    xyz = backend.to_numpy(batch.xyz)
+    for m in range(len(xyz)):
+        close = cKDTree(xyz[m]).query_pairs(2.2, output_type="ndarray")   # below every dmin
+        for i, j in close.tolist():
+            if (i, j) not in bonded and not any(i in a and j in a for a in topo.angles.atoms):
+                assert (i, j) in listed
+    # Small moves keep the list; a move beyond half the margin rebuilds it.
+    assert not restraints.update_pairs(batch.xyz + 0.1)
+    moved = batch.xyz.copy()
+    moved[0, 0, 0] += restraints.pairs.allowed_move + 0.01
+    assert restraints.update_pairs(moved)
+
+
+def test_adp_restraints_gradients(backend, rng):
+    model = read_model_from_helix()
+    topo = build_topology(model)
+    aniso = rng.random(model.n_atoms) < 0.5
+    adp = ADPRestraints(topo, backend=backend, dtype=np.float64, is_aniso=aniso)
+    b = rng.uniform(10, 50, (2, model.n_atoms))
+    a = rng.normal(size=(2, model.n_atoms, 3, 3)) * 0.2
+    mat = a @ np.swapaxes(a, -1, -2) + 0.1 * np.eye(3)
+    u = np.stack([mat[..., 0, 0], mat[..., 1, 1], mat[..., 2, 2], mat[..., 0, 1],
+                  mat[..., 0, 2], mat[..., 1, 2]], axis=-1)
+    for values, fn in ((b, adp.b_energy_and_gradient), (u, adp.u_energy_and_gradient)):
+        f, g = (backend.to_numpy(v) for v in fn(backend.asarray(values)))
+        assert (f > 0).all()
+        for idx in [tuple(rng.integers(0, s) for s in values.shape) for _ in range(12)]:
+            h = 1e-5
+            plus, minus = values.copy(), values.copy()
+            plus[idx] += h
+            minus[idx] -= h
+            fd = (backend.to_numpy(fn(backend.asarray(plus))[0])[idx[0]] -
+                  backend.to_numpy(fn(backend.asarray(minus))[0])[idx[0]]) / (2 * h)
+            assert g[idx] == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+def read_model_from_helix():
+    from gpu_refine.examples import helix_structure
+    st = helix_structure()
+    st.setup_entities()
+    return Model.from_gemmi(st)
+
+
+def test_regularisation_of_a_shaken_batch(shared, backend):
+    model = without_h(shared / MODELS["3j6b"])
+    topo = build_topology(model, monlib=shared / "monomers")
+    restraints = GeometryRestraints(topo, backend=backend, dtype=np.float32)
+    batch = shaken_batch(model, 32, 0.3, seed=1, backend=backend)
+    before = geometry_statistics(restraints, batch.xyz)
+    assert min(r["rmsd_bonds"] for r in before) > 0.1
+    regularize(batch, restraints)
+    after = geometry_statistics(restraints, batch.xyz)
+    assert len(after) == 32
+    for r in after:
+        assert r["rmsd_bonds"] < 0.01 and r["rmsd_angles"] < 1.5
+        assert r["rmsd_planes"] < 0.01 and r["rmsd_chirals"] < 0.2
+
+
+def test_unknown_residue_and_bad_library(shared, tmp_path):
+    model = read_model_from_helix()
+    st = model.structure.clone()
+    st[0][0][2].name = "XYZ"
+    odd = Model.from_gemmi(st)
+    with pytest.raises(InputError, match=r"XYZ.*dictionary=FILE.cif.*ignore_unknown"):
+        build_topology(odd)
+    topo = build_topology(odd, ignore_unknown=True)
+    assert len(topo.unrestrained) == len(st[0][0][2])
+    assert not np.isin(topo.bonds.atoms, topo.unrestrained).any()
+    with pytest.raises(InputError, match="not found"):
+        build_topology(model, monlib=tmp_path / "nowhere")
+    with pytest.raises(InputError, match="not a monomer library"):
+        build_topology(model, monlib=tmp_path)

@@ -1,0 +1,287 @@
+"""Write the built-in restraint dictionary (gpu_refine/restraints/monomers) from the tables here.
+
+Values: Engh & Huber (2001), "Structure quality and target parameters", International Tables
+for Crystallography vol. F, ch. 18.3 (bond lengths, angles and their sigmas of the amino acids
+and of the peptide link; sigmas rounded).  Heavy atoms only: hydrogens are not part of this
+dictionary (use a CCP4 library with monlib=DIR for models with hydrogens).  Chiral volumes are
+signed for L-amino acids; planes use sigma 0.02 Å.  Where our recollection of the 2001 table
+was uncertain the 1991 value (Engh & Huber, Acta Cryst. A47, 392) is used: MET SD-CE and the
+PRO C-N-CD link angle.
+
+Run from the repository root:  python tools/make_builtin_dictionary.py
+"""
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "gpu_refine" / "restraints" / "monomers"
+
+# Backbone of every standard amino acid except GLY and PRO (Engh & Huber 2001, table 18.3.2.2).
+BACKBONE_ATOMS = "N:N:NH1 CA:C:CH1 C:C:C O:O:O OXT:O:OC"
+BACKBONE_BONDS = "N-CA 1.459 0.020, CA-C 1.525 0.026, C-O 1.229 0.019, C-OXT 1.250 0.020"
+BACKBONE_ANGLES = "N-CA-C 111.0 2.7, CA-C-O 120.1 2.1, CA-C-OXT 117.0 2.0, O-C-OXT 122.9 2.0"
+CB_ANGLES = "N-CA-CB 110.6 1.8, C-CA-CB 110.4 2.0"
+
+# name: (atoms "name:element:energy_type", bonds, angles, chirals, planes), side chains after CB.
+RESIDUES = {
+    "ALA": ("CB:C:CH3", "CA-CB 1.520 0.021", "N-CA-CB 110.1 1.4, C-CA-CB 110.1 1.5", "", ""),
+    "SER": ("CB:C:CH2 OG:O:OH1", "CA-CB 1.525 0.015, CB-OG 1.417 0.020",
+            "CA-CB-OG 111.2 2.7", "", ""),
+    "CYS": ("CB:C:CH2 SG:S:SH1", "CA-CB 1.526 0.013, CB-SG 1.812 0.016",
+            "CA-CB-SG 114.2 1.1", "", ""),
+    "THR": ("CB:C:CH1 OG1:O:OH1 CG2:C:CH3",
+            "CA-CB 1.529 0.026, CB-OG1 1.428 0.020, CB-CG2 1.519 0.033",
+            "N-CA-CB 110.3 1.9, C-CA-CB 111.6 2.7, CA-CB-OG1 109.2 2.0, CA-CB-CG2 111.5 2.2, "
+            "OG1-CB-CG2 109.3 2.1", "CB CA OG1 CG2 positive", ""),
+    "VAL": ("CB:C:CH1 CG1:C:CH3 CG2:C:CH3",
+            "CA-CB 1.543 0.021, CB-CG1 1.524 0.021, CB-CG2 1.524 0.021",
+            "N-CA-C 109.0 2.7, N-CA-CB 111.5 2.2, C-CA-CB 111.4 1.9, CA-CB-CG1 110.7 1.6, CA-CB-CG2 110.4 1.7, "
+            "CG1-CB-CG2 110.9 1.6", "CB CA CG1 CG2 negative", ""),
+    "ILE": ("CB:C:CH1 CG1:C:CH2 CG2:C:CH3 CD1:C:CH3",
+            "CA-CB 1.544 0.023, CB-CG1 1.536 0.028, CB-CG2 1.524 0.031, CG1-CD1 1.500 0.069",
+            "N-CA-C 109.0 2.7, N-CA-CB 110.8 2.3, C-CA-CB 111.5 2.0, CA-CB-CG1 110.4 1.7, CA-CB-CG2 110.5 1.9, "
+            "CG1-CB-CG2 111.4 2.2, CB-CG1-CD1 113.8 2.1", "CB CA CG1 CG2 positive", ""),
+    "LEU": ("CB:C:CH2 CG:C:CH1 CD1:C:CH3 CD2:C:CH3",
+            "CA-CB 1.533 0.023, CB-CG 1.521 0.029, CG-CD1 1.521 0.033, CG-CD2 1.521 0.033",
+            "CA-CB-CG 115.3 2.3, CB-CG-CD1 110.7 1.7, CB-CG-CD2 110.7 1.7, "
+            "CD1-CG-CD2 110.5 1.6", "CG CB CD1 CD2 negative", ""),
+    "MET": ("CB:C:CH2 CG:C:CH2 SD:S:S2 CE:C:CH3",
+            "CA-CB 1.535 0.022, CB-CG 1.509 0.032, CG-SD 1.807 0.026, SD-CE 1.791 0.056",
+            "CA-CB-CG 114.1 2.0, CB-CG-SD 112.7 3.0, CG-SD-CE 100.2 1.6", "", ""),
+    "MSE": ("CB:C:CH2 CG:C:CH2 SE:SE:SE CE:C:CH3",
+            "CA-CB 1.535 0.022, CB-CG 1.509 0.032, CG-SE 1.950 0.020, SE-CE 1.950 0.020",
+            "CA-CB-CG 114.1 2.0, CB-CG-SE 112.7 3.0, CG-SE-CE 98.9 2.0", "", ""),
+    "ASP": ("CB:C:CH2 CG:C:C OD1:O:OC OD2:O:OC",
+            "CA-CB 1.535 0.022, CB-CG 1.513 0.021, CG-OD1 1.249 0.023, CG-OD2 1.249 0.023",
+            "CA-CB-CG 113.4 2.2, CB-CG-OD1 118.4 2.3, CB-CG-OD2 118.4 2.3, "
+            "OD1-CG-OD2 123.3 1.9", "", "CB CG OD1 OD2"),
+    "GLU": ("CB:C:CH2 CG:C:CH2 CD:C:C OE1:O:OC OE2:O:OC",
+            "CA-CB 1.535 0.022, CB-CG 1.517 0.019, CG-CD 1.515 0.015, CD-OE1 1.252 0.011, "
+            "CD-OE2 1.252 0.011",
+            "CA-CB-CG 114.1 2.0, CB-CG-CD 113.3 2.5, CG-CD-OE1 118.3 2.0, CG-CD-OE2 118.3 2.0, "
+            "OE1-CD-OE2 123.3 1.2", "", "CG CD OE1 OE2"),
+    "ASN": ("CB:C:CH2 CG:C:C OD1:O:O ND2:N:NH2",
+            "CA-CB 1.527 0.026, CB-CG 1.506 0.023, CG-OD1 1.235 0.022, CG-ND2 1.324 0.025",
+            "CA-CB-CG 112.6 1.6, CB-CG-OD1 120.8 2.0, CB-CG-ND2 116.4 1.5, "
+            "OD1-CG-ND2 122.6 1.8", "", "CB CG OD1 ND2"),
+    "GLN": ("CB:C:CH2 CG:C:CH2 CD:C:C OE1:O:O NE2:N:NH2",
+            "CA-CB 1.535 0.022, CB-CG 1.521 0.027, CG-CD 1.506 0.023, CD-OE1 1.235 0.022, "
+            "CD-NE2 1.324 0.025",
+            "CA-CB-CG 113.8 2.2, CB-CG-CD 112.6 2.6, CG-CD-OE1 120.8 2.0, CG-CD-NE2 116.4 1.5, "
+            "OE1-CD-NE2 122.6 1.8", "", "CG CD OE1 NE2"),
+    "LYS": ("CB:C:CH2 CG:C:CH2 CD:C:CH2 CE:C:CH2 NZ:N:NT3",
+            "CA-CB 1.535 0.022, CB-CG 1.521 0.027, CG-CD 1.520 0.030, CD-CE 1.508 0.025, "
+            "CE-NZ 1.486 0.025",
+            "CA-CB-CG 113.8 2.2, CB-CG-CD 111.5 2.6, CG-CD-CE 111.5 2.7, CD-CE-NZ 111.7 2.3",
+            "", ""),
+    "ARG": ("CB:C:CH2 CG:C:CH2 CD:C:CH2 NE:N:NH1 CZ:C:C NH1:N:NH2 NH2:N:NH2",
+            "CA-CB 1.535 0.022, CB-CG 1.521 0.027, CG-CD 1.515 0.025, CD-NE 1.460 0.017, "
+            "NE-CZ 1.326 0.013, CZ-NH1 1.326 0.013, CZ-NH2 1.326 0.013",
+            "CA-CB-CG 113.8 2.2, CB-CG-CD 111.3 2.3, CG-CD-NE 112.0 2.2, CD-NE-CZ 124.2 1.5, "
+            "NE-CZ-NH1 120.3 0.5, NE-CZ-NH2 120.3 0.5, NH1-CZ-NH2 119.4 1.1", "",
+            "CD NE CZ NH1 NH2"),
+    "HIS": ("CB:C:CH2 CG:C:C5 ND1:N:NR5 CD2:C:CR15 CE1:C:CR15 NE2:N:NR5",
+            "CA-CB 1.535 0.022, CB-CG 1.497 0.014, CG-ND1 1.379 0.013, CG-CD2 1.354 0.011, "
+            "ND1-CE1 1.321 0.010, CD2-NE2 1.374 0.011, CE1-NE2 1.321 0.010",
+            "CA-CB-CG 113.6 1.7, CB-CG-ND1 122.7 1.5, CB-CG-CD2 131.0 1.5, "
+            "ND1-CG-CD2 106.3 1.0, CG-ND1-CE1 109.0 1.0, ND1-CE1-NE2 108.5 1.0, "
+            "CE1-NE2-CD2 109.0 1.0, CG-CD2-NE2 107.2 1.0", "", "CB CG ND1 CD2 CE1 NE2"),
+    "PHE": ("CB:C:CH2 CG:C:CR6 CD1:C:CR16 CD2:C:CR16 CE1:C:CR16 CE2:C:CR16 CZ:C:CR16",
+            "CA-CB 1.535 0.022, CB-CG 1.509 0.017, CG-CD1 1.384 0.021, CG-CD2 1.384 0.021, "
+            "CD1-CE1 1.388 0.020, CD2-CE2 1.388 0.020, CE1-CZ 1.382 0.030, CE2-CZ 1.382 0.030",
+            "CA-CB-CG 113.9 2.4, CB-CG-CD1 120.8 0.7, CB-CG-CD2 120.8 0.7, "
+            "CD1-CG-CD2 118.3 1.3, CG-CD1-CE1 120.8 1.1, CG-CD2-CE2 120.8 1.1, "
+            "CD1-CE1-CZ 120.1 1.2, CD2-CE2-CZ 120.1 1.2, CE1-CZ-CE2 120.0 1.8", "",
+            "CB CG CD1 CD2 CE1 CE2 CZ"),
+    "TYR": ("CB:C:CH2 CG:C:CR6 CD1:C:CR16 CD2:C:CR16 CE1:C:CR16 CE2:C:CR16 CZ:C:CR6 OH:O:OH1",
+            "CA-CB 1.535 0.022, CB-CG 1.512 0.015, CG-CD1 1.387 0.013, CG-CD2 1.387 0.013, "
+            "CD1-CE1 1.389 0.015, CD2-CE2 1.389 0.015, CE1-CZ 1.381 0.013, CE2-CZ 1.381 0.013, "
+            "CZ-OH 1.374 0.017",
+            "CA-CB-CG 113.4 1.9, CB-CG-CD1 121.0 0.6, CB-CG-CD2 121.0 0.6, "
+            "CD1-CG-CD2 117.9 1.1, CG-CD1-CE1 121.3 0.8, CG-CD2-CE2 121.3 0.8, "
+            "CD1-CE1-CZ 119.8 0.9, CD2-CE2-CZ 119.8 0.9, CE1-CZ-CE2 119.8 1.6, "
+            "CE1-CZ-OH 120.1 2.7, CE2-CZ-OH 120.1 2.7", "",
+            "CB CG CD1 CD2 CE1 CE2 CZ OH"),
+    "TRP": ("CB:C:CH2 CG:C:C5 CD1:C:CR15 CD2:C:CR56 NE1:N:NR15 CE2:C:CR56 CE3:C:CR16 "
+            "CZ2:C:CR16 CZ3:C:CR16 CH2:C:CR16",
+            "CA-CB 1.535 0.022, CB-CG 1.498 0.018, CG-CD1 1.363 0.014, CG-CD2 1.432 0.017, "
+            "CD1-NE1 1.375 0.017, NE1-CE2 1.371 0.013, CD2-CE2 1.409 0.012, "
+            "CD2-CE3 1.399 0.015, CE2-CZ2 1.394 0.021, CE3-CZ3 1.382 0.022, "
+            "CZ2-CH2 1.369 0.019, CZ3-CH2 1.396 0.020",
+            "CA-CB-CG 113.6 1.9, CB-CG-CD1 126.9 1.5, CB-CG-CD2 126.8 1.4, "
+            "CD1-CG-CD2 106.3 0.8, CG-CD1-NE1 110.1 1.0, CD1-NE1-CE2 109.0 0.9, "
+            "NE1-CE2-CD2 107.3 1.0, CG-CD2-CE2 107.3 0.8, CG-CD2-CE3 133.9 0.9, "
+            "CE2-CD2-CE3 118.7 1.2, NE1-CE2-CZ2 130.4 1.1, CD2-CE2-CZ2 122.3 1.2, "
+            "CD2-CE3-CZ3 118.8 1.0, CE2-CZ2-CH2 117.4 1.0, CE3-CZ3-CH2 121.2 1.1, "
+            "CZ2-CH2-CZ3 121.6 1.2", "",
+            "CB CG CD1 CD2 NE1 CE2 CE3 CZ2 CZ3 CH2"),
+}
+
+GLY = ("N:N:NH1 CA:C:CH2 C:C:C O:O:O OXT:O:OC",
+       "N-CA 1.456 0.015, CA-C 1.514 0.016, C-O 1.232 0.016, C-OXT 1.250 0.020",
+       "N-CA-C 113.1 2.5, CA-C-O 120.6 1.8, CA-C-OXT 117.0 2.0, O-C-OXT 122.4 2.0", "", "")
+PRO = ("N:N:N CA:C:CH1 C:C:C O:O:O OXT:O:OC CB:C:CH2 CG:C:CH2 CD:C:CH2",
+       "N-CA 1.468 0.017, CA-C 1.524 0.020, C-O 1.228 0.020, C-OXT 1.250 0.020, "
+       "CA-CB 1.531 0.020, CB-CG 1.502 0.033, CG-CD 1.502 0.033, CD-N 1.474 0.014",
+       "N-CA-C 112.1 2.6, CA-C-O 120.2 2.4, CA-C-OXT 117.0 2.0, O-C-OXT 122.8 2.0, "
+       "N-CA-CB 103.3 1.2, C-CA-CB 111.7 2.1, CA-CB-CG 104.8 1.9, CB-CG-CD 106.5 3.9, "
+       "CG-CD-N 103.2 1.5, CD-N-CA 111.7 1.4",
+       "CA N C CB positive", "")
+
+IONS = {"NA": "NA", "K": "K", "MG": "MG", "CA": "CA", "ZN": "ZN", "MN": "MN", "FE": "FE",
+        "FE2": "FE", "CU": "CU", "NI": "NI", "CO": "CO", "CD": "CD", "CL": "CL", "BR": "BR",
+        "IOD": "I"}
+
+# Peptide links: C(1)-N(2), Engh & Huber 2001; PTRANS/PCIS when residue 2 is proline.  Two
+# planes per link (C=O side and N side), so that omega can bend a little as observed.
+LINKS = {
+    "TRANS": ("C-N 1.336 0.023", "CA-C-N 117.2 2.2, O-C-N 122.7 1.6, C-N-CA 121.7 2.5",
+              "CA C N CA 180.0 5.0", "CA C O N; C N CA"),
+    "CIS": ("C-N 1.336 0.023", "CA-C-N 117.2 2.2, O-C-N 122.7 1.6, C-N-CA 121.7 2.5",
+            "CA C N CA 0.0 5.0", "CA C O N; C N CA"),
+    "PTRANS": ("C-N 1.341 0.016", "CA-C-N 117.1 2.8, O-C-N 121.1 1.9, C-N-CA 119.3 1.5, "
+               "C-N-CD 125.0 2.1", "CA C N CA 180.0 5.0", "CA C O N; C N CA CD"),
+    "PCIS": ("C-N 1.341 0.016", "CA-C-N 117.1 2.8, O-C-N 121.1 1.9, C-N-CA 119.3 1.5, "
+             "C-N-CD 125.0 2.1", "CA C N CA 0.0 5.0", "CA C O N; C N CA CD"),
+}
+# Link atoms: which side (1 = the residue before, 2 = after) each atom name belongs to, in order.
+LINK_SIDES = {"bond": (1, 2), "angle": {"CA-C-N": (1, 1, 2), "O-C-N": (1, 1, 2),
+                                        "C-N-CA": (1, 2, 2), "C-N-CD": (1, 2, 2)},
+              "tor": (1, 1, 2, 2), "plane": ((1, 1, 1, 2), (1, 2, 2, 2))}
+
+
+def _items(text):
+    return [t.split() for t in text.replace(",", "\n").splitlines() if t.strip()]
+
+
+def _loop(tag, columns, rows):
+    lines = ["loop_"] + [f"_{tag}.{c}" for c in columns]
+    lines += [" ".join(str(x) for x in r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _monomer(name, atoms, bonds, angles, chirals, planes, group="L-peptide"):
+    if isinstance(planes, str):
+        planes = [planes]
+    atom_rows = [(name, *a.split(":"), 0) for a in atoms.split()]
+    out = [f"data_comp_{name}\n",
+           _loop("chem_comp_atom", ["comp_id", "atom_id", "type_symbol", "type_energy",
+                                    "partial_charge"], atom_rows)]
+    if bonds:
+        rows = [(name, *b.split("-"), "single", v, e) for b, v, e in _items(bonds)]
+        out.append(_loop("chem_comp_bond", ["comp_id", "atom_id_1", "atom_id_2", "type",
+                                            "value_dist", "value_dist_esd"], rows))
+    if angles:
+        rows = [(name, *a.split("-"), v, e) for a, v, e in _items(angles)]
+        out.append(_loop("chem_comp_angle", ["comp_id", "atom_id_1", "atom_id_2", "atom_id_3",
+                                             "value_angle", "value_angle_esd"], rows))
+    if chirals:
+        rows = [(name, f"chir_{k + 1}", *c) for k, c in enumerate(_items(chirals))]
+        out.append(_loop("chem_comp_chir", ["comp_id", "id", "atom_id_centre", "atom_id_1",
+                                            "atom_id_2", "atom_id_3", "volume_sign"], rows))
+    plane_rows = [(name, f"plan-{k + 1}", a, 0.020)
+                  for k, p in enumerate(x for x in planes if x) for a in p.split()]
+    if plane_rows:
+        out.append(_loop("chem_comp_plane_atom", ["comp_id", "plane_id", "atom_id",
+                                                  "dist_esd"], plane_rows))
+    header = _loop("chem_comp", ["id", "three_letter_code", "name", "group",
+                                 "number_atoms_all", "number_atoms_nh", "desc_level"],
+                   [(name, name, name, group, len(atom_rows), len(atom_rows), ".")])
+    return "global_\ndata_comp_list\n" + header + "\n" + "\n".join(out)
+
+
+def amino_acid(name):
+    if name == "GLY":
+        return _monomer(name, *GLY)
+    if name == "PRO":
+        return _monomer(name, *PRO, group="P-peptide")
+    atoms, bonds, angles, chirals, plane = RESIDUES[name]
+    own = {a[0] for a in _items(angles)}
+    cb = ", ".join(a for a in CB_ANGLES.split(", ") if a.split()[0] not in own)
+    backbone = ", ".join(a for a in BACKBONE_ANGLES.split(", ") if a.split()[0] not in own)
+    all_angles = ", ".join(x for x in (backbone, cb, angles) if x)
+    chir = "CA N C CB positive" + (", " + chirals if chirals else "")
+    return _monomer(name, f"{BACKBONE_ATOMS} {atoms}", f"{BACKBONE_BONDS}, {bonds}",
+                    all_angles, chir, ["CA C O OXT", plane])
+
+
+def _link_block(link_id, bonds, angles, torsion, plane):
+    b = _items(bonds)[0]
+    a1, a2 = b[0].split("-")
+    out = [f"data_link_{link_id}\n",
+           _loop("chem_link_bond", ["link_id", "atom_1_comp_id", "atom_id_1", "atom_2_comp_id",
+                                    "atom_id_2", "type", "value_dist", "value_dist_esd"],
+                 [(link_id, 1, a1, 2, a2, "single", b[1], b[2])])]
+    rows = []
+    for a, v, e in _items(angles):
+        sides = LINK_SIDES["angle"][a]
+        names = a.split("-")
+        rows.append((link_id, sides[0], names[0], sides[1], names[1], sides[2], names[2], v, e))
+    out.append(_loop("chem_link_angle", ["link_id", "atom_1_comp_id", "atom_id_1",
+                                         "atom_2_comp_id", "atom_id_2", "atom_3_comp_id",
+                                         "atom_id_3", "value_angle", "value_angle_esd"], rows))
+    t = torsion.split()
+    s = LINK_SIDES["tor"]
+    out.append(_loop("chem_link_tor", ["link_id", "id", "atom_1_comp_id", "atom_id_1",
+                                       "atom_2_comp_id", "atom_id_2", "atom_3_comp_id",
+                                       "atom_id_3", "atom_4_comp_id", "atom_id_4",
+                                       "value_angle", "value_angle_esd", "period"],
+                      [(link_id, "omega", s[0], t[0], s[1], t[1], s[2], t[2], s[3], t[3],
+                        t[4], t[5], 1)]))
+    rows = [(link_id, f"plan-{p + 1}", LINK_SIDES["plane"][p][k], n, 0.020)
+            for p, names in enumerate(plane.split(";")) for k, n in enumerate(names.split())]
+    out.append(_loop("chem_link_plane", ["link_id", "plane_id", "atom_comp_id", "atom_id",
+                                         "dist_esd"], rows))
+    return "\n".join(out)
+
+
+def library_list():
+    links = _loop("chem_link", ["id", "comp_id_1", "mod_id_1", "group_comp_1", "comp_id_2",
+                                "mod_id_2", "group_comp_2", "name"],
+                  [(k, ".", "DEL-OXT", "peptide", "PRO" if k.startswith("P") else ".",
+                    ".", "peptide", k) for k in LINKS])
+    mods = _loop("chem_mod", ["id", "name", "comp_id", "group_id"],
+                 [("DEL-OXT", "'remove OXT of a linked residue'", ".", "peptide")])
+    mod_block = "data_mod_DEL-OXT\n\n" + _loop(
+        "chem_mod_atom", ["mod_id", "function", "atom_id", "new_atom_id", "new_type_symbol",
+                          "new_type_energy", "new_partial_charge"],
+        [("DEL-OXT", "delete", "OXT", ".", "O", ".", ".")])
+    blocks = ["global_\ndata_link_list\n" + links, "data_mod_list\n" + mods, mod_block]
+    blocks += [_link_block(k, *v) for k, v in LINKS.items()]
+    return "\n".join(blocks)
+
+
+ENERGY_TYPES = sorted({"NH1", "CH1", "C", "O", "OC", "CH2", "CH3", "OH1", "SH1", "S2", "SE",
+                       "NH2", "NT3", "C5", "NR5", "CR15", "CR6", "CR16", "CR56", "NR15", "N"})
+
+
+def ener_lib():
+    def element(t):
+        return "SE" if t == "SE" else t[0]
+    rows = [(t, ".", element(t), ".", ".", ".", ".", ".") for t in ENERGY_TYPES]
+    rows += [(el, ".", el, ".", ".", ".", ".", ".") for el in sorted(set(IONS.values()))]
+    return "global_\ndata_energy\n" + _loop(
+        "lib_atom", ["type", "hb_type", "element", "vdw_radius", "vdwh_radius", "ion_radius",
+                     "valency", "sp"], rows)
+
+
+def write(out=OUT):
+    (out / "list").mkdir(parents=True, exist_ok=True)
+    (out / "list" / "mon_lib_list.cif").write_text(library_list())
+    (out / "ener_lib.cif").write_text(ener_lib())
+    names = list(RESIDUES) + ["GLY", "PRO"]
+    for name in names:
+        _write_monomer(out, name, amino_acid(name))
+    _write_monomer(out, "HOH", _monomer("HOH", "O:O:OH2", "", "", "", [], group="non-polymer"))
+    for name, el in IONS.items():
+        _write_monomer(out, name, _monomer(name, f"{el}:{el}:{el}", "", "", "", [],
+                                           group="non-polymer"))
+
+
+def _write_monomer(out, name, text):
+    d = out / name[0].lower()
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.cif").write_text(text)
+
+
+if __name__ == "__main__":
+    write()
+    print(f"written to {OUT}")
