@@ -100,7 +100,8 @@ def _parity(order_a, order_b):
 
 
 def test_chirality_and_planes_match_ccp4(applied):
-    _, ours, ccp4 = applied
+    model, ours, ccp4 = applied
+    names = [c.atom.name for c in model.structure[0].all()]
     by_centre = {atoms[0]: (list(atoms[1:]), sign) for atoms, (sign, _) in ccp4["chirals"].items()}
     for atoms, (sign, _) in ours["chirals"].items():
         assert atoms[0] in by_centre
@@ -108,9 +109,12 @@ def test_chirality_and_planes_match_ccp4(applied):
         assert sorted(others) == sorted(atoms[1:])
         # CCP4 marks VAL CB and LEU CG "both"; otherwise the same hand in either atom order.
         assert ccp4_sign == 0 or sign == ccp4_sign * _parity(list(atoms[1:]), others)
-    ccp4_planes = ccp4["planes"]
+    # Each of our planes is covered by CCP4 planes (CCP4 splits some, e.g. TRP, in two).
     for plane in ours["planes"]:
-        assert any(plane <= p for p in ccp4_planes) or len(plane) <= 3
+        cover = set().union(*[p for p in ccp4["planes"] if len(p & plane) >= 3])
+        extra = {names[a] for a in plane - cover}
+        # ARG CD: NE is sp2, so we keep CD in the guanidinium plane; CCP4 leaves it out.
+        assert not extra or extra == {"CD"} and len(plane) == 5
 
 
 def test_single_atom_monomers_present(libraries):

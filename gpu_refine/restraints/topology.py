@@ -110,8 +110,12 @@ def _link_by_sequence(st, link_distance):
     return moved
 
 
+def _at(atom):
+    return int(atom.b_iso)
+
+
 def _index(atoms):
-    return [a.serial - 1 for a in atoms]
+    return [_at(a) for a in atoms]
 
 
 def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
@@ -125,8 +129,12 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     if model.n_atoms == 0:
         raise InputError("the model has no atoms")
     st = model.structure.clone()
+    # Each atom of this scratch copy carries its index in b_iso (exact in float32 up to 2^24):
+    # prepare_topology renumbers serials, and B plays no part in the topology.
+    if model.n_atoms >= 2 ** 24:
+        raise InputError("models of more than 16.7 million atoms are not supported")
     for i, cra in enumerate(st[0].all()):
-        cra.atom.serial = i + 1
+        cra.atom.b_iso = i
     resnames = set(st[0].get_all_residue_names())
     lib, where, missing = read_library(resnames, monlib, dictionaries)
     labels, altloc = _labels(st)
@@ -141,7 +149,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         for ch in st[0]:
             for k in reversed(range(len(ch))):
                 if ch[k].name in missing:
-                    unrestrained.extend(a.serial - 1 for a in ch[k])
+                    unrestrained.extend(_at(a) for a in ch[k])
                     del ch[k]
         log.warning("%d atoms of residue(s) %s have no dictionary and are left unrestrained",
                     len(unrestrained), ", ".join(missing))
