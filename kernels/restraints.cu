@@ -85,22 +85,30 @@ __device__ inline double angle_and_grad(V3 u, V3 v, V3& du, V3& dv) {
   if (active && want_delta) delta[(long long)m * n_restr + r] = (real_t)(DELTA); \
   add_energy(energy + m, e);
 
-extern "C" __global__ void bond_terms_kernel(
-    const real_t* xyz, const int* atoms, const real_t* ideal, const real_t* weight,
-    int n_atoms, int n_restr, int want_delta, double* energy, real_t* grad, real_t* delta) {
-  PREAMBLE
-  double diff = 0.0;
-  if (active) {
-    int i = atoms[2 * r], j = atoms[2 * r + 1];
-    V3 d = sub(load(xyz, base, i), load(xyz, base, j));
-    double len = norm(d);
-    diff = len - (double)ideal[r];
-    double w = (double)weight[r];
+// Distance term shared by bonds (two-sided) and nonbonded pairs (only when closer than target).
+__device__ inline double distance_term(const real_t* xyz, real_t* grad, long long base,
+                                       const int* atoms, int r, double target, double w,
+                                       bool one_sided, double& e) {
+  int i = atoms[2 * r], j = atoms[2 * r + 1];
+  V3 d = sub(load(xyz, base, i), load(xyz, base, j));
+  double len = norm(d);
+  double diff = len - target;
+  if (!one_sided || diff < 0.0) {
     e = w * diff * diff;
     V3 g = scale(d, 2.0 * w * diff / fmax(len, 1e-12));
     add_grad(grad, base, i, g);
     add_grad(grad, base, j, scale(g, -1.0));
   }
+  return diff;
+}
+
+extern "C" __global__ void bond_terms_kernel(
+    const real_t* xyz, const int* atoms, const real_t* ideal, const real_t* weight,
+    int n_atoms, int n_restr, int want_delta, double* energy, real_t* grad, real_t* delta) {
+  PREAMBLE
+  double diff = 0.0;
+  if (active)
+    diff = distance_term(xyz, grad, base, atoms, r, (double)ideal[r], (double)weight[r], false, e);
   EPILOGUE(diff)
 }
 
@@ -109,19 +117,8 @@ extern "C" __global__ void nonbonded_terms_kernel(
     int n_atoms, int n_restr, int want_delta, double* energy, real_t* grad, real_t* delta) {
   PREAMBLE
   double diff = 0.0;
-  if (active) {
-    int i = atoms[2 * r], j = atoms[2 * r + 1];
-    V3 d = sub(load(xyz, base, i), load(xyz, base, j));
-    double len = norm(d);
-    diff = len - (double)dmin[r];
-    if (diff < 0.0) {
-      double w = (double)weight[r];
-      e = w * diff * diff;
-      V3 g = scale(d, 2.0 * w * diff / fmax(len, 1e-12));
-      add_grad(grad, base, i, g);
-      add_grad(grad, base, j, scale(g, -1.0));
-    }
-  }
+  if (active)
+    diff = distance_term(xyz, grad, base, atoms, r, (double)dmin[r], (double)weight[r], true, e);
   EPILOGUE(diff)
 }
 

@@ -93,3 +93,17 @@ def test_bad_inputs(example, tmp_path):
     rc, _, err = cli("map", model, "resolution=3", f"output={tmp_path / 'taken.mrc'}")
     _one_line_error(rc, err)
     assert (tmp_path / "taken.mrc").read_text() == "keep me"
+
+
+def test_geometry(example, tmp_path):
+    rc, out, err = cli("geometry", example / "helix.cif", f"json={tmp_path / 'g.json'}",
+                       "backend=numpy")
+    assert rc == 0, err
+    assert "bonds" in out and "built-in" in out
+    r = json.loads((tmp_path / "g.json").read_text())
+    assert {"rmsd_bonds", "rmsd_angles", "rmsz_bonds", "rmsz_angles", "n_bonds", "n_angles",
+            "n_torsions", "n_chirals", "n_planes", "outliers"} <= set(r)
+    assert r["n_bonds"] > 100 and r["rmsd_bonds"] < 0.02
+    rc, _, err = cli("geometry", example / "helix.cif", f"monlib={tmp_path / 'none'}")
+    _one_line_error(rc, err)
+    assert "monomer library directory not found" in err
