@@ -138,7 +138,7 @@ def _restraint_launch(function, dtype, n_models, n_restr, args, energy, grad, de
         grid, (_RESTRAINT_BLOCK,), args + (np.int32(n_restr), np.int32(want), energy, grad, out))
 
 
-def _pair_like(function, xyz, atoms, ideal, weight, energy, grad, delta, extra=()):
+def _indexed_terms(function, xyz, atoms, ideal, weight, energy, grad, delta, extra=()):
     dtype = _real(xyz.dtype)
     xyz = _c(xyz, dtype)
     args = (xyz, _c(atoms, cp.int32), _c(ideal, dtype), _c(weight, dtype)) + extra + (
@@ -148,28 +148,28 @@ def _pair_like(function, xyz, atoms, ideal, weight, energy, grad, delta, extra=(
 
 def bond_terms(xyz, atoms, ideal, weight, energy, grad, delta=None):
     """GPU twin of cpu_fallback.bond_terms."""
-    _pair_like("bond_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
+    _indexed_terms("bond_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
 
 
 def nonbonded_terms(xyz, atoms, dmin, weight, energy, grad, delta=None):
     """GPU twin of cpu_fallback.nonbonded_terms."""
-    _pair_like("nonbonded_terms_kernel", xyz, atoms, dmin, weight, energy, grad, delta)
+    _indexed_terms("nonbonded_terms_kernel", xyz, atoms, dmin, weight, energy, grad, delta)
 
 
 def angle_terms(xyz, atoms, ideal, weight, energy, grad, delta=None):
     """GPU twin of cpu_fallback.angle_terms."""
-    _pair_like("angle_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
+    _indexed_terms("angle_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta)
 
 
 def torsion_terms(xyz, atoms, ideal, weight, period, energy, grad, delta=None):
     """GPU twin of cpu_fallback.torsion_terms."""
-    _pair_like("torsion_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
+    _indexed_terms("torsion_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
                (_c(period, cp.int32),))
 
 
 def chiral_terms(xyz, atoms, ideal, weight, sign, energy, grad, delta=None):
     """GPU twin of cpu_fallback.chiral_terms."""
-    _pair_like("chiral_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
+    _indexed_terms("chiral_terms_kernel", xyz, atoms, ideal, weight, energy, grad, delta,
                (_c(sign, cp.int8),))
 
 
@@ -188,14 +188,7 @@ def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
     dtype = _real(values.dtype)
     values = _c(values, dtype)
     n_models, n_atoms, n_values = values.shape
-    args = (values, _c(atoms, cp.int32), _c(weight, dtype), np.int32(n_atoms))
-    if energy.dtype != cp.float64 or grad.dtype != dtype:
-        raise ValueError("energy must be float64 and grad of the values' dtype")
-    if len(atoms) == 0 or n_models == 0:
-        return
-    want = delta is not None
-    out = delta if want else cp.empty(1, dtype)
-    grid = ((len(atoms) + _RESTRAINT_BLOCK - 1) // _RESTRAINT_BLOCK, n_models)
-    get_kernel("restraints", "adp_similarity_terms_kernel", dtype)(
-        grid, (_RESTRAINT_BLOCK,), args + (np.int32(len(atoms)), np.int32(n_values),
-                                           np.int32(want), energy, grad, out))
+    args = (values, _c(atoms, cp.int32), _c(weight, dtype), np.int32(n_atoms),
+            np.int32(n_values))
+    _restraint_launch("adp_similarity_terms_kernel", dtype, n_models, len(atoms), args, energy,
+                      grad, delta)

@@ -277,8 +277,8 @@ extern "C" __global__ void plane_terms_kernel(
 }
 
 extern "C" __global__ void adp_similarity_terms_kernel(
-    const real_t* values, const int* atoms, const real_t* weight, int n_atoms, int n_restr,
-    int n_values, int want_delta, double* energy, real_t* grad, real_t* delta) {
+    const real_t* values, const int* atoms, const real_t* weight, int n_atoms, int n_values,
+    int n_restr, int want_delta, double* energy, real_t* grad, real_t* delta) {
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   const int m = blockIdx.y;
   const bool active = r < n_restr;

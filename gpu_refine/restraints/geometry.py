@@ -31,18 +31,23 @@ class GeometryRestraints:
             return bk.asarray(np.asarray(a), dtype=dt or self.dtype)
 
         i32 = np.int32
-        self._bonds = (arr(t.bonds.atoms, i32), arr(t.bonds.ideal), arr(_weights(t.bonds.sigma)))
-        self._angles = (arr(t.angles.atoms, i32), arr(np.radians(t.angles.ideal)),
-                        arr(_weights(np.radians(t.angles.sigma))))
-        self._torsions = (arr(t.torsions.atoms, i32), arr(np.radians(t.torsions.ideal)),
-                          arr(_weights(np.radians(t.torsions.sigma))),
-                          arr(t.torsions.period, i32))
-        self._chirals = (arr(t.chirals.atoms, i32), arr(t.chirals.ideal),
-                         arr(_weights(t.chirals.sigma)), arr(t.chirals.sign, np.int8))
-        self._planes = (arr(t.planes.ptr, i32), arr(t.planes.atoms, i32),
-                        arr(_weights(t.planes.sigma)))
+        # type -> (kernel provider function, its arguments between xyz and energy)
+        self._kernels = {
+            "bonds": ("bond_terms", (arr(t.bonds.atoms, i32), arr(t.bonds.ideal),
+                                     arr(_weights(t.bonds.sigma)))),
+            "angles": ("angle_terms", (arr(t.angles.atoms, i32), arr(np.radians(t.angles.ideal)),
+                                       arr(_weights(np.radians(t.angles.sigma))))),
+            "torsions": ("torsion_terms", (arr(t.torsions.atoms, i32),
+                                           arr(np.radians(t.torsions.ideal)),
+                                           arr(_weights(np.radians(t.torsions.sigma))),
+                                           arr(t.torsions.period, i32))),
+            "chirals": ("chiral_terms", (arr(t.chirals.atoms, i32), arr(t.chirals.ideal),
+                                         arr(_weights(t.chirals.sigma)),
+                                         arr(t.chirals.sign, np.int8))),
+            "planes": ("plane_terms", (arr(t.planes.ptr, i32), arr(t.planes.atoms, i32),
+                                       arr(_weights(t.planes.sigma)))),
+        }
         self.pairs = PairList(topology, self.nonbonded_settings)
-        self._pair_arrays = None
         self._reference = None
 
     @property
@@ -66,55 +71,48 @@ class GeometryRestraints:
                 return False
         self.pairs.build(xyz, self.backend)
         w = 1.0 / self.nonbonded_settings.sigma ** 2
-        self._pair_arrays = (self.backend.asarray(self.pairs.pairs, dtype=np.int32),
-                             self.backend.asarray(self.pairs.dmin, dtype=self.dtype),
-                             self.backend.asarray(np.full(len(self.pairs.dmin), w),
-                                                  dtype=self.dtype))
+        bk = self.backend
+        self._kernels["nonbonded"] = ("nonbonded_terms", (
+            bk.asarray(self.pairs.pairs, dtype=np.int32),
+            bk.asarray(self.pairs.dmin, dtype=self.dtype),
+            bk.asarray(np.full(len(self.pairs.dmin), w), dtype=self.dtype)))
         self._reference = xyz.copy()
         return True
 
     def _run(self, name, xyz, energy, grad, delta):
-        ops = self.backend.ops
-        if name == "bonds":
-            ops.bond_terms(xyz, *self._bonds, energy, grad, delta)
-        elif name == "angles":
-            ops.angle_terms(xyz, *self._angles, energy, grad, delta)
-        elif name == "torsions":
-            ops.torsion_terms(xyz, *self._torsions, energy, grad, delta)
-        elif name == "chirals":
-            ops.chiral_terms(xyz, *self._chirals, energy, grad, delta)
-        elif name == "planes":
-            ops.plane_terms(xyz, *self._planes, energy, grad, delta)
-        elif name == "nonbonded":
-            ops.nonbonded_terms(xyz, *self._pair_arrays, energy, grad, delta)
+        function, args = self._kernels[name]
+        getattr(self.backend.ops, function)(xyz, *args, energy, grad, delta)
 
-    def _active(self):
-        return [t for t in TYPES if t != "nonbonded" or self.nonbonded_settings.enabled]
+    def _n_deltas(self, name):
+        _, args = self._kernels[name]
+        return len(args[1] if name == "planes" else args[0])
+
+    def _prepare(self, xyz):
+        """Checked coordinates and the types to evaluate (pair list updated if due)."""
+        xyz = self._check(xyz)
+        if self.nonbonded_settings.enabled:
+            self.update_pairs(xyz)
+            return xyz, TYPES
+        return xyz, TYPES[:-1]
 
     def energy_and_gradient(self, xyz):
         """(T (B,) float64, dT/dxyz (B,N,3)) summed over all restraint types."""
-        xyz = self._check(xyz)
+        xyz, types = self._prepare(xyz)
         xp = self.backend.xp
-        if self.nonbonded_settings.enabled:
-            self.update_pairs(xyz)
         energy = xp.zeros(xyz.shape[0], dtype=xp.float64)
         grad = xp.zeros(xyz.shape, dtype=self.dtype)
-        for name in self._active():
+        for name in types:
             self._run(name, xyz, energy, grad, None)
         return energy, grad
 
     def terms(self, xyz):
         """Per type: (energy (B,) float64, delta (B,R)) with deltas in Å, radians, Å³; for
         planes one delta per plane member; for nonbonded d - dmin per listed pair."""
-        xyz = self._check(xyz)
+        xyz, types = self._prepare(xyz)
         xp = self.backend.xp
-        if self.nonbonded_settings.enabled:
-            self.update_pairs(xyz)
         out = {}
-        for name in self._active():
-            n = (len(self.topology.planes.atoms) if name == "planes" else
-                 len(self.pairs.pairs) if name == "nonbonded" else
-                 len(getattr(self.topology, name)))
+        for name in types:
+            n = self._n_deltas(name)
             energy = xp.zeros(xyz.shape[0], dtype=xp.float64)
             grad = xp.zeros(xyz.shape, dtype=self.dtype)
             delta = xp.zeros((xyz.shape[0], n), dtype=self.dtype)
