@@ -7,8 +7,10 @@ from .errors import BackendError, GpuRefineError, InputError, ParameterError
 from .grid import GridSpec, box_around
 from .maps import MapData, read_map, write_map
 from .model import Batch, Model, read_batch, read_model, write_model
+from .workflows.rsr import RSRSettings, refine_real_space
 
 __all__ = ["Backend", "Batch", "BackendError", "DensitySettings", "GpuRefineError", "GridSpec",
            "InputError", "MapData", "Model", "ModelMapper", "ParameterError", "available_backends",
-           "box_around", "get_backend", "read_batch", "read_map", "read_model",
+           "RSRSettings", "box_around", "get_backend", "read_batch", "read_map", "read_model",
+           "refine_real_space",
            "write_map", "write_model", "__version__"]

@@ -10,11 +10,11 @@ import sys
 
 from .. import __version__
 from ..errors import GpuRefineError
-from . import example_cmd, geometry_cmd, map_cmd, validate_cmd
-from .params import translate
+from . import example_cmd, geometry_cmd, map_cmd, rsr_cmd, validate_cmd
+from .params import expand_params_files, translate
 
 SUBCOMMANDS = {"map": map_cmd, "validate": validate_cmd, "geometry": geometry_cmd,
-               "example": example_cmd}
+               "rsr": rsr_cmd, "example": example_cmd}
 log = logging.getLogger("gpu_refine")
 
 
@@ -40,9 +40,10 @@ def build_parser():
 
 def _header(args, argv):
     from ..backend import get_backend
-    bk = get_backend(args.backend)
-    log.info("gpu-refine %s | device: %s", __version__, bk.device)
-    log.info("command: gpu-refine %s", " ".join(shlex.quote(a) for a in argv))
+    args.device = get_backend(args.backend).device
+    args.command_line = "gpu-refine " + " ".join(shlex.quote(a) for a in argv)
+    log.info("gpu-refine %s | device: %s", __version__, args.device)
+    log.info("command: %s", args.command_line)
 
 
 def run(argv=None):
@@ -51,7 +52,7 @@ def run(argv=None):
     debug = "--debug" in argv
     try:
         if argv and argv[0] in subparsers:
-            argv_t = [argv[0]] + translate(argv[1:], subparsers[argv[0]])
+            argv_t = [argv[0]] + translate(expand_params_files(argv[1:]), subparsers[argv[0]])
         else:
             argv_t = argv
         args = parser.parse_args(argv_t)

@@ -34,6 +34,23 @@ def resolve_key(key, names):
     raise ParameterError(f"unknown parameter {key!r}{hint}")
 
 
+def expand_params_files(argv):
+    """Replace each ``*.params`` argument by its lines (a run's effective parameters), so that
+    ``gpu-refine rsr P.params key=value`` reruns it with overrides; later tokens win."""
+    out = []
+    for tok in argv:
+        if tok.endswith(".params") and "=" not in tok:
+            try:
+                with open(tok, encoding="utf-8") as f:
+                    lines = [ln.strip() for ln in f]
+            except OSError as exc:
+                raise ParameterError(f"cannot read parameter file {tok}: {exc.strerror}") from None
+            out += [ln for ln in lines if ln and not ln.startswith("#")]
+        else:
+            out.append(tok)
+    return out
+
+
 def translate(argv, parser):
     """Turn ``key=value`` tokens into ``--key value``; check ``--key`` tokens too."""
     names = option_names(parser)

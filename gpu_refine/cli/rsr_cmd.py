@@ -1,0 +1,120 @@
+"""Real-space refinement of a model, or a batch of shaken starts, against a cryo-EM map.
+
+gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
+    [weight=W] [nmodels=B shake=RMS seed=S] [macro_cycles=5] [adp=individual|group]
+    [output.pdb=true] [--overwrite]
+Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params; rerun with
+``gpu-refine rsr P.params`` (further key=value arguments override it).
+"""
+import json
+import logging
+import os
+import time
+
+from .. import __version__
+from ..errors import InputError
+from ..maps import read_map
+from ..model import read_model, structures_as_models, write_model
+from ..io import write_atomically
+from ..workflows.rsr import RSRSettings, refine_real_space
+
+log = logging.getLogger(__name__)
+
+# command-line option -> RSRSettings field
+SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": int,
+            "weight": float, "target": str, "nmodels": int, "shake": float, "seed": int,
+            "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
+            "bond_limit": float, "angle_limit": float, "weight_trials": int,
+            "mask_radius": float, "cushion": float, "monlib": str}
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="model file (PDB or mmCIF)")
+    parser.add_argument("map", help="map (MRC/CCP4), placed by its ORIGIN / NSTART")
+    defaults = RSRSettings()
+    for name, kind in SETTINGS.items():
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
+                            help=f"(default {default})" if default is not None else None)
+    parser.add_argument("--dictionary", action="append", default=[],
+                        help="extra monomer CIF (repeatable)")
+    parser.add_argument("--ignore-unknown", action="store_true",
+                        help="leave residues without a dictionary unrestrained")
+    parser.add_argument("--output.prefix", dest="prefix", default=None,
+                        help="output prefix (default: MODEL name + _rsr)")
+    parser.add_argument("--output.pdb", dest="pdb", action="store_true",
+                        help="also write P.pdb")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _outputs(args):
+    prefix = args.prefix or os.path.splitext(os.path.basename(args.model.replace(".gz", "")))[0] \
+        + "_rsr"
+    names = {"cif": prefix + ".cif", "log": prefix + ".log", "json": prefix + ".json",
+             "params": prefix + ".params"}
+    if args.nmodels > 1:
+        names["best"] = prefix + "_best.cif"
+    if args.pdb:
+        names["pdb"] = prefix + ".pdb"
+    if not args.overwrite:
+        existing = [p for p in names.values() if os.path.exists(p)]
+        if existing:
+            raise InputError(f"output exists and would be overwritten: {existing[0]} "
+                             "(use --overwrite or another output.prefix)")
+    return names
+
+
+def _params_text(args, settings, result):
+    lines = [f"# gpu-refine {__version__} rsr, effective parameters "
+             f"({time.strftime('%Y-%m-%d %H:%M')}); rerun: gpu-refine rsr THIS_FILE",
+             os.path.abspath(args.model), os.path.abspath(args.map)]
+    for name in SETTINGS:
+        value = getattr(settings, name)
+        if name == "weight" and value is None:
+            lines.append(f"# weight: automatic (chose {float(result.weight[0]):.6g})")
+        elif value is not None:
+            lines.append(f"{name}={value}")
+    lines += [f"dictionary={d}" for d in settings.dictionaries]
+    if settings.ignore_unknown:
+        lines.append("ignore_unknown=true")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    names = _outputs(args)
+    handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("gpu_refine")
+    handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
+                         f"command: {args.command_line}\n")
+    root.addHandler(handler)
+    try:
+        _run(args, names)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _run(args, names):
+    model = read_model(args.model)
+    map_data = read_map(args.map)
+    settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
+                           dictionaries=list(args.dictionary),
+                           ignore_unknown=args.ignore_unknown)
+    result = refine_real_space(model, map_data, settings=settings, backend=args.backend)
+    structures = result.batch.to_structures()
+    write_model(names["cif"], structures_as_models(structures), overwrite=args.overwrite)
+    if "best" in names:
+        write_model(names["best"], structures[result.best], overwrite=args.overwrite)
+    if "pdb" in names:
+        write_model(names["pdb"], structures_as_models(structures), fmt="pdb",
+                    overwrite=args.overwrite)
+    payload = {"version": __version__, "device": args.device, "command": args.command_line,
+               "resolution": settings.resolution, "strategy": settings.strategy,
+               "best_model": result.best + 1, "time": round(result.time, 2),
+               "weight_trials": result.weight_trials, "models": result.stats}
+    write_atomically(names["json"], json.dumps(payload, indent=1).encode(),
+                     overwrite=args.overwrite)
+    write_atomically(names["params"], _params_text(args, settings, result).encode(),
+                     overwrite=args.overwrite)
+    log.info("wrote %s", ", ".join(names.values()))

@@ -1,0 +1,462 @@
+"""Real-space refinement of a batch of models against one map (phenix.real_space_refine-style).
+
+Every batch member (a shaken start, a seed, a trial weight) is refined at once:
+    sites:  T = w T_map(xyz) + T_restraints(xyz)
+    ADP:    T = w_adp T_map(B) + T_adp(B)
+    occupancy: T = T_map(occ), altloc conformers of a residue constrained to sum to 1
+T_map is the model-map correlation inside a soft mask (``target=cc``, needed for B and
+occupancy) or, for sites, the map value at atom centres (``target=map_value``).  Without a
+given weight, trial weights are refined side by side for a short run and the largest one whose
+geometry stays within the limits is kept.
+"""
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..backend import get_backend
+from ..density import DensitySettings, refmac_blur
+from ..errors import InputError, ParameterError
+from ..mapprep import prepare_map
+from ..metrics import five_cc, molecular_mask
+from ..minimize import LBFGSSettings, minimize_lbfgs
+from ..model import Batch
+from ..restraints.adp import ADPRestraints
+from ..restraints.geometry import GeometryRestraints
+from ..restraints.stats import geometry_statistics
+from ..restraints.topology import build_topology
+from ..targets import MapValueTarget, ModelMapTarget
+from .geometry import shaken_batch
+from .validate import check_resolution
+
+log = logging.getLogger(__name__)
+
+STRATEGY_WORDS = ("minimization_global", "individual_sites", "adp", "occupancy")
+B_BOUNDS = (1.0, 500.0)
+# The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
+# the chosen weight sat 2^7 below the raw ratio of restraint forces at 0.05 Å noise.
+WEIGHT_SCALE = 2.0 ** -7
+
+
+@dataclass
+class RSRSettings:
+    """Parameters of a real-space refinement run (phenix names where phenix has one)."""
+    resolution: float = None
+    strategy: str = "minimization_global+adp"
+    adp: str = "individual"            # individual | group (one B per residue)
+    macro_cycles: int = 5
+    weight: float = None               # data weight for sites; None: automatic search
+    target: str = "cc"                 # sites target: cc | map_value
+    sites_iterations: int = 25         # L-BFGS iterations per macro-cycle
+    adp_iterations: int = 25
+    adp_weight: float = 50.0           # data weight for ADP against the ADP restraints
+    bond_limit: float = 0.01           # Å: automatic weight keeps rmsd(bonds) at or below
+    angle_limit: float = 1.0           # degrees: and rmsd(angles) at or below
+    weight_trials: int = 6
+    regularize_iterations: int = 100
+    weight_iterations: int = 40
+    nmodels: int = 1
+    shake: float = 0.0                 # Å rms shift of each start (a batch of starts)
+    seed: int = 0
+    mask_radius: float = 3.0
+    mask_edge: float = 2.0
+    cushion: float = 5.0
+    table: str = "electron"
+    monlib: str = None
+    dictionaries: list = field(default_factory=list)
+    ignore_unknown: bool = False
+
+    def parsed_strategy(self):
+        words = [w.strip() for w in str(self.strategy).replace(",", "+").split("+") if w.strip()]
+        bad = [w for w in words if w not in STRATEGY_WORDS]
+        if bad or not words:
+            raise ParameterError(f"unknown strategy {'+'.join(bad) or self.strategy!r}; combine "
+                                 f"{', '.join(STRATEGY_WORDS)} with '+'")
+        return {"sites": bool({"minimization_global", "individual_sites"} & set(words)),
+                "adp": "adp" in words, "occupancy": "occupancy" in words}
+
+    def check(self):
+        self.resolution = check_resolution(self.resolution)
+        self.parsed_strategy()
+        if self.adp not in ("individual", "group"):
+            raise ParameterError(f"adp must be individual or group, not {self.adp!r}")
+        if self.target not in ("cc", "map_value"):
+            raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
+        if self.weight is not None and not self.weight > 0:
+            raise ParameterError("weight must be positive")
+        if self.macro_cycles < 1 or self.nmodels < 1:
+            raise ParameterError("macro_cycles and nmodels must be at least 1")
+        if self.shake < 0:
+            raise ParameterError("shake must be >= 0")
+        return self
+
+
+def geometry_limits(resolution, bond_limit=0.01, angle_limit=1.0):
+    """Limits for the automatic weight: the given ones, tightened by 20 % beyond 4 Å where the
+    map alone cannot hold good geometry (as phenix's defaults tighten at low resolution)."""
+    f = 0.8 if resolution > 4.0 else 1.0
+    return bond_limit * f, angle_limit * f
+
+
+@dataclass
+class RSRResult:
+    batch: Batch                  # refined models
+    stats: list                   # one dict per model
+    weight: np.ndarray            # (B,) data weight used for sites
+    best: int                     # index of the best model
+    settings: RSRSettings
+    weight_trials: list = field(default_factory=list)
+    time: float = 0.0
+
+
+class _Groups:
+    """Occupancy groups: one per (residue, altloc) of atoms with altlocs or partial occupancy;
+    the altloc groups of one residue are constrained to sum to 1 (occ_g = p_g / sum p)."""
+
+    def __init__(self, model, xp):
+        altlocs = [cra.atom.altloc for cra in model.structure[0].all()]
+        keys, gid = {}, np.full(model.n_atoms, -1)
+        for i, (alt, occ, r) in enumerate(zip(altlocs, model.occ, model.residue_index)):
+            if alt != "\0" or occ < 1.0:
+                gid[i] = keys.setdefault((int(r), alt), len(keys))
+        g = len(keys)
+        residues = sorted({r for (r, alt) in keys if alt != "\0"})
+        member = np.zeros((g, len(residues)))
+        for (r, alt), k in keys.items():
+            if alt != "\0":
+                member[k, residues.index(r)] = 1.0
+        self.n = g
+        self.atoms = np.nonzero(gid >= 0)[0]
+        onehot = np.zeros((len(self.atoms), g))
+        onehot[np.arange(len(self.atoms)), gid[self.atoms]] = 1.0
+        self.xp = xp
+        self.onehot = xp.asarray(onehot)
+        self.member = xp.asarray(member)
+        self.free = xp.asarray(member.sum(axis=1) == 0)
+        start = np.zeros(g)
+        np.add.at(start, gid[self.atoms], model.occ[self.atoms])
+        start /= np.maximum(np.bincount(gid[self.atoms], minlength=g), 1)
+        self.start = start
+        self.lower = np.where(member.sum(axis=1) > 0, 0.02, 0.0)
+
+    def _sums(self, p):
+        xp = self.xp
+        s = (p @ self.member) @ self.member.T
+        return xp.where(self.free[None], 1.0, s)
+
+    def occupancies(self, p):
+        return p / self._sums(p)
+
+    def gradient(self, p, g_atoms):
+        """dT/dp from dT/d(occupancy) of the grouped atoms."""
+        g = g_atoms @ self.onehot
+        occ = self.occupancies(p)
+        shared = ((g * occ) @ self.member) @ self.member.T
+        return (g - shared) / self._sums(p)
+
+
+class RealSpaceRefinement:
+    """Set attributes (through ``settings``), then ``run()``."""
+
+    def __init__(self, model, map_data, settings, backend=None, dtype=np.float32):
+        self.settings = s = settings.check()
+        self.strategy = s.parsed_strategy()
+        self.model = model
+        self.map_data = map_data
+        self.backend = bk = get_backend(backend)
+        self.dtype = np.dtype(dtype)
+        self.topology = build_topology(model, monlib=s.monlib, dictionaries=s.dictionaries,
+                                       ignore_unknown=s.ignore_unknown)
+        self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
+        self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
+        self.prepared = prepare_map(map_data, model.xyz, s.cushion, s.mask_radius, s.mask_edge)
+        spacing = float(min(self.prepared.spec.voxel_size))
+        # One blur for the whole run, so every evaluation sees the same function of B.
+        blur = refmac_blur(spacing, min(float(model.b.min()), B_BOUNDS[1]))
+        self.cc_target = ModelMapTarget(self.prepared, s.resolution, backend=bk,
+                                        settings=DensitySettings(table=s.table, blur=blur,
+                                                                 cutoff=1e-4))
+        self.sites_target = (self.cc_target if s.target == "cc"
+                             else MapValueTarget(self.prepared, model, backend=bk))
+        self.groups = _Groups(model, bk.xp) if self.strategy["occupancy"] else None
+        if self.strategy["occupancy"] and self.groups.n == 0:
+            log.info("strategy includes occupancy but no atom has an altloc or partial occupancy")
+
+    # -- one parameter class at a time ------------------------------------------------------
+    def _view(self, batch, xyz=None, b=None, occ=None):
+        return Batch(batch.model, batch.xyz if xyz is None else xyz,
+                     batch.b if b is None else b, batch.occ if occ is None else occ,
+                     batch.u, backend=self.backend)
+
+    def refine_sites(self, batch, weight, iterations):
+        xp = self.backend.xp
+        shape = batch.xyz.shape
+        w = xp.asarray(weight, dtype=xp.float64)
+        target, restraints = self.sites_target, self.restraints
+        with_data = bool((w != 0).any())
+
+        def fg(x):
+            xyz = x.reshape(shape)
+            fr, gr = restraints.energy_and_gradient(xyz)
+            if with_data:
+                fd, gd = target.value_and_gradient(self._view(batch, xyz=xyz), ("xyz",))
+                fr = fr + w * fd
+                gr = gr + (w[:, None, None] * gd.xyz).astype(gr.dtype)
+            return fr, gr.reshape(shape[0], -1)
+
+        res = minimize_lbfgs(fg, batch.xyz.reshape(shape[0], -1),
+                             _lbfgs(iterations, max_step=0.3), xp=xp)
+        batch.xyz[...] = res.x.reshape(shape)
+        return res
+
+    def _b_map(self):
+        """(to atom B, gradient back to parameters, parameter count) for adp=individual|group."""
+        xp = self.backend.xp
+        if self.settings.adp == "individual":
+            return (lambda p: p), (lambda g: g), None
+        rix = xp.asarray(self.model.residue_index)
+        n_res = len(self.model.residues)
+        counts = np.bincount(self.model.residue_index, minlength=n_res)
+        ends = xp.asarray(np.cumsum(counts) - 1)
+
+        def back(g):
+            c = xp.cumsum(g.astype(xp.float64), axis=1)[:, ends]
+            seg = xp.concatenate([c[:, :1], c[:, 1:] - c[:, :-1]], axis=1)
+            return seg.astype(g.dtype)
+        return (lambda p: p[:, rix]), back, counts
+
+    def refine_adp(self, batch, iterations):
+        xp = self.backend.xp
+        to_atoms, back, counts = self._b_map()
+        adp_w = self.settings.adp_weight
+        target, adp = self.cc_target, self.adp_restraints
+        if counts is None:
+            p0 = batch.b
+        else:   # start each residue at its atoms' mean B
+            rix = self.model.residue_index
+            b = self.backend.to_numpy(batch.b).astype(np.float64)
+            p0 = xp.asarray(np.stack([np.bincount(rix, weights=bi, minlength=len(counts))
+                                      / np.maximum(counts, 1) for bi in b]), dtype=batch.dtype)
+
+        def fg(p):
+            b = to_atoms(p)
+            fd, gd = target.value_and_gradient(self._view(batch, b=b), ("b",))
+            f, g = adp_w * fd, adp_w * gd.b
+            if counts is None:
+                fr, gr = adp.b_energy_and_gradient(b)
+                f, g = f + fr, g + gr
+            return f, back(g)
+
+        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
+                             lower=B_BOUNDS[0], upper=B_BOUNDS[1], xp=xp)
+        batch.b[...] = to_atoms(res.x)
+        return res
+
+    def refine_occupancy(self, batch, iterations):
+        grp = self.groups
+        if grp is None or grp.n == 0:
+            return None
+        xp = self.backend.xp
+        atoms = xp.asarray(grp.atoms)
+        p0 = xp.asarray(np.broadcast_to(grp.start, (batch.size, grp.n)), dtype=xp.float64)
+
+        def occ_of(p):
+            occ = batch.occ.copy()
+            occ[:, atoms] = (grp.occupancies(p) @ grp.onehot.T).astype(batch.dtype)
+            return occ
+
+        def fg(p):
+            fd, gd = self.cc_target.value_and_gradient(self._view(batch, occ=occ_of(p)), ("occ",))
+            return fd, grp.gradient(p, gd.occ[:, atoms].astype(xp.float64))
+
+        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=0.2),
+                             lower=xp.asarray(grp.lower), upper=1.0, xp=xp)
+        batch.occ[...] = occ_of(res.x)
+        return res
+
+    # -- weights and statistics -------------------------------------------------------------
+    def geometry(self, batch):
+        return geometry_statistics(self.restraints, batch.xyz, max_outliers=0)
+
+    def search_weight(self, start):
+        """Trial weights side by side from one start; returns (weight, trials)."""
+        s = self.settings
+        xp = self.backend.xp
+        n = s.weight_trials
+        base = self._weight_scale(start)
+        weights = base * 2.0 ** (np.arange(n) - n // 2)
+        trial = Batch(self.model, xp.repeat(start.xyz[:1], n, axis=0),
+                      xp.repeat(start.b[:1], n, axis=0), xp.repeat(start.occ[:1], n, axis=0),
+                      None if start.u is None else xp.repeat(start.u[:1], n, axis=0),
+                      backend=self.backend)
+        self.refine_sites(trial, weights, s.weight_iterations)
+        geo = self.geometry(trial)
+        bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
+        trials = [{"weight": float(w), "rmsd_bonds": g["rmsd_bonds"],
+                   "rmsd_angles": g["rmsd_angles"]} for w, g in zip(weights, geo)]
+        ok = [t for t in trials if t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim]
+        chosen = max(ok, key=lambda t: t["weight"]) if ok else min(trials,
+                                                                  key=lambda t: t["weight"])
+        for t in trials:
+            log.info("  weight %10.4g: bonds %.4f Å, angles %.2f°%s", t["weight"],
+                     t["rmsd_bonds"], t["rmsd_angles"], "  <- chosen" if t is chosen else "")
+        if not ok:
+            log.warning("no trial weight kept bonds <= %.3f Å and angles <= %.2f°; using the "
+                        "smallest", bond_lim, angle_lim)
+        return chosen["weight"], trials
+
+    def _weight_scale(self, batch):
+        """Ratio of restraint to data gradient norms on a regularised copy of the start: the
+        middle of the trial weights (as phenix scales its first weight)."""
+        xp = self.backend.xp
+        probe = Batch(self.model, batch.xyz[:1].copy(), batch.b[:1], batch.occ[:1],
+                      None if batch.u is None else batch.u[:1], backend=self.backend)
+        _, gd = self.sites_target.value_and_gradient(probe, ("xyz",))
+        gd = float(xp.sqrt((gd.xyz.astype(xp.float64) ** 2).sum()))
+        _, gr = self.restraints.energy_and_gradient(probe.xyz + xp.asarray(
+            np.random.default_rng(0).normal(scale=0.05, size=probe.xyz.shape), dtype=self.dtype))
+        gr = float(xp.sqrt((gr.astype(xp.float64) ** 2).sum()))
+        return WEIGHT_SCALE * gr / max(gd, 1e-30)
+
+    def map_statistics(self, batch, chunk=16):
+        """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model."""
+        bk = self.backend
+        xp = bk.xp
+        from ..density import ModelMapper
+        spec = self.map_data.spec
+        mapper = ModelMapper(spec, self.settings.resolution,
+                             DensitySettings(table=self.settings.table), backend=bk)
+        exp_map = bk.asarray(self.map_data.data)
+        xyz = bk.to_numpy(batch.xyz)
+        out = {"cc_mask": [], "cc_box": []}
+        for lo in range(0, batch.size, chunk):
+            sl = slice(lo, min(batch.size, lo + chunk))
+            sub = Batch(self.model, batch.xyz[sl], batch.b[sl], batch.occ[sl],
+                        None if batch.u is None else batch.u[sl], backend=bk)
+            masks = xp.asarray(np.stack([molecular_mask(self.model, x, spec) for x in xyz[sl]]))
+            ccs = five_cc(xp, exp_map, mapper.image(sub), masks)
+            out["cc_mask"] += list(ccs["cc_mask"])
+            out["cc_box"] += list(ccs["cc_box"])
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    # -- the run ----------------------------------------------------------------------------
+    def start_batch(self):
+        s = self.settings
+        if s.shake > 0:
+            return shaken_batch(self.model, s.nmodels, s.shake, s.seed, self.backend, self.dtype)
+        return Batch.from_model(self.model, s.nmodels, backend=self.backend, dtype=self.dtype)
+
+    def run(self, batch=None, progress=None):
+        s = self.settings
+        t0 = time.perf_counter()
+        batch = batch if batch is not None else self.start_batch()
+        xp = self.backend.xp
+        n = batch.size
+        cc_start = self.map_statistics(batch)["cc_mask"]
+        log.info("%d model(s), %d atoms; start CCmask %s", n, self.model.n_atoms,
+                 _range(cc_start))
+        iterations = np.zeros(n, dtype=int)
+        if self.strategy["sites"]:
+            # Shaken or rough starts: fix the local geometry first (restraints only, cheap).
+            res = self.refine_sites(batch, np.zeros(n), s.regularize_iterations)
+            iterations += res.iterations
+        if self.strategy["adp"]:
+            iterations += self.refine_adp(batch, s.adp_iterations).iterations
+        trials = []
+        if not self.strategy["sites"]:
+            weight = np.zeros(n)
+        elif s.weight is not None:
+            weight = np.full(n, float(s.weight))
+        else:
+            log.info("automatic weight: %d trial weights, %d iterations each", s.weight_trials,
+                     s.weight_iterations)
+            w, trials = self.search_weight(batch)
+            weight = np.full(n, w)
+        w_dev = xp.asarray(weight)
+        for cycle in range(1, s.macro_cycles + 1):
+            tc = time.perf_counter()
+            if self.strategy["sites"]:
+                iterations += self.refine_sites(batch, w_dev, s.sites_iterations).iterations
+            if self.strategy["adp"]:
+                iterations += self.refine_adp(batch, s.adp_iterations).iterations
+            if self.strategy["occupancy"]:
+                res = self.refine_occupancy(batch, s.adp_iterations)
+                if res is not None:
+                    iterations += res.iterations
+            geo = self.geometry(batch)
+            cc = self.backend.to_numpy(self.cc_target.stats(batch)["cc_target"])
+            line = (f"macro-cycle {cycle}/{s.macro_cycles}: CC(target) {_range(cc)}, bonds "
+                    f"{_range([g['rmsd_bonds'] for g in geo], '.4f')} Å, angles "
+                    f"{_range([g['rmsd_angles'] for g in geo], '.2f')}°, "
+                    f"{time.perf_counter() - tc:.1f} s")
+            log.info(line)
+            if progress:
+                progress(cycle, line)
+        final = self.map_statistics(batch)
+        geo = self.geometry(batch)
+        elapsed = time.perf_counter() - t0
+        b_np = self.backend.to_numpy(batch.b)
+        stats = []
+        for i in range(n):
+            stats.append({"model": i + 1, "cc_mask_start": round(float(cc_start[i]), 4),
+                          "cc_mask_final": round(float(final["cc_mask"][i]), 4),
+                          "cc_box_final": round(float(final["cc_box"][i]), 4),
+                          "rmsd_bonds": round(geo[i]["rmsd_bonds"], 5),
+                          "rmsd_angles": round(geo[i]["rmsd_angles"], 3),
+                          "rmsz_bonds": round(geo[i]["rmsz_bonds"], 3),
+                          "rmsz_angles": round(geo[i]["rmsz_angles"], 3),
+                          "n_overlaps": geo[i].get("n_overlaps", 0),
+                          "mean_b": round(float(b_np[i].mean()), 2),
+                          "weight": float(weight[i]), "iterations": int(iterations[i]),
+                          "time": round(elapsed / n, 3)})
+        best = _best(stats, *geometry_limits(s.resolution, 1.5 * s.bond_limit,
+                                             1.5 * s.angle_limit))
+        log.info("final CCmask %s; best model %d (CCmask %.4f, bonds %.4f Å, angles %.2f°); "
+                 "%.1f s", _range(final["cc_mask"]), best + 1, stats[best]["cc_mask_final"],
+                 stats[best]["rmsd_bonds"], stats[best]["rmsd_angles"], elapsed)
+        return RSRResult(batch=batch, stats=stats, weight=weight, best=best, settings=s,
+                         weight_trials=trials, time=elapsed)
+
+
+def _lbfgs(iterations, max_step):
+    """Refinement runs a set number of iterations: targets are sums over thousands of atoms,
+    so a gradient test relative to |T| would stop far too early."""
+    return LBFGSSettings(max_iterations=iterations, max_step=max_step, gtol=1e-12, ftol=1e-10)
+
+
+def _range(values, fmt=".4f"):
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 1:
+        return format(float(v[0]), fmt)
+    return f"{v.mean():{fmt}} (min {v.min():{fmt}}, max {v.max():{fmt}})"
+
+
+def _best(stats, bond_limit, angle_limit):
+    """Highest CCmask among models within the geometry limits (else highest CCmask)."""
+    ok = [i for i, st in enumerate(stats)
+          if st["rmsd_bonds"] <= bond_limit and st["rmsd_angles"] <= angle_limit]
+    pool = ok or range(len(stats))
+    return max(pool, key=lambda i: stats[i]["cc_mask_final"])
+
+
+def refine_real_space(model, map_data, resolution=None, settings=None, backend=None,
+                      dtype=np.float32, batch=None, **params):
+    """Refine ``model`` (or the given ``batch`` of its topology) against ``map_data``.
+
+    Parameters are RSRSettings fields, given as ``settings`` or keywords, e.g.
+    ``refine_real_space(model, map_data, resolution=3.2, strategy="minimization_global+adp",
+    nmodels=16, shake=0.5)``.  Returns an RSRResult.
+    """
+    s = settings or RSRSettings()
+    unknown = set(params) - set(asdict(s))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+    for k, v in params.items():
+        setattr(s, k, v)
+    if resolution is not None:
+        s.resolution = resolution
+    if batch is not None and batch.model is not model:
+        raise InputError("the batch must be of the given model's topology")
+    job = RealSpaceRefinement(model, map_data, s, backend=backend, dtype=dtype)
+    return job.run(batch)
