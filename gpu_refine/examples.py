@@ -66,10 +66,10 @@ def helix_structure(sequence=_SEQUENCE, b_iso=30.0):
     return st
 
 
-def simulated_map(model, resolution=3.0, noise=0.3, seed=0, backend=None, padding=8.0):
-    """Model map at ``resolution`` on a box around the model, plus Gaussian noise
-    (``noise`` × the map's standard deviation).  Returns (data (n0,n1,n2), spec)."""
-    spec = box_around(model.xyz, resolution / 3.0, padding)
+def simulated_map(model, resolution=3.0, noise=0.3, seed=0, backend=None, padding=8.0, rate=1.5):
+    """Model map at ``resolution`` on a box around the model (spacing d / (2 rate)), plus
+    Gaussian noise (``noise`` × the map's standard deviation).  Returns (data, spec)."""
+    spec = box_around(model.xyz, resolution / (2 * rate), padding)
     batch = Batch.from_model(model, 1, backend=backend)
     mapper = ModelMapper(spec, resolution, DensitySettings(table="electron"), backend=backend)
     data = batch.backend.to_numpy(mapper.image(batch))[0].astype(np.float64)

@@ -107,3 +107,44 @@ def test_geometry(example, tmp_path):
     rc, _, err = cli("geometry", example / "helix.cif", f"monlib={tmp_path / 'none'}")
     _one_line_error(rc, err)
     assert "monomer library directory not found" in err
+
+
+def test_rsr(example, tmp_path):
+    model, emap = example / "helix.cif", example / "helix_3A.mrc"
+    prefix = tmp_path / "h"
+    args = ("rsr", model, emap, "resolution=3", "nmodels=2", "shake=0.3", "macro_cycles=2",
+            f"output.prefix={prefix}", "backend=numpy", "output.pdb=true")
+    rc, out, err = cli(*args)
+    assert rc == 0, err
+    assert "macro-cycle 2/2" in out and "automatic weight" in out
+    for ext in (".cif", "_best.cif", ".pdb", ".log", ".json", ".params"):
+        assert (tmp_path / ("h" + ext)).is_file(), ext
+    log_text = (tmp_path / "h.log").read_text()
+    assert log_text.startswith("gpu-refine ") and "command: gpu-refine rsr" in log_text
+    assert "macro-cycle 1/2" in log_text
+    r = json.loads((tmp_path / "h.json").read_text())
+    assert len(r["models"]) == 2
+    for m in r["models"]:
+        assert {"cc_mask_start", "cc_mask_final", "cc_box_final", "rmsd_bonds", "rmsd_angles",
+                "weight", "iterations", "time"} <= set(m)
+        assert m["cc_mask_final"] > m["cc_mask_start"]
+        assert m["rmsd_bonds"] < 0.02
+    st = gr.model.gemmi.read_structure(str(tmp_path / "h.cif"))
+    ref = gr.read_model(model)
+    assert len(st) == 2 and st[0].count_atom_sites() == ref.n_atoms
+    assert [a.atom.name for a in st[0].all()] == [a.atom.name for a in ref.structure[0].all()]
+    # Outputs are kept unless --overwrite; the .params file reruns the job.
+    before = (tmp_path / "h.json").read_text()
+    rc, _, err = cli(*args)
+    _one_line_error(rc, err)
+    assert (tmp_path / "h.json").read_text() == before
+    params = (tmp_path / "h.params").read_text()
+    assert "strategy=minimization_global+adp" in params and str(model.resolve()) in params
+    rc, out, err = cli("rsr", tmp_path / "h.params", f"output.prefix={tmp_path / 'again'}",
+                       "macro_cycles=1", "backend=numpy")
+    assert rc == 0, err
+    assert "macro-cycle 1/1" in out and (tmp_path / "again.json").is_file()
+    rc, _, err = cli("rsr", model, emap, "resolution=3", "strategy=sites+adp",
+                     f"output.prefix={tmp_path / 'bad'}")
+    _one_line_error(rc, err)
+    assert "unknown strategy" in err

@@ -7,7 +7,6 @@ shape it and get gradients, through the density adjoint kernel:
 with dx, dy deviations from the weighted means (their derivatives cancel because the weighted
 deviations sum to zero).  N_atoms scales T like a sum over atoms, as the restraints are.
 """
-import numpy as np
 
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper

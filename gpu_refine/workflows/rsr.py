@@ -50,7 +50,7 @@ class RSRSettings:
     target: str = "cc"                 # sites target: cc | map_value
     sites_iterations: int = 25         # L-BFGS iterations per macro-cycle
     adp_iterations: int = 25
-    adp_weight: float = 50.0           # data weight for ADP against the ADP restraints
+    adp_weight: float = 200.0          # data weight for ADP against the ADP restraints
     bond_limit: float = 0.01           # Å: automatic weight keeps rmsd(bonds) at or below
     angle_limit: float = 1.0           # degrees: and rmsd(angles) at or below
     weight_trials: int = 6

@@ -1,0 +1,134 @@
+"""Real-space refinement speed and result: EMD-2566 / 3J6B chain 9 (3.2 Å), batch 1 / 16 / 128.
+
+The start is the issue's: the deposited chain without H, shaken by 0.5 Å rms (default_rng(seed)
+normal deviates scaled to exactly 0.5 Å; model k of a batch uses seed k).  Each row refines a
+batch with ``strategy=minimization_global+adp`` and the automatic weight, and reports wall time,
+time per model, CCmask (our map_model_cc twin) and geometry.  The CPU peer is Servalcat
+``refine_spa_norefmac`` (10 cycles, sites + B) from the same start when ``--servalcat`` names
+its executable; its map gets the MRC ORIGIN moved into NSTART, which Servalcat reads.
+
+    python bench/rsr.py [--data ../shared/data] [--batches 1,16,128] [--numpy-batches 1]
+                        [--servalcat PATH]
+"""
+import argparse
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import gemmi
+import numpy as np
+
+from gpu_refine.backend import available_backends, get_backend
+from gpu_refine.maps import read_map, write_map
+from gpu_refine.model import Batch, Model
+from gpu_refine.workflows.geometry import geometry_report, shaken_batch
+from gpu_refine.workflows.validate import validate
+from gpu_refine.workflows.rsr import RSRSettings, RealSpaceRefinement
+
+EMD = Path("cryoem") / "emd2566_3j6b_chain9"
+
+
+def load(data):
+    st = gemmi.read_structure(str(data / EMD / "3J6B_9.pdb"))
+    st.remove_hydrogens()
+    st.setup_entities()
+    return Model.from_gemmi(st), read_map(data / EMD / "2566_3J6B_9.mrc")
+
+
+def starts(model, n, backend):
+    parts = [shaken_batch(model, 1, 0.5, seed=s, backend=backend) for s in range(n)]
+    xp = backend.xp
+    return Batch(model, xp.concatenate([p.xyz for p in parts]),
+                 xp.concatenate([p.b for p in parts]), xp.concatenate([p.occ for p in parts]),
+                 backend=backend)
+
+
+def run_ours(model, map_data, monlib, backend, n):
+    settings = RSRSettings(resolution=3.2, monlib=str(monlib))
+    t = time.perf_counter()
+    job = RealSpaceRefinement(model, map_data, settings, backend=backend)
+    result = job.run(starts(model, n, backend))
+    wall = time.perf_counter() - t
+    return wall, result.stats
+
+
+def run_servalcat(exe, model, map_data, monlib):
+    """Servalcat from the seed-0 start; returns (wall s, CCmask, bonds, angles) by our metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = shaken_batch(model, 1, 0.5, seed=0, backend="numpy")
+        st = start.to_structures()[0]
+        st.write_pdb(str(tmp / "start.pdb"))
+        spec = map_data.spec
+        voxel = np.asarray(spec.voxel_size)
+        nstart = tuple(int(round(o / v)) for o, v in zip(spec.origin, voxel))
+        moved = type(spec)(cell=spec.cell, sampling=spec.sampling, shape=spec.shape,
+                           start=nstart, origin=(0.0, 0.0, 0.0))
+        write_map(tmp / "map.mrc", map_data.data, moved)
+        cmd = [exe, "refine_spa_norefmac", "--model", "start.pdb", "--map", "map.mrc",
+               "--resolution", "3.2", "--ncycle", "10", "--monlib", str(monlib),
+               "--output_prefix", "out"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
+        t = time.perf_counter()
+        p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        if p.returncode != 0:
+            raise RuntimeError("servalcat failed: " + p.stderr[-500:])
+        out = gemmi.read_structure(str(tmp / "out.pdb"))
+        out.remove_hydrogens()
+        out.setup_entities()
+        refined = Model.from_gemmi(out)
+        cc = validate(refined, map_data, 3.2, backend="numpy")[0]["cc_mask"]
+        geo = geometry_report(refined, monlib=str(monlib))[1][0]
+        return wall, cc, geo["rmsd_bonds"], geo["rmsd_angles"]
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = ", ".join(get_backend(n).device for n in available_backends())
+    return f"{cpu}, {os.cpu_count()} cores; backends: {gpus}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--batches", default="1,16,128", help="batch sizes on the GPU")
+    ap.add_argument("--numpy-batches", default="1", help="batch sizes on NumPy")
+    ap.add_argument("--servalcat", default=None, help="servalcat executable (CPU peer)")
+    args = ap.parse_args()
+    data = Path(args.data)
+    monlib = data / "monomers"
+    model, map_data = load(data)
+    print(f"# EMD-2566 / 3J6B chain 9 ({model.n_atoms} atoms, no H), 3.2 Å, sites + ADP, "
+          f"shake 0.5 Å\n# hardware: {hardware()}")
+    print("| program | batch | wall (s) | s per model | CCmask mean | CCmask min | "
+          "bonds max (Å) | angles max (°) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    plans = [("numpy", int(b)) for b in args.numpy_batches.split(",") if b]
+    if "cupy" in available_backends():
+        plans += [("cupy", int(b)) for b in args.batches.split(",")]
+    for name, n in plans:
+        backend = get_backend(name)
+        wall, stats = run_ours(model, map_data, monlib, backend, n)
+        cc = np.array([s["cc_mask_final"] for s in stats])
+        print(f"| gpu_refine {name} | {n} | {wall:.1f} | {wall / n:.3f} | {cc.mean():.4f} | "
+              f"{cc.min():.4f} | {max(s['rmsd_bonds'] for s in stats):.4f} | "
+              f"{max(s['rmsd_angles'] for s in stats):.2f} |", flush=True)
+    if args.servalcat:
+        wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
+        print(f"| servalcat refine_spa_norefmac | 1 | {wall:.1f} | {wall:.3f} | {cc:.4f} | "
+              f"{cc:.4f} | {bonds:.4f} | {angles:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
