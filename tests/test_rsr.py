@@ -34,16 +34,29 @@ def _rms(a, b):
 
 
 def test_simulated_map_pulls_a_shaken_model_back(shared, backend):
-    """4hg7 at 3 Å plus noise; a 1.0 Å shake comes back within 0.3 Å rms (sites only)."""
-    model = gr.read_model(shared / "xray/4hg7/4hg7.cif")
-    data, spec = gr.examples.simulated_map(model, 3.0, noise=0.3, backend=backend)
+    """4hg7 (protein + ligands, no waters) at 3 Å plus noise; a 1.0 Å shake comes back within
+    0.3 Å rms, sites only, automatic weight.
+
+    Two settings differ from the defaults, both because the map is simulated from a model:
+    the true model's own angle rmsd with this library is 1.71°, so the weight search may allow
+    2°; and a 1 Å random shake is more than restraints alone can undo (regularising first
+    settles side chains into wrong local minima), so the map acts from the first step.
+    """
+    st = gemmi.read_structure(str(shared / "xray/4hg7/4hg7.cif"))
+    st.remove_waters()
+    st.setup_entities()
+    model = gr.Model.from_gemmi(st)
+    data, spec = gr.examples.simulated_map(model, 3.0, noise=0.3, backend=backend,
+                                           padding=5.0, rate=1.25)
     start = shaken_batch(model, 1, 1.0, seed=0, backend=backend)
+    assert _rms(backend.to_numpy(start.xyz)[0], model.xyz) == pytest.approx(1.0)
     result = refine_real_space(model, gr.MapData(data, spec), 3.0, batch=start,
                                strategy="minimization_global", backend=backend,
+                               angle_limit=2.0, regularize_iterations=0,
                                monlib=str(shared / "monomers"))
     xyz = backend.to_numpy(result.batch.xyz)[0]
     assert _rms(xyz, model.xyz) <= 0.3
-    assert result.stats[0]["rmsd_bonds"] <= 0.01 and result.stats[0]["rmsd_angles"] <= 1.5
+    assert result.stats[0]["rmsd_bonds"] <= 0.01 and result.stats[0]["rmsd_angles"] <= 2.0
 
 
 def _emd_start(model, backend, n):

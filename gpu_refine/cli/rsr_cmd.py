@@ -25,7 +25,8 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
             "weight": float, "target": str, "nmodels": int, "shake": float, "seed": int,
             "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
             "bond_limit": float, "angle_limit": float, "weight_trials": int,
-            "mask_radius": float, "cushion": float, "monlib": str}
+            "regularize_iterations": int, "mask_radius": float, "cushion": float,
+            "monlib": str}
 
 
 def add_arguments(parser):
