@@ -93,8 +93,8 @@ class RSRSettings:
 
 
 def geometry_limits(resolution, bond_limit=0.01, angle_limit=1.0):
-    """Limits for the automatic weight: the given ones, tightened by 20 % beyond 4 Å where the
-    map alone cannot hold good geometry (as phenix's defaults tighten at low resolution)."""
+    """Limits for the automatic weight: the given ones, tightened by 20 % beyond 4 Å, where the
+    map holds the geometry less and the restraints should dominate."""
     f = 0.8 if resolution > 4.0 else 1.0
     return bond_limit * f, angle_limit * f
 
@@ -307,8 +307,9 @@ class RealSpaceRefinement:
         return chosen["weight"], trials
 
     def _weight_scale(self, batch):
-        """Ratio of restraint to data gradient norms on a regularised copy of the start: the
-        middle of the trial weights (as phenix scales its first weight)."""
+        """The middle trial weight: WEIGHT_SCALE × the ratio of restraint gradient norm (the
+        start plus 0.05 Å noise) to data gradient norm (the start), so the trials follow the
+        map's scale and the model's size."""
         xp = self.backend.xp
         probe = Batch(self.model, batch.xyz[:1].copy(), batch.b[:1], batch.occ[:1],
                       None if batch.u is None else batch.u[:1], backend=self.backend)
