@@ -160,6 +160,12 @@ class Batch:
     def size(self):
         return self.xyz.shape[0]
 
+    def subset(self, index):
+        """A Batch of the members selected by ``index`` (a slice, or a list that may repeat)."""
+        pick = (lambda a: None if a is None else a[index])
+        return Batch(self.model, pick(self.xyz), pick(self.b), pick(self.occ), pick(self.u),
+                     backend=self.backend)
+
     @property
     def dtype(self):
         return self.xyz.dtype

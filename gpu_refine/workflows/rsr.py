@@ -282,14 +282,10 @@ class RealSpaceRefinement:
     def search_weight(self, start):
         """Trial weights side by side from one start; returns (weight, trials)."""
         s = self.settings
-        xp = self.backend.xp
         n = s.weight_trials
         base = self._weight_scale(start)
         weights = base * 2.0 ** (np.arange(n) - n // 2)
-        trial = Batch(self.model, xp.repeat(start.xyz[:1], n, axis=0),
-                      xp.repeat(start.b[:1], n, axis=0), xp.repeat(start.occ[:1], n, axis=0),
-                      None if start.u is None else xp.repeat(start.u[:1], n, axis=0),
-                      backend=self.backend)
+        trial = start.subset([0] * n)
         self.refine_sites(trial, weights, s.weight_iterations)
         geo = self.geometry(trial)
         bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
@@ -311,8 +307,7 @@ class RealSpaceRefinement:
         start plus 0.05 Å noise) to data gradient norm (the start), so the trials follow the
         map's scale and the model's size."""
         xp = self.backend.xp
-        probe = Batch(self.model, batch.xyz[:1].copy(), batch.b[:1], batch.occ[:1],
-                      None if batch.u is None else batch.u[:1], backend=self.backend)
+        probe = batch.subset([0])
         _, gd = self.sites_target.value_and_gradient(probe, ("xyz",))
         gd = float(xp.sqrt((gd.xyz.astype(xp.float64) ** 2).sum()))
         _, gr = self.restraints.energy_and_gradient(probe.xyz + xp.asarray(
@@ -333,8 +328,7 @@ class RealSpaceRefinement:
         out = {"cc_mask": [], "cc_box": []}
         for lo in range(0, batch.size, chunk):
             sl = slice(lo, min(batch.size, lo + chunk))
-            sub = Batch(self.model, batch.xyz[sl], batch.b[sl], batch.occ[sl],
-                        None if batch.u is None else batch.u[sl], backend=bk)
+            sub = batch.subset(sl)
             masks = xp.asarray(np.stack([molecular_mask(self.model, x, spec) for x in xyz[sl]]))
             ccs = five_cc(xp, exp_map, mapper.image(sub), masks)
             out["cc_mask"] += list(ccs["cc_mask"])
