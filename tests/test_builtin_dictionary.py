@@ -1,5 +1,7 @@
 """The built-in dictionary against the CCP4 monomer library subset in ../shared/data/monomers:
-every shared bond within 0.02 Å, angle within 2°, same chiral signs, planes found there too."""
+every shared bond within 0.02 Å, angle within 2°, same chiral signs, planes found there too.
+Compared as applied to models (linked residues), since the two libraries describe the chain
+links differently (ours: the in-chain phosphodiester; CCP4: a free phosphate changed by a mod)."""
 import gemmi
 import numpy as np
 import pytest
@@ -7,7 +9,9 @@ import pytest
 from gpu_refine.model import Model
 from gpu_refine.restraints.library import BUILTIN
 from gpu_refine.restraints.topology import build_topology
-from gpu_refine.workflows.geometry import geometry_report
+from gpu_refine.restraints.geometry import GeometryRestraints
+from gpu_refine.restraints.stats import geometry_statistics
+from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
 
 AMINO_ACIDS = ["ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU",
                "LYS", "MET", "MSE", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL"]
@@ -21,6 +25,56 @@ def libraries(shared):
             gemmi.read_monomer_lib(str(shared / "monomers") + "/", names))
 
 
+NUCLEOTIDE_PAIRS = [("A", "C"), ("G", "U"), ("DA", "DC"), ("DG", "DT"), ("C", "A"),
+                    ("U", "G"), ("DC", "DA"), ("DT", "DG")]
+
+
+def _nucleotide(shared, name):
+    """One nucleotide at the CCP4 library's ideal coordinates, without H."""
+    doc = gemmi.cif.read(str(shared / "monomers" / name[0].lower() / f"{name}.cif"))
+    st = gemmi.make_structure_from_chemcomp_block(doc[f"comp_{name}"])
+    st.remove_hydrogens()
+    return st[0][0][0]
+
+
+def _dinucleotides(shared):
+    """A chain of the NUCLEOTIDE_PAIRS, each second residue moved rigidly so that its P lies
+    1.6 Å from O3' of the first and without its OP3, as inside a strand."""
+    st = gemmi.Structure()
+    st.add_model(gemmi.Model("1"))
+    for k, (n1, n2) in enumerate(NUCLEOTIDE_PAIRS):
+        chain = gemmi.Chain(chr(ord("A") + k))
+        r1, r2 = _nucleotide(shared, n1), _nucleotide(shared, n2)
+        o3, c3 = r1["O3'"][0].pos, r1["C3'"][0].pos
+        target = o3 + (o3 - c3) * (1.6 / o3.dist(c3))
+        shift = target - r2["P"][0].pos
+        for atom in r2:
+            atom.pos = atom.pos + shift
+        del r2[[a.name for a in r2].index("OP3")]
+        r1.seqid, r2.seqid = gemmi.SeqId(1, " "), gemmi.SeqId(2, " ")
+        chain.add_residue(r1)
+        chain.add_residue(r2)
+        st[0].add_chain(chain)
+    st.setup_entities()
+    return Model.from_gemmi(st)
+
+
+def _applied(model, lib):
+    """{type: {atom index tuple: ideal}} and chirals / planes of the topology with ``lib``."""
+    topo = build_topology(model, monlib=lib)
+    tables = {}
+    for kind in ("bonds", "angles"):
+        t = getattr(topo, kind)
+        keys = [tuple(a) if a[0] < a[-1] else tuple(a[::-1]) for a in t.atoms.tolist()]
+        tables[kind] = dict(zip(keys, t.ideal))
+    c = topo.chirals
+    tables["chirals"] = {tuple(a): (s, v) for a, s, v in zip(c.atoms.tolist(), c.sign, c.ideal)}
+    p = topo.planes
+    tables["planes"] = [frozenset(p.atoms[p.ptr[k]:p.ptr[k + 1]].tolist())
+                        for k in range(len(p))]
+    return topo, tables
+
+
 def _protein(shared, path):
     st = gemmi.read_structure(str(shared / path))
     st.setup_entities()
@@ -32,23 +86,9 @@ def _protein(shared, path):
 @pytest.fixture(scope="module")
 def applied(shared):
     """Restraints as applied to a real protein (4iid: every amino acid, cis and trans links)
-    with each library: {type: {atom tuple: ideal}}, plus chiral signs and planes."""
+    with each library."""
     model = _protein(shared, "xray/4iid/4iid.pdb")
-    out = []
-    for lib in (None, shared / "monomers"):
-        topo = build_topology(model, monlib=lib)
-        tables = {}
-        for kind in ("bonds", "angles"):
-            t = getattr(topo, kind)
-            keys = [tuple(a) if a[0] < a[-1] else tuple(a[::-1]) for a in t.atoms.tolist()]
-            tables[kind] = dict(zip(keys, t.ideal))
-        c = topo.chirals
-        tables["chirals"] = {tuple(a): (s, v) for a, s, v in zip(c.atoms.tolist(), c.sign, c.ideal)}
-        p = topo.planes
-        tables["planes"] = [frozenset(p.atoms[p.ptr[k]:p.ptr[k + 1]].tolist())
-                            for k in range(len(p))]
-        out.append(tables)
-    return model, out[0], out[1]
+    return model, _applied(model, None)[1], _applied(model, shared / "monomers")[1]
 
 
 # Where Engh & Huber's values and the (acedrg-derived) CCP4 entries differ by more than the
@@ -92,6 +132,39 @@ def test_bonds_and_angles_match_ccp4(applied, shared):
         assert bad <= KNOWN_DIFFERENCES, f"{kind} beyond {tol}: {sorted(bad - KNOWN_DIFFERENCES)}"
 
 
+def _name(names, key):
+    """"A-B-C" with the smaller end name first, whatever the atom order."""
+    parts = [names[a] for a in key]
+    return "-".join(parts if parts[0] <= parts[-1] else parts[::-1])
+
+
+# Parkinson et al. (1996) against the CCP4 (acedrg) values beyond the tolerance; measured.
+# The link angles O3'-P-O5' (104.0 vs 100.7) and O3'-P-OP1 (107.4 vs 109.5), and
+# P-O5'-C5' (120.9 vs 118.8).
+KNOWN_NUCLEOTIDE_DIFFERENCES = {"O3'-P-O5'", "O3'-P-OP1", "C5'-O5'-P"}
+
+
+def test_nucleotides_match_ccp4(shared):
+    """Every nucleotide, linked: restraints on the in-chain residue and on the sugar and base of
+    the 5' residue (whose free 5' phosphate the two libraries describe differently)."""
+    model = _dinucleotides(shared)
+    topo, ours = _applied(model, None)
+    ccp4_topo, ccp4 = _applied(model, shared / "monomers")
+    assert topo.links["p"] == ccp4_topo.links["p"] == len(NUCLEOTIDE_PAIRS)
+    names = [c.atom.name for c in model.structure[0].all()]
+    first = {k for k, r in enumerate(model.residues) if r[1] == "1"}
+    five_prime = {i for i, n in enumerate(names)
+                  if model.residue_index[i] in first and n in ("P", "OP1", "OP2", "OP3")}
+    for kind, tol in (("bonds", 0.02), ("angles", 2.0)):
+        compared = {k for k in ours[kind] if not five_prime & set(k)}
+        assert compared <= set(ccp4[kind]), f"{kind} missing in CCP4: {compared - set(ccp4[kind])}"
+        bad = {_name(names, key) for key in compared
+               if abs(ours[kind][key] - ccp4[kind][key]) > tol}
+        assert bad <= KNOWN_NUCLEOTIDE_DIFFERENCES, f"{kind} beyond {tol}: {sorted(bad)}"
+        assert len(compared) > 0.9 * len(ccp4[kind])
+    _same_hands_and_planes(names, ours, ccp4)
+
+
 def _parity(order_a, order_b):
     """+1 if ``order_a`` is an even permutation of ``order_b``, else -1."""
     perm = [order_b.index(x) for x in order_a]
@@ -99,10 +172,9 @@ def _parity(order_a, order_b):
     return 1 if inversions % 2 == 0 else -1
 
 
-def test_chirality_and_planes_match_ccp4(applied):
-    model, ours, ccp4 = applied
-    names = [c.atom.name for c in model.structure[0].all()]
+def _same_hands_and_planes(names, ours, ccp4):
     by_centre = {atoms[0]: (list(atoms[1:]), sign) for atoms, (sign, _) in ccp4["chirals"].items()}
+    assert ours["chirals"]
     for atoms, (sign, _) in ours["chirals"].items():
         assert atoms[0] in by_centre
         others, ccp4_sign = by_centre[atoms[0]]
@@ -117,6 +189,11 @@ def test_chirality_and_planes_match_ccp4(applied):
         assert not extra or extra == {"CD"} and len(plane) == 5
 
 
+def test_chirality_and_planes_match_ccp4(applied):
+    model, ours, ccp4 = applied
+    _same_hands_and_planes([c.atom.name for c in model.structure[0].all()], ours, ccp4)
+
+
 def test_single_atom_monomers_present(libraries):
     ours = libraries[0]
     for name in SINGLE_ATOMS:
@@ -127,6 +204,13 @@ MODELS = {"4hg7": "xray/4hg7/4hg7.cif", "4iid": "xray/4iid/4iid.pdb",
           "3j6b": "cryoem/emd2566_3j6b_chain9/3J6B_9.pdb"}
 
 
+# Measured exceptions to the issue's 20 %: 3J6B chain 9 was refined with Engh & Huber targets
+# and sits closer to ours (bonds 0.0071 vs 0.0092 Å with the CCP4 library; the largest
+# contributions are SER CA-CB, LYS CD-CE / CE-NZ and N-CA, where the two sets differ by
+# 0.006-0.02 Å).
+TOLERANCE = {("3j6b", "rmsd_bonds"): 0.25}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_statistics_close_to_ccp4_library(shared, name):
     model = _protein(shared, MODELS[name])
@@ -135,4 +219,18 @@ def test_statistics_close_to_ccp4_library(shared, name):
     for key in ("n_bonds", "n_angles", "n_chirals"):
         assert abs(ours[key] - ccp4[key]) <= 0.01 * ccp4[key] + 1, key
     for key in ("rmsd_bonds", "rmsd_angles", "rmsd_planes"):
-        assert ours[key] == pytest.approx(ccp4[key], rel=0.25), key
+        assert ours[key] == pytest.approx(ccp4[key], rel=TOLERANCE.get((name, key), 0.20)), key
+
+
+def test_nucleotide_chains_regularise_with_builtin_dictionary(shared):
+    """The built-in nucleotide restraints are consistent: shaken strands come back to ideal."""
+    model = _dinucleotides(shared)
+    topology = build_topology(model)
+    assert topology.links["p"] == len(NUCLEOTIDE_PAIRS)
+    restraints = GeometryRestraints(topology, backend="numpy", dtype=np.float64)
+    batch = shaken_batch(model, 4, 0.3, seed=2, backend="numpy", dtype=np.float64)
+    assert min(r["rmsd_bonds"] for r in geometry_statistics(restraints, batch.xyz)) > 0.1
+    regularize(batch, restraints)
+    for r in geometry_statistics(restraints, batch.xyz):
+        assert r["rmsd_bonds"] < 0.01 and r["rmsd_angles"] < 1.5
+        assert r["rmsd_planes"] < 0.01 and r["rmsd_chirals"] < 0.2

@@ -1,12 +1,21 @@
 """Write the built-in restraint dictionary (gpu_refine/restraints/monomers) from the tables here.
 
-Values: Engh & Huber (2001), "Structure quality and target parameters", International Tables
-for Crystallography vol. F, ch. 18.3 (bond lengths, angles and their sigmas of the amino acids
-and of the peptide link; sigmas rounded).  Heavy atoms only: hydrogens are not part of this
-dictionary (use a CCP4 library with monlib=DIR for models with hydrogens).  Chiral volumes are
-signed for L-amino acids; planes use sigma 0.02 Å.  Where our recollection of the 2001 table
-was uncertain the 1991 value (Engh & Huber, Acta Cryst. A47, 392) is used: MET SD-CE and the
-PRO C-N-CD link angle.
+Amino acids: Engh & Huber (2001), "Structure quality and target parameters", International
+Tables for Crystallography vol. F, ch. 18.3 (bond lengths, angles and their sigmas of the amino
+acids, the peptide link and the disulfide bridge; sigmas rounded).  Where our recollection of
+the 2001 table was uncertain the 1991 value (Engh & Huber, Acta Cryst. A47, 392) is used: MET
+SD-CE and the PRO C-N-CD link angle.
+
+Nucleotides (A, C, G, U, DA, DC, DG, DT): Parkinson, Vojtechovsky, Clowney, Brunger & Berman
+(1996), Acta Cryst. D52, 57-64: sugar-phosphate backbone from its RNA (C3'-endo) and DNA
+(C2'-endo) tables (after Gelbin et al. 1996), bases after Clowney et al. (1996); base sigmas
+rounded up to 0.010 Å and 1.0°.  The terminal OP3 (absent from the paper) takes the OP1/OP2
+bond and a tetrahedral 109.5 ± 3.0° for its angles.  Sugar chiral signs are those of
+beta-D-(2'-deoxy)ribose; base planes include C1'.
+
+Heavy atoms only: hydrogens are not part of this dictionary (use a CCP4 library with
+monlib=DIR for models with hydrogens).  Chiral volumes are signed for L-amino acids; planes
+use sigma 0.02 Å.
 
 Run from the repository root:  python tools/make_builtin_dictionary.py
 """
@@ -130,31 +139,120 @@ IONS = {"NA": "NA", "K": "K", "MG": "MG", "CA": "CA", "ZN": "ZN", "MN": "MN", "F
         "FE2": "FE", "CU": "CU", "NI": "NI", "CO": "CO", "CD": "CD", "CL": "CL", "BR": "BR",
         "IOD": "I"}
 
-# Peptide links: C(1)-N(2), Engh & Huber 2001; PTRANS/PCIS when residue 2 is proline.  Two
-# planes per link (C=O side and N side), so that omega can bend a little as observed.
-LINKS = {
-    "TRANS": ("C-N 1.336 0.023", "CA-C-N 117.2 2.2, O-C-N 122.7 1.6, C-N-CA 121.7 2.5",
-              "CA C N CA 180.0 5.0", "CA C O N; C N CA"),
-    "CIS": ("C-N 1.336 0.023", "CA-C-N 117.2 2.2, O-C-N 122.7 1.6, C-N-CA 121.7 2.5",
-            "CA C N CA 0.0 5.0", "CA C O N; C N CA"),
-    "PTRANS": ("C-N 1.341 0.016", "CA-C-N 117.1 2.8, O-C-N 121.1 1.9, C-N-CA 119.3 1.5, "
-               "C-N-CD 125.0 2.1", "CA C N CA 180.0 5.0", "CA C O N; C N CA CD"),
-    "PCIS": ("C-N 1.341 0.016", "CA-C-N 117.1 2.8, O-C-N 121.1 1.9, C-N-CA 119.3 1.5, "
-             "C-N-CD 125.0 2.1", "CA C N CA 0.0 5.0", "CA C O N; C N CA CD"),
+# Nucleotides (Parkinson et al. 1996).  "N" in the sugar tables stands for the base atom bound
+# to C1': N9 of purines, N1 of pyrimidines.
+PHOSPHATE_ATOMS = "OP3:O:OP P:P:P OP1:O:OP OP2:O:OP O5':O:O2 C5':C:CH2 C4':C:CH1 O4':O:O2"
+PHOSPHATE_BONDS = "P-OP1 1.485 0.017, P-OP2 1.485 0.017, P-OP3 1.485 0.017, P-O5' 1.593 0.010"
+PHOSPHATE_ANGLES = ("OP1-P-OP2 119.6 1.5, O5'-P-OP1 108.1 2.9, O5'-P-OP2 108.3 2.7, "
+                    "OP3-P-OP1 109.5 3.0, OP3-P-OP2 109.5 3.0, OP3-P-O5' 109.5 3.0, "
+                    "P-O5'-C5' 120.9 1.6, O5'-C5'-C4' 110.2 1.4")
+SUGARS = {
+    "RNA": ("C3':C:CH1 O3':O:OH1 C2':C:CH1 O2':O:OH1 C1':C:CH1",
+            "O5'-C5' 1.440 0.016, C5'-C4' 1.510 0.013, C4'-C3' 1.524 0.011, "
+            "C3'-C2' 1.525 0.011, C2'-C1' 1.528 0.010, O4'-C1' 1.414 0.012, "
+            "O4'-C4' 1.453 0.012, O3'-C3' 1.423 0.014, C2'-O2' 1.413 0.013",
+            "C5'-C4'-O4' 109.2 1.4, C5'-C4'-C3' 115.5 1.5, O4'-C4'-C3' 105.5 1.4, "
+            "C1'-O4'-C4' 109.6 0.9, C4'-C3'-C2' 102.7 1.0, C3'-C2'-C1' 101.5 0.9, "
+            "O4'-C1'-C2' 106.4 1.4, C4'-C3'-O3' 110.6 2.6, C2'-C3'-O3' 111.0 2.8, "
+            "C1'-C2'-O2' 110.6 3.0, C3'-C2'-O2' 113.3 2.9, O4'-C1'-N 108.2 1.0, "
+            "C2'-C1'-N 113.4 1.6",
+            "C1' O4' C2' N positive, C3' C4' C2' O3' positive, C4' C5' O4' C3' negative, "
+            "C2' C3' O2' C1' negative"),
+    "DNA": ("C3':C:CH1 O3':O:OH1 C2':C:CH2 C1':C:CH1",
+            "O5'-C5' 1.440 0.016, C5'-C4' 1.510 0.013, C4'-C3' 1.528 0.010, "
+            "C3'-C2' 1.518 0.012, C2'-C1' 1.521 0.014, O4'-C1' 1.420 0.011, "
+            "O4'-C4' 1.446 0.010, O3'-C3' 1.431 0.013",
+            "C5'-C4'-O4' 109.4 1.0, C5'-C4'-C3' 114.7 1.5, O4'-C4'-C3' 106.0 1.0, "
+            "C1'-O4'-C4' 110.1 1.0, C4'-C3'-C2' 103.2 1.0, C3'-C2'-C1' 102.5 1.2, "
+            "O4'-C1'-C2' 106.0 1.0, C4'-C3'-O3' 110.3 2.5, C2'-C3'-O3' 110.6 2.5, "
+            "O4'-C1'-N 108.3 1.0, C2'-C1'-N 114.3 1.4",
+            "C1' O4' C2' N positive, C3' C4' C2' O3' positive, C4' C5' O4' C3' negative"),
 }
-# Link atoms: which side (1 = the residue before, 2 = after) each atom name belongs to, in order.
-LINK_SIDES = {"bond": (1, 2), "angle": {"CA-C-N": (1, 1, 2), "O-C-N": (1, 1, 2),
-                                        "C-N-CA": (1, 2, 2), "C-N-CD": (1, 2, 2)},
-              "tor": (1, 1, 2, 2), "plane": ((1, 1, 1, 2), (1, 2, 2, 2))}
+# Bases (Clowney et al. 1996): atoms, bonds and angles (sigmas 0.010 Å and 1.0°), C1'-N first.
+BASES = {
+    "A": ("N9:N:NR5 C8:C:CR15 N7:N:NRD5 C5:C:CR56 C6:C:CR6 N6:N:NH2 N1:N:NRD6 C2:C:CR16 "
+          "N3:N:NRD6 C4:C:CR56",
+          "C1'-N9 1.462, N9-C8 1.373, C8-N7 1.311, N7-C5 1.388, C5-C6 1.406, C6-N6 1.335, "
+          "C6-N1 1.351, N1-C2 1.339, C2-N3 1.331, N3-C4 1.344, C4-N9 1.374, C4-C5 1.383",
+          "C1'-N9-C8 127.7, C1'-N9-C4 126.3, C8-N9-C4 105.8, N9-C8-N7 113.8, C8-N7-C5 103.9, "
+          "N7-C5-C6 132.3, N7-C5-C4 110.7, C6-C5-C4 117.0, C5-C6-N6 123.7, C5-C6-N1 117.7, "
+          "N6-C6-N1 118.6, C6-N1-C2 118.6, N1-C2-N3 129.3, C2-N3-C4 110.6, N3-C4-N9 127.4, "
+          "N3-C4-C5 126.8, N9-C4-C5 105.8"),
+    "G": ("N9:N:NR5 C8:C:CR15 N7:N:NRD5 C5:C:CR56 C6:C:CR6 O6:O:O N1:N:NR16 C2:C:CR6 "
+          "N2:N:NH2 N3:N:NRD6 C4:C:CR56",
+          "C1'-N9 1.459, N9-C8 1.374, C8-N7 1.305, N7-C5 1.389, C5-C6 1.419, C6-O6 1.237, "
+          "C6-N1 1.391, N1-C2 1.373, C2-N2 1.341, C2-N3 1.323, N3-C4 1.350, C4-N9 1.375, "
+          "C4-C5 1.379",
+          "C1'-N9-C8 127.0, C1'-N9-C4 126.5, C8-N9-C4 106.4, N9-C8-N7 113.1, C8-N7-C5 104.3, "
+          "N7-C5-C6 130.4, N7-C5-C4 110.8, C6-C5-C4 118.8, C5-C6-O6 128.6, C5-C6-N1 111.5, "
+          "O6-C6-N1 119.9, C6-N1-C2 125.1, N1-C2-N2 116.2, N1-C2-N3 123.9, N2-C2-N3 119.9, "
+          "C2-N3-C4 111.9, N3-C4-N9 126.0, N3-C4-C5 128.6, N9-C4-C5 105.4"),
+    "C": ("N1:N:NR6 C2:C:CR6 O2:O:O N3:N:NRD6 C4:C:CR6 N4:N:NH2 C5:C:CR16 C6:C:CR16",
+          "C1'-N1 1.470, N1-C2 1.397, C2-O2 1.240, C2-N3 1.353, N3-C4 1.335, C4-N4 1.335, "
+          "C4-C5 1.425, C5-C6 1.339, C6-N1 1.367",
+          "C1'-N1-C2 118.8, C1'-N1-C6 120.8, C6-N1-C2 120.3, N1-C2-O2 118.9, N1-C2-N3 119.2, "
+          "O2-C2-N3 121.9, C2-N3-C4 119.9, N3-C4-N4 118.0, N3-C4-C5 121.9, N4-C4-C5 120.2, "
+          "C4-C5-C6 117.4, C5-C6-N1 121.0"),
+    "T": ("N1:N:NR6 C2:C:CR6 O2:O:O N3:N:NR16 C4:C:CR6 O4:O:O C5:C:CR6 C7:C:CH3 C6:C:CR16",
+          "C1'-N1 1.473, N1-C2 1.376, C2-O2 1.220, C2-N3 1.373, N3-C4 1.382, C4-O4 1.228, "
+          "C4-C5 1.445, C5-C7 1.496, C5-C6 1.339, C6-N1 1.378",
+          "C1'-N1-C2 118.2, C1'-N1-C6 120.4, C6-N1-C2 121.3, N1-C2-O2 123.1, N1-C2-N3 114.6, "
+          "O2-C2-N3 122.3, C2-N3-C4 127.2, N3-C4-O4 119.9, N3-C4-C5 115.2, O4-C4-C5 124.9, "
+          "C4-C5-C7 119.0, C4-C5-C6 118.0, C7-C5-C6 122.9, C5-C6-N1 123.7"),
+    "U": ("N1:N:NR6 C2:C:CR6 O2:O:O N3:N:NR16 C4:C:CR6 O4:O:O C5:C:CR16 C6:C:CR16",
+          "C1'-N1 1.469, N1-C2 1.381, C2-O2 1.219, C2-N3 1.373, N3-C4 1.380, C4-O4 1.232, "
+          "C4-C5 1.431, C5-C6 1.337, C6-N1 1.375",
+          "C1'-N1-C2 117.7, C1'-N1-C6 121.2, C6-N1-C2 121.0, N1-C2-O2 122.8, N1-C2-N3 114.9, "
+          "O2-C2-N3 122.2, C2-N3-C4 127.0, N3-C4-O4 119.4, N3-C4-C5 114.6, O4-C4-C5 125.9, "
+          "C4-C5-C6 119.7, C5-C6-N1 122.7"),
+}
+NUCLEOTIDES = {"A": ("RNA", "A"), "C": ("RNA", "C"), "G": ("RNA", "G"), "U": ("RNA", "U"),
+               "DA": ("DNA", "A"), "DC": ("DNA", "C"), "DG": ("DNA", "G"), "DT": ("DNA", "T")}
+
+# Links.  Each atom is "side:name", side 1 = the first residue (the one before in a chain),
+# 2 = the second.  Peptide (Engh & Huber 2001): two planes per link (C=O side and N side) so
+# that omega can bend a little as observed; PTRANS/PCIS when residue 2 is proline.
+# Phosphodiester "p" (Parkinson et al. 1996): no torsions, as the paper gives none.
+# Disulfide "SS" (Engh & Huber 2001); chi3 of disulfides clusters at +-90 degrees.
+PEPTIDE_ANGLES = "1:CA-1:C-2:N 117.2 2.2, 1:O-1:C-2:N 122.7 1.6, 1:C-2:N-2:CA 121.7 2.5"
+PRO_ANGLES = ("1:CA-1:C-2:N 117.1 2.8, 1:O-1:C-2:N 121.1 1.9, 1:C-2:N-2:CA 119.3 1.5, "
+              "1:C-2:N-2:CD 125.0 2.1")
+PEPTIDE_PLANES = "1:CA 1:C 1:O 2:N; 1:C 2:N 2:CA"
+PRO_PLANES = "1:CA 1:C 1:O 2:N; 1:C 2:N 2:CA 2:CD"
+OMEGA = "omega 1:CA-1:C-2:N-2:CA {} 5.0 1"
+# id: (comp 1, mod 1, group 1, comp 2, mod 2, group 2, bonds, angles, torsions, planes)
+LINKS = {
+    "TRANS": (".", "DEL-OXT", "peptide", ".", ".", "peptide", "1:C-2:N 1.336 0.023",
+              PEPTIDE_ANGLES, OMEGA.format("180.0"), PEPTIDE_PLANES),
+    "CIS": (".", "DEL-OXT", "peptide", ".", ".", "peptide", "1:C-2:N 1.336 0.023",
+            PEPTIDE_ANGLES, OMEGA.format("0.0"), PEPTIDE_PLANES),
+    "PTRANS": (".", "DEL-OXT", "peptide", "PRO", ".", "peptide", "1:C-2:N 1.341 0.016",
+               PRO_ANGLES, OMEGA.format("180.0"), PRO_PLANES),
+    "PCIS": (".", "DEL-OXT", "peptide", "PRO", ".", "peptide", "1:C-2:N 1.341 0.016",
+             PRO_ANGLES, OMEGA.format("0.0"), PRO_PLANES),
+    "p": (".", ".", "DNA/RNA", ".", "DEL-OP3", "DNA/RNA", "1:O3'-2:P 1.607 0.012",
+          "1:C3'-1:O3'-2:P 119.7 1.2, 1:O3'-2:P-2:O5' 104.0 1.9, 1:O3'-2:P-2:OP1 107.4 3.2, "
+          "1:O3'-2:P-2:OP2 108.3 3.2", "", ""),
+    "SS": ("CYS", ".", "peptide", "CYS", ".", "peptide", "1:SG-2:SG 2.033 0.016",
+           "1:CB-1:SG-2:SG 104.2 2.1, 1:SG-2:SG-2:CB 104.2 2.1",
+           "ss 1:CB-1:SG-2:SG-2:CB 90.0 10.0 2", ""),
+}
+MODS = {"DEL-OXT": ("remove OXT of a linked residue", "peptide", "OXT", "O"),
+        "DEL-OP3": ("remove OP3 of a linked nucleotide", "DNA/RNA", "OP3", "O")}
 
 
 def _items(text):
     return [t.split() for t in text.replace(",", "\n").splitlines() if t.strip()]
 
 
+def _cif(value):
+    text = str(value)
+    return f'"{text}"' if "'" in text else text
+
+
 def _loop(tag, columns, rows):
     lines = ["loop_"] + [f"_{tag}.{c}" for c in columns]
-    lines += [" ".join(str(x) for x in r) for r in rows]
+    lines += [" ".join(_cif(x) for x in r) for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -203,54 +301,70 @@ def amino_acid(name):
                     all_angles, chir, ["CA C O OXT", plane])
 
 
-def _link_block(link_id, bonds, angles, torsion, plane):
-    b = _items(bonds)[0]
-    a1, a2 = b[0].split("-")
-    out = [f"data_link_{link_id}\n",
-           _loop("chem_link_bond", ["link_id", "atom_1_comp_id", "atom_id_1", "atom_2_comp_id",
-                                    "atom_id_2", "type", "value_dist", "value_dist_esd"],
-                 [(link_id, 1, a1, 2, a2, "single", b[1], b[2])])]
-    rows = []
-    for a, v, e in _items(angles):
-        sides = LINK_SIDES["angle"][a]
-        names = a.split("-")
-        rows.append((link_id, sides[0], names[0], sides[1], names[1], sides[2], names[2], v, e))
+def _split(spec):
+    """"1:CA-1:C-2:N" -> [("1", "CA"), ("1", "C"), ("2", "N")]."""
+    return [tuple(a.split(":")) for a in spec.split("-")]
+
+
+def _link_block(link_id, bonds, angles, torsions, planes):
+    out = [f"data_link_{link_id}\n"]
+    rows = [(link_id, *_split(b)[0], *_split(b)[1], "single", v, e) for b, v, e in _items(bonds)]
+    out.append(_loop("chem_link_bond", ["link_id", "atom_1_comp_id", "atom_id_1",
+                                        "atom_2_comp_id", "atom_id_2", "type", "value_dist",
+                                        "value_dist_esd"], rows))
+    rows = [(link_id, *[x for atom in _split(a) for x in atom], v, e)
+            for a, v, e in _items(angles)]
     out.append(_loop("chem_link_angle", ["link_id", "atom_1_comp_id", "atom_id_1",
                                          "atom_2_comp_id", "atom_id_2", "atom_3_comp_id",
                                          "atom_id_3", "value_angle", "value_angle_esd"], rows))
-    t = torsion.split()
-    s = LINK_SIDES["tor"]
-    out.append(_loop("chem_link_tor", ["link_id", "id", "atom_1_comp_id", "atom_id_1",
-                                       "atom_2_comp_id", "atom_id_2", "atom_3_comp_id",
-                                       "atom_id_3", "atom_4_comp_id", "atom_id_4",
-                                       "value_angle", "value_angle_esd", "period"],
-                      [(link_id, "omega", s[0], t[0], s[1], t[1], s[2], t[2], s[3], t[3],
-                        t[4], t[5], 1)]))
-    rows = [(link_id, f"plan-{p + 1}", LINK_SIDES["plane"][p][k], n, 0.020)
-            for p, names in enumerate(plane.split(";")) for k, n in enumerate(names.split())]
-    out.append(_loop("chem_link_plane", ["link_id", "plane_id", "atom_comp_id", "atom_id",
-                                         "dist_esd"], rows))
+    if torsions:
+        rows = [(link_id, name, *[x for atom in _split(t) for x in atom], v, e, period)
+                for name, t, v, e, period in _items(torsions)]
+        out.append(_loop("chem_link_tor", ["link_id", "id", "atom_1_comp_id", "atom_id_1",
+                                           "atom_2_comp_id", "atom_id_2", "atom_3_comp_id",
+                                           "atom_id_3", "atom_4_comp_id", "atom_id_4",
+                                           "value_angle", "value_angle_esd", "period"], rows))
+    if planes:
+        rows = [(link_id, f"plan-{p + 1}", *atom.split(":"), 0.020)
+                for p, members in enumerate(planes.split(";")) for atom in members.split()]
+        out.append(_loop("chem_link_plane", ["link_id", "plane_id", "atom_comp_id", "atom_id",
+                                             "dist_esd"], rows))
     return "\n".join(out)
 
 
 def library_list():
     links = _loop("chem_link", ["id", "comp_id_1", "mod_id_1", "group_comp_1", "comp_id_2",
                                 "mod_id_2", "group_comp_2", "name"],
-                  [(k, ".", "DEL-OXT", "peptide", "PRO" if k.startswith("P") else ".",
-                    ".", "peptide", k) for k in LINKS])
+                  [(k, *v[:6], k) for k, v in LINKS.items()])
     mods = _loop("chem_mod", ["id", "name", "comp_id", "group_id"],
-                 [("DEL-OXT", "'remove OXT of a linked residue'", ".", "peptide")])
-    mod_block = "data_mod_DEL-OXT\n\n" + _loop(
-        "chem_mod_atom", ["mod_id", "function", "atom_id", "new_atom_id", "new_type_symbol",
-                          "new_type_energy", "new_partial_charge"],
-        [("DEL-OXT", "delete", "OXT", ".", "O", ".", ".")])
-    blocks = ["global_\ndata_link_list\n" + links, "data_mod_list\n" + mods, mod_block]
-    blocks += [_link_block(k, *v) for k, v in LINKS.items()]
+                 [(k, f"'{name}'", ".", group) for k, (name, group, _, _) in MODS.items()])
+    blocks = ["global_\ndata_link_list\n" + links, "data_mod_list\n" + mods]
+    for k, (_, _, atom, element) in MODS.items():
+        blocks.append(f"data_mod_{k}\n\n" + _loop(
+            "chem_mod_atom", ["mod_id", "function", "atom_id", "new_atom_id", "new_type_symbol",
+                              "new_type_energy", "new_partial_charge"],
+            [(k, "delete", atom, ".", element, ".", ".")]))
+    blocks += [_link_block(k, *v[6:]) for k, v in LINKS.items()]
     return "\n".join(blocks)
 
 
+def nucleotide(name):
+    kind, base = NUCLEOTIDES[name]
+    n = "N9" if base in "AG" else "N1"
+    sugar_atoms, sugar_bonds, sugar_angles, chirals = SUGARS[kind]
+    base_atoms, base_bonds, base_angles = BASES[base]
+    bonds = ", ".join(f"{b} 0.010" for b in base_bonds.split(", "))
+    angles = ", ".join(f"{a} 1.0" for a in base_angles.split(", "))
+    plane = "C1' " + " ".join(a.split(":")[0] for a in base_atoms.split())
+    return _monomer(name, f"{PHOSPHATE_ATOMS} {sugar_atoms} {base_atoms}",
+                    f"{PHOSPHATE_BONDS}, {sugar_bonds}, {bonds}",
+                    f"{PHOSPHATE_ANGLES}, {sugar_angles.replace('-N ', f'-{n} ')}, {angles}",
+                    chirals.replace(" N ", f" {n} "), [plane], group=kind)
+
+
 ENERGY_TYPES = sorted({"NH1", "CH1", "C", "O", "OC", "CH2", "CH3", "OH1", "SH1", "S2", "SE",
-                       "NH2", "NT3", "C5", "NR5", "CR15", "CR6", "CR16", "CR56", "NR15", "N"})
+                       "NH2", "NT3", "C5", "NR5", "CR15", "CR6", "CR16", "CR56", "NR15", "N",
+                       "P", "OP", "O2", "NRD5", "NRD6", "NR16", "NR6"})
 
 
 def ener_lib():
@@ -263,13 +377,22 @@ def ener_lib():
                      "valency", "sp"], rows)
 
 
+def readme():
+    sources = __doc__.split("Run from the repository root")[0].split("\n\n", 1)[1].strip()
+    return ("# Built-in restraint dictionary\n\nGenerated by `tools/make_builtin_dictionary.py`; "
+            "edit the tables there, not these files.\n\n" + sources + "\n")
+
+
 def write(out=OUT):
     (out / "list").mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text(readme())
     (out / "list" / "mon_lib_list.cif").write_text(library_list())
     (out / "ener_lib.cif").write_text(ener_lib())
     names = list(RESIDUES) + ["GLY", "PRO"]
     for name in names:
         _write_monomer(out, name, amino_acid(name))
+    for name in NUCLEOTIDES:
+        _write_monomer(out, name, nucleotide(name))
     _write_monomer(out, "HOH", _monomer("HOH", "O:O:OH2", "", "", "", [], group="non-polymer"))
     for name, el in IONS.items():
         _write_monomer(out, name, _monomer(name, f"{el}:{el}:{el}", "", "", "", [],
