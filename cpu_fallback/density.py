@@ -10,6 +10,11 @@ blur (Å²), periodic (bool).
 Where the kernel loops over the points around each atom, NumPy works on a padded copy of each
 model's grid so that every (atom, point) pair has a flat index ``base[atom] + offset[k]``; the
 squared distances come from one matrix product, and a periodic grid folds its padding back.
+
+On grids whose axes are x, y, z (cryo-EM boxes, orthogonal cells) and for isotropic atoms each
+Gaussian factorises, exp(-k d²) = exp(-k dx²) exp(-k dy²) exp(-k dz²), so the density of an
+atom's box and the sums of the adjoint are small tensor products and contractions of per-axis
+factors (``_boxes``); the same points (d² < r²) take part, so the values are the same.
 """
 import numpy as np
 
@@ -143,6 +148,104 @@ def _pairs(xyz_m, radius_m, geom, shape, periodic):
     return grid, chunks()
 
 
+def _axis_aligned(geom):
+    """True where the grid's index axes are x, y, z (a diagonal index-to-xyz matrix)."""
+    orth = geom[9:18].reshape(3, 3)
+    diag = np.abs(np.diag(orth))
+    return bool(np.all(np.abs(orth - np.diag(np.diag(orth))) <= 1e-12 * diag.max()))
+
+
+def _boxes(xyz_m, radius_m, geom, shape, periodic):
+    """Axis-aligned grids, for one model: the padded grid and chunks of
+    (atoms (A,), [dx, dy, dz] (A,e_axis) Å from the atom, inside (A,e0*e1*e2) bool, flat points
+    (A,e0*e1*e2)), over the same boxes and points as ``_pairs``."""
+    frac_m = geom[:9].reshape(3, 3)
+    spacing = np.diag(geom[9:18].reshape(3, 3))
+    origin = geom[18:21]
+    n = np.asarray(shape, dtype=np.int64)
+    real = np.float32 if xyz_m.dtype == np.float32 else np.float64
+    r = radius_m.astype(np.float64)
+    g = (xyz_m.astype(np.float64) - origin) @ frac_m.T
+    if periodic:
+        g = g - np.floor(g / n) * n
+    rn = np.sqrt((frac_m**2).sum(axis=1))
+    half = r[:, None] * rn[None, :]
+    lo = np.ceil(g - half).astype(np.int64)
+    hi = np.floor(g + half).astype(np.int64)
+    atoms = np.arange(len(g))
+    if not periodic:
+        touches = np.all((hi >= 0) & (lo < n), axis=1)
+        atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
+    rmax = float(r.max()) if len(r) else 0.0
+    grid = _PaddedGrid(shape, np.ceil(rmax * rn).astype(np.int64) + 1, periodic)
+    if not len(atoms):
+        return grid, []
+    base_lin = (lo + grid.pad) @ grid.strides
+    # Atoms are grouped by box size, so that one atom of high B does not enlarge every box.
+    ext_atom = np.ceil(2 * r[:, None] * rn[None, :]).astype(np.int64) + 1
+    sizes, group = np.unique(ext_atom, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+
+    def chunks():
+        for gi, ext in enumerate(sizes):
+            members = np.nonzero(group == gi)[0]
+            off_lin = np.indices(ext).reshape(3, -1).T @ grid.strides
+            chunk = max(1, _PAIRS_PER_CHUNK // len(off_lin))
+            for s in range(0, len(members), chunk):
+                sel = members[s:s + chunk]
+                d = [(lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]) * spacing[a]
+                     for a in range(3)]
+                sq = [(x * x).astype(real) for x in d]
+                d2 = (sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None] + sq[2][:, None, None, :]
+                inside = (d2 < (r[sel] ** 2).astype(real)[:, None, None, None]).reshape(len(sel), -1)
+                # Box corners beyond the sphere may lie outside the padded grid: point them at
+                # index 0; they carry zero weight.
+                points = np.where(inside, base_lin[sel, None] + off_lin[None, :], 0)
+                yield atoms[sel], d, inside, points
+
+    return grid, chunks()
+
+
+def _factors(k, d):
+    """exp(-k d²) per atom, Gaussian and axis point: (A,G,e)."""
+    return np.exp(-k[:, :, None] * (d * d)[:, None, :])
+
+
+def _spread_boxes(amp, k, d, inside):
+    """Density of each atom's box, sum over Gaussians of amp ex⊗ey⊗ez: (A, e0*e1*e2)."""
+    ex, ey, ez = (_factors(k, x) for x in d)
+    t = (amp[:, :, None, None] * ex[:, :, :, None] * ey[:, :, None, :])     # (A,G,e0,e1)
+    a, ng, e0, e1 = t.shape
+    box = np.matmul(t.reshape(a, ng, e0 * e1).transpose(0, 2, 1), ez)        # (A,e0*e1,e2)
+    return box.reshape(a, -1) * inside
+
+
+def _adjoint_boxes(w, amp, k, bt, d):
+    """For the weights w (A,e0,e1,e2) of each atom's box (zero outside the sphere): per atom
+    sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) and sum_p w ρ (A,), from the moments
+    S[a,b,c] = sum w (dx^a ex)(dy^b ey)(dz^c ez) of each Gaussian."""
+    ex, ey, ez = (_factors(k, x) for x in d)
+    dx, dy, dz = (x[:, None, :] for x in d)
+    a, e0, e1, e2 = w.shape
+    zs = np.concatenate([ez, ez * dz, ez * dz * dz], axis=1)                 # (A,3G,e2)
+    z = np.matmul(w.reshape(a, e0 * e1, e2), zs.transpose(0, 2, 1))          # (A,e0*e1,3G)
+    z = z.reshape(a, e0, e1, 3, -1)
+    y = np.einsum("aijcg,agj->aicg", z, ey)                                  # (A,e0,3,G)
+    y_dy = np.einsum("aijg,agj->aig", z[:, :, :, 0], ey * dy)
+    y_dy2 = np.einsum("aijg,agj->aig", z[:, :, :, 0], ey * dy * dy)
+    s000 = np.einsum("aig,agi->ag", y[:, :, 0], ex)
+    s100 = np.einsum("aig,agi->ag", y[:, :, 0], ex * dx)
+    s200 = np.einsum("aig,agi->ag", y[:, :, 0], ex * dx * dx)
+    s001 = np.einsum("aig,agi->ag", y[:, :, 1], ex)
+    s002 = np.einsum("aig,agi->ag", y[:, :, 2], ex)
+    s010 = np.einsum("aig,agi->ag", y_dy, ex)
+    s020 = np.einsum("aig,agi->ag", y_dy2, ex)
+    ka = 2.0 * k * amp
+    pos = np.stack([(ka * s100).sum(1), (ka * s010).sum(1), (ka * s001).sum(1)], axis=1)
+    db = (amp / bt * (k * (s200 + s020 + s002) - 1.5 * s000)).sum(1)
+    return pos, db, (amp * s000).sum(1)
+
+
 def _rho_terms(shapes, m, atom, offsets, d2):
     """rho_g (P,G) for the pairs of model m; for anisotropic atoms also S d (P,G,3)."""
     real = d2.dtype
@@ -161,13 +264,29 @@ def _rho_terms(shapes, m, atom, offsets, d2):
     return rho, sel, (sd, s)
 
 
+def _model_rows(shapes, m):
+    """Amplitudes and exponents (N,G) of model m (shapes may hold one row for all models)."""
+    row = m if shapes["amp"].shape[0] > 1 else 0
+    return shapes["amp"][row], shapes["k"][row]
+
+
 def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
+    separable = shapes["s"] is None and _axis_aligned(geom)
     for m in range(xyz.shape[0]):
+        o = occ[m].astype(np.float64)
+        if separable:
+            grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic)
+            acc = np.zeros(int(np.prod(grid.shape)))
+            amp_all, k_all = _model_rows(shapes, m)
+            for atom, d, inside, point in chunks:
+                box = _spread_boxes(amp_all[atom] * o[atom, None], k_all[atom], d, inside)
+                acc += np.bincount(point.ravel(), weights=box.ravel(), minlength=acc.size)
+            out[m] = grid.fold(acc)
+            continue
         grid, chunks = _pairs(xyz[m], radius[m], geom, out.shape[1:], periodic)
         acc = np.zeros(int(np.prod(grid.shape)))
-        o = occ[m].astype(np.float64)
         for atom, offsets, d2, point in chunks:
             rho, _, _ = _rho_terms(shapes, m, atom, offsets, d2)
             acc += np.bincount(point, weights=o[atom] * rho.sum(axis=1), minlength=acc.size)
@@ -186,11 +305,23 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     nm, na = xyz.shape[:2]
     gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
     gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
+    separable = shapes["s"] is None and _axis_aligned(geom)
     for m in range(nm):
-        grid, chunks = _pairs(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
-        w_flat = grid.expand(np.asarray(dmap[m])).reshape(-1)
         k_all = shapes["k"][m if shapes["k"].shape[0] > 1 else 0]
         bt_all = shapes["bt"][m if shapes["bt"].shape[0] > 1 else 0]
+        if separable:
+            grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
+            w_flat = grid.expand(np.asarray(dmap[m], dtype=np.float64)).reshape(-1)
+            amp_all = _model_rows(shapes, m)[0]
+            for atom, d, inside, point in chunks:
+                w = (w_flat[point] * inside).reshape((len(atom),) + tuple(len(x[0]) for x in d))
+                pos, db, dn = _adjoint_boxes(w, amp_all[atom], k_all[atom], bt_all[atom], d)
+                gx[m, atom] += pos
+                gb[m, atom] += db
+                go[m, atom] += dn
+            continue
+        grid, chunks = _pairs(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
+        w_flat = grid.expand(np.asarray(dmap[m])).reshape(-1)
         for atom, offsets, d2, point in chunks:
             rho, sel, aniso = _rho_terms(shapes, m, atom, offsets, d2)
             d = offsets.d

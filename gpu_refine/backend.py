@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
@@ -30,6 +30,11 @@ class Backend:
     def is_gpu(self):
         return self.name == "cupy"
 
+    @property
+    def fft(self):
+        """cupy.fft, or for NumPy scipy.fft on all cores (pocketfft, float32 kept as float32)."""
+        return self.xp.fft if self.is_gpu else _scipy_fft()
+
     def asarray(self, a, dtype=None):
         """A C-contiguous array of this backend (gemmi grids are Fortran-ordered views)."""
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
@@ -47,6 +52,13 @@ class Backend:
         if self.is_gpu:
             import cupy
             cupy.get_default_memory_pool().free_all_blocks()
+
+
+@functools.lru_cache(maxsize=None)
+def _scipy_fft():
+    from scipy import fft
+    return SimpleNamespace(rfftn=functools.partial(fft.rfftn, workers=-1),
+                           irfftn=functools.partial(fft.irfftn, workers=-1))
 
 
 def _numpy_backend():

@@ -200,19 +200,21 @@ class ModelMapper:
         return out
 
     def fourier_filter(self, blur):
-        """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else 0."""
-        xp = self.backend.xp
-        s2 = self.spec.s2(xp)
-        keep = s2 <= 1.0 / self.resolution**2 if self.resolution else xp.ones(s2.shape, bool)
-        return xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0)
+        """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else 0.
+        Kept for the last blur: a refinement applies the same one many times."""
+        if self._filter is None or self._filter[0] != blur:
+            xp = self.backend.xp
+            s2 = self.spec.s2(xp)
+            keep = s2 <= 1.0 / self.resolution**2 if self.resolution else xp.ones(s2.shape, bool)
+            self._filter = (blur, xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0))
+        return self._filter[1]
 
     def apply_filter(self, maps, blur):
         """Fourier image of blurred densities: drop terms beyond d, undo the blur (batched FFT)."""
-        xp = self.backend.xp
-        filt = self.fourier_filter(blur)
-        f = xp.fft.rfftn(maps, axes=(1, 2, 3))
-        f *= filt[None]
-        return xp.fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3)).astype(maps.dtype)
+        fft = self.backend.fft
+        f = fft.rfftn(maps, axes=(1, 2, 3))
+        f *= self.fourier_filter(blur)[None]
+        return fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3)).astype(maps.dtype)
 
     def image(self, batch):
         """Model map at the mapper's resolution for each batch member: (B, n0, n1, n2)."""
