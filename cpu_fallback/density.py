@@ -183,7 +183,9 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     base_lin = (lo + grid.pad) @ grid.strides
     # Atoms are grouped by box size, so that one atom of high B does not enlarge every box.
     ext_atom = np.ceil(2 * r[:, None] * rn[None, :]).astype(np.int64) + 1
-    sizes, group = np.unique(ext_atom, axis=0, return_inverse=True)
+    key = (ext_atom[:, 0] << 40) | (ext_atom[:, 1] << 20) | ext_atom[:, 2]
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    sizes = ext_atom[first]
     group = group.reshape(-1)
 
     def chunks():
@@ -274,14 +276,16 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
     separable = shapes["s"] is None and _axis_aligned(geom)
+    real = np.float32 if xyz.dtype == np.float32 else np.float64
     for m in range(xyz.shape[0]):
         o = occ[m].astype(np.float64)
         if separable:
             grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic)
             acc = np.zeros(int(np.prod(grid.shape)))
-            amp_all, k_all = _model_rows(shapes, m)
+            amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m))
             for atom, d, inside, point in chunks:
-                box = _spread_boxes(amp_all[atom] * o[atom, None], k_all[atom], d, inside)
+                box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real), k_all[atom],
+                                    [x.astype(real) for x in d], inside)
                 acc += np.bincount(point.ravel(), weights=box.ravel(), minlength=acc.size)
             out[m] = grid.fold(acc)
             continue
@@ -306,16 +310,19 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
     gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
     separable = shapes["s"] is None and _axis_aligned(geom)
+    real = np.float32 if xyz.dtype == np.float32 else np.float64
     for m in range(nm):
         k_all = shapes["k"][m if shapes["k"].shape[0] > 1 else 0]
         bt_all = shapes["bt"][m if shapes["bt"].shape[0] > 1 else 0]
         if separable:
             grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
-            w_flat = grid.expand(np.asarray(dmap[m], dtype=np.float64)).reshape(-1)
-            amp_all = _model_rows(shapes, m)[0]
+            w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
+            amp_all, k_r, bt_r = (a.astype(real) for a in (_model_rows(shapes, m)[0], k_all,
+                                                           bt_all))
             for atom, d, inside, point in chunks:
                 w = (w_flat[point] * inside).reshape((len(atom),) + tuple(len(x[0]) for x in d))
-                pos, db, dn = _adjoint_boxes(w, amp_all[atom], k_all[atom], bt_all[atom], d)
+                pos, db, dn = _adjoint_boxes(w, amp_all[atom], k_r[atom], bt_r[atom],
+                                             [x.astype(real) for x in d])
                 gx[m, atom] += pos
                 gb[m, atom] += db
                 go[m, atom] += dn

@@ -280,27 +280,44 @@ class RealSpaceRefinement:
         return geometry_statistics(self.restraints, batch.xyz, max_outliers=0)
 
     def search_weight(self, start):
-        """Trial weights side by side from one start; returns (weight, trials)."""
+        """Trial weights from one start; returns (weight, trials).
+
+        On a GPU every trial is a batch member and all run at once.  On a CPU each member costs
+        as much as a model of its own, so the trials are bisected instead: geometry worsens as
+        the weight grows, and the largest acceptable trial is found in log2(n) trials.
+        """
         s = self.settings
         n = s.weight_trials
-        base = self._weight_scale(start)
-        weights = base * 2.0 ** (np.arange(n) - n // 2)
-        trial = start.subset([0] * n)
-        self.refine_sites(trial, weights, s.weight_iterations)
-        geo = self.geometry(trial)
+        weights = self._weight_scale(start) * 2.0 ** (np.arange(n) - n // 2)
         bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
-        trials = [{"weight": float(w), "rmsd_bonds": g["rmsd_bonds"],
-                   "rmsd_angles": g["rmsd_angles"]} for w, g in zip(weights, geo)]
-        ok = [t for t in trials if t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim]
-        chosen = max(ok, key=lambda t: t["weight"]) if ok else min(trials,
-                                                                  key=lambda t: t["weight"])
+        results = {}
+
+        def run(indices):
+            trial = start.subset([0] * len(indices))
+            self.refine_sites(trial, weights[indices], s.weight_iterations)
+            for k, g in zip(indices, self.geometry(trial)):
+                results[k] = {"weight": float(weights[k]), "rmsd_bonds": g["rmsd_bonds"],
+                              "rmsd_angles": g["rmsd_angles"],
+                              "ok": g["rmsd_bonds"] <= bond_lim and g["rmsd_angles"] <= angle_lim}
+
+        if self.backend.is_gpu:
+            run(list(range(n)))
+        else:
+            lo, hi = -1, n          # trial lo is acceptable (or none), trial hi is not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                run([mid])
+                lo, hi = (mid, hi) if results[mid]["ok"] else (lo, mid)
+        trials = [results[k] for k in sorted(results)]
+        ok = [t for t in trials if t["ok"]]
+        chosen = max(ok, key=lambda t: t["weight"]) if ok else trials[0]
         for t in trials:
             log.info("  weight %10.4g: bonds %.4f Å, angles %.2f°%s", t["weight"],
                      t["rmsd_bonds"], t["rmsd_angles"], "  <- chosen" if t is chosen else "")
         if not ok:
             log.warning("no trial weight kept bonds <= %.3f Å and angles <= %.2f°; using the "
                         "smallest", bond_lim, angle_lim)
-        return chosen["weight"], trials
+        return chosen["weight"], [{k: v for k, v in t.items() if k != "ok"} for t in trials]
 
     def _weight_scale(self, batch):
         """The middle trial weight: WEIGHT_SCALE × the ratio of restraint gradient norm (the
