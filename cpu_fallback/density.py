@@ -101,17 +101,13 @@ class _Offsets:
         return self._d
 
 
-def _pairs(xyz_m, radius_m, geom, shape, periodic):
-    """For one model: the padded grid and chunks of (atom, offsets, d2 (P,), flat point).
-
-    Distances are computed in the precision of xyz (float32 or float64), as the kernel's inputs.
-    """
+def _atom_boxes(xyz_m, radius_m, geom, shape, periodic):
+    """Grid coordinates g and box corners lo of the atoms whose sphere touches the grid (all of
+    them on a periodic grid), their radii, index steps per Å along each axis, padded grid."""
     frac_m = geom[:9].reshape(3, 3)
-    orth_m = geom[9:18].reshape(3, 3)
-    origin = geom[18:21]
     n = np.asarray(shape, dtype=np.int64)
     r = radius_m.astype(np.float64)
-    g = (xyz_m.astype(np.float64) - origin) @ frac_m.T
+    g = (xyz_m.astype(np.float64) - geom[18:21]) @ frac_m.T
     if periodic:
         g = g - np.floor(g / n) * n        # the same point of the periodic lattice
     rn = np.sqrt((frac_m**2).sum(axis=1))
@@ -124,8 +120,19 @@ def _pairs(xyz_m, radius_m, geom, shape, periodic):
         atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
     rmax = float(r.max()) if len(r) else 0.0
     grid = _PaddedGrid(shape, np.ceil(rmax * rn).astype(np.int64) + 1, periodic)
+    return atoms, g, lo, r, rn, grid
+
+
+def _pairs(xyz_m, radius_m, geom, shape, periodic):
+    """For one model: the padded grid and chunks of (atom, offsets, d2 (P,), flat point).
+
+    Distances are computed in the precision of xyz (float32 or float64), as the kernel's inputs.
+    """
+    orth_m = geom[9:18].reshape(3, 3)
+    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
     if not len(atoms):
         return grid, []
+    rmax = float(r.max())
     # Offsets of every point of the largest sphere, relative to the box corner lo.
     ext = np.ceil(2 * rmax * rn).astype(np.int64) + 1
     offs = np.indices(ext).reshape(3, -1).T
@@ -159,25 +166,9 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     """Axis-aligned grids, for one model: the padded grid and chunks of
     (atoms (A,), [dx, dy, dz] (A,e_axis) Å from the atom, inside (A,e0*e1*e2) bool, flat points
     (A,e0*e1*e2)), over the same boxes and points as ``_pairs``."""
-    frac_m = geom[:9].reshape(3, 3)
     spacing = np.diag(geom[9:18].reshape(3, 3))
-    origin = geom[18:21]
-    n = np.asarray(shape, dtype=np.int64)
     real = np.float32 if xyz_m.dtype == np.float32 else np.float64
-    r = radius_m.astype(np.float64)
-    g = (xyz_m.astype(np.float64) - origin) @ frac_m.T
-    if periodic:
-        g = g - np.floor(g / n) * n
-    rn = np.sqrt((frac_m**2).sum(axis=1))
-    half = r[:, None] * rn[None, :]
-    lo = np.ceil(g - half).astype(np.int64)
-    hi = np.floor(g + half).astype(np.int64)
-    atoms = np.arange(len(g))
-    if not periodic:
-        touches = np.all((hi >= 0) & (lo < n), axis=1)
-        atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
-    rmax = float(r.max()) if len(r) else 0.0
-    grid = _PaddedGrid(shape, np.ceil(rmax * rn).astype(np.int64) + 1, periodic)
+    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
     if not len(atoms):
         return grid, []
     base_lin = (lo + grid.pad) @ grid.strides
