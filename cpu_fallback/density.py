@@ -14,13 +14,20 @@ squared distances come from one matrix product, and a periodic grid folds its pa
 On grids whose axes are x, y, z (cryo-EM boxes, orthogonal cells) and for isotropic atoms each
 Gaussian factorises, exp(-k d²) = exp(-k dx²) exp(-k dy²) exp(-k dz²), so the density of an
 atom's box and the sums of the adjoint are small tensor products and contractions of per-axis
-factors (``_boxes``); the same points (d² < r²) take part, so the values are the same.
+factors (``_boxes``); the same points (d² < r²) take part, so the values are the same.  The
+chunks of atoms of one model run on worker threads (one per core).
 """
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 NGAUSS = 5
 _FOUR_PI2 = 4.0 * np.pi**2
 _PAIRS_PER_CHUNK = 1 << 21
+_WORKERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
 
 
 def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
@@ -179,24 +186,40 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     sizes = ext_atom[first]
     group = group.reshape(-1)
 
-    def chunks():
-        for gi, ext in enumerate(sizes):
-            members = np.nonzero(group == gi)[0]
-            off_lin = np.indices(ext).reshape(3, -1).T @ grid.strides
-            chunk = max(1, _PAIRS_PER_CHUNK // len(off_lin))
-            for s in range(0, len(members), chunk):
-                sel = members[s:s + chunk]
-                d = [(lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]) * spacing[a]
-                     for a in range(3)]
-                sq = [(x * x).astype(real) for x in d]
-                d2 = (sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None] + sq[2][:, None, None, :]
-                inside = (d2 < (r[sel] ** 2).astype(real)[:, None, None, None]).reshape(len(sel), -1)
-                # Box corners beyond the sphere may lie outside the padded grid: point them at
-                # index 0; they carry zero weight.
-                points = np.where(inside, base_lin[sel, None] + off_lin[None, :], 0)
-                yield atoms[sel], d, inside, points
+    def build(sel, ext, off_lin):
+        d = [(lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]) * spacing[a]
+             for a in range(3)]
+        sq = [(x * x).astype(real) for x in d]
+        d2 = (sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None] + sq[2][:, None, None, :]
+        inside = (d2 < (r[sel] ** 2).astype(real)[:, None, None, None]).reshape(len(sel), -1)
+        # Box corners beyond the sphere may lie outside the padded grid: point them at index 0;
+        # they carry zero weight.
+        points = np.where(inside, base_lin[sel, None] + off_lin[None, :], 0)
+        return atoms[sel], [x.astype(real) for x in d], inside, points
 
-    return grid, chunks()
+    chunks = []
+    for gi, ext in enumerate(sizes):
+        members = np.nonzero(group == gi)[0]
+        off_lin = np.indices(ext).reshape(3, -1).T @ grid.strides
+        # At least one chunk per worker thread, at most _PAIRS_PER_CHUNK pairs each.
+        chunk = max(1, min(_PAIRS_PER_CHUNK // len(off_lin), -(-len(members) // _WORKERS)))
+        for s in range(0, len(members), chunk):
+            chunks.append(functools.partial(build, members[s:s + chunk], ext, off_lin))
+    return grid, chunks
+
+
+def _by_worker(fn, chunks):
+    """[fn(share)] for shares of ``chunks`` (callables), one share per worker thread: NumPy's
+    array loops, matmul and einsum release the GIL, so the chunks of a model run side by side."""
+    shares = [chunks[i::_WORKERS] for i in range(min(_WORKERS, len(chunks)))]
+    if len(shares) < 2:
+        return [fn(chunks)]
+    return list(_pool().map(fn, shares))
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="gpu_refine-density")
 
 
 def _factors(k, d):
@@ -272,13 +295,18 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
         o = occ[m].astype(np.float64)
         if separable:
             grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic)
-            acc = np.zeros(int(np.prod(grid.shape)))
+            size = int(np.prod(grid.shape))
             amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m))
-            for atom, d, inside, point in chunks:
-                box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real), k_all[atom],
-                                    [x.astype(real) for x in d], inside)
-                acc += np.bincount(point.ravel(), weights=box.ravel(), minlength=acc.size)
-            out[m] = grid.fold(acc)
+
+            def share(chunks):
+                acc = np.zeros(size)
+                for chunk in chunks:
+                    atom, d, inside, point = chunk()
+                    box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real),
+                                        k_all[atom], d, inside)
+                    acc += np.bincount(point.ravel(), weights=box.ravel(), minlength=size)
+                return acc
+            out[m] = grid.fold(functools.reduce(np.add, _by_worker(share, chunks)))
             continue
         grid, chunks = _pairs(xyz[m], radius[m], geom, out.shape[1:], periodic)
         acc = np.zeros(int(np.prod(grid.shape)))
@@ -310,13 +338,20 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
             w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
             amp_all, k_r, bt_r = (a.astype(real) for a in (_model_rows(shapes, m)[0], k_all,
                                                            bt_all))
-            for atom, d, inside, point in chunks:
-                w = (w_flat[point] * inside).reshape((len(atom),) + tuple(len(x[0]) for x in d))
-                pos, db, dn = _adjoint_boxes(w, amp_all[atom], k_r[atom], bt_r[atom],
-                                             [x.astype(real) for x in d])
-                gx[m, atom] += pos
-                gb[m, atom] += db
-                go[m, atom] += dn
+            def share(chunks):
+                results = []
+                for chunk in chunks:
+                    atom, d, inside, point = chunk()
+                    w = (w_flat[point] * inside).reshape((len(atom),)
+                                                         + tuple(len(x[0]) for x in d))
+                    results.append((atom, _adjoint_boxes(w, amp_all[atom], k_r[atom],
+                                                         bt_r[atom], d)))
+                return results
+            for part in _by_worker(share, chunks):
+                for atom, (pos, db, dn) in part:
+                    gx[m, atom] += pos
+                    gb[m, atom] += db
+                    go[m, atom] += dn
             continue
         grid, chunks = _pairs(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
         w_flat = grid.expand(np.asarray(dmap[m])).reshape(-1)

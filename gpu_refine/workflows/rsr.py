@@ -432,9 +432,12 @@ class RealSpaceRefinement:
 
 
 def _lbfgs(iterations, max_step):
-    """Refinement runs a set number of iterations: targets are sums over thousands of atoms,
-    so a gradient test relative to |T| would stop far too early."""
-    return LBFGSSettings(max_iterations=iterations, max_step=max_step, gtol=1e-12, ftol=1e-10)
+    """At most ``iterations``; a model stops earlier once T falls by less than 1e-5 of itself
+    twice in a row (T is a sum over thousands of atoms, ~1e4-1e5: the CC then changes by
+    ~1e-6 per iteration).  No gradient test: relative to |T| it would stop far too early.
+    Measured on EMD-2566: 1e-5 saves ~10 % of the iterations, CCmask unchanged (0.8497);
+    1e-4 saves 20 % but leaves B visibly unconverged (mean B 44.5 vs 41.6)."""
+    return LBFGSSettings(max_iterations=iterations, max_step=max_step, gtol=1e-12, ftol=1e-5)
 
 
 def _range(values, fmt=".4f"):
