@@ -18,6 +18,7 @@ factors (``_boxes``); the same points (d² < r²) take part, so the values are t
 chunks of atoms of one model run on worker threads (one per core).
 """
 import functools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,8 +27,22 @@ import numpy as np
 NGAUSS = 5
 _FOUR_PI2 = 4.0 * np.pi**2
 _PAIRS_PER_CHUNK = 1 << 21
-_WORKERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+
+
+def _worker_count():
+    """GPU_REFINE_THREADS if set, else the cores this process may use (at most 16)."""
+    value = os.environ.get("GPU_REFINE_THREADS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            logging.getLogger(__name__).warning(
+                "GPU_REFINE_THREADS=%r is not a number of threads; using one per core", value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cores or 1))
+
+
+_WORKERS = _worker_count()
 
 
 def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
