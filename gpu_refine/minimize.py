@@ -30,6 +30,25 @@ class LBFGSResult:
     n_evaluations: int
 
 
+def _on_bound(xp, x, lower, upper):
+    on = xp.zeros(x.shape, dtype=bool)
+    if lower is not None:
+        on |= x <= lower
+    if upper is not None:
+        on |= x >= upper
+    return on
+
+
+def _outward(xp, x, d, lower, upper):
+    """Components on a bound that ``d`` would move outwards."""
+    out = xp.zeros(x.shape, dtype=bool)
+    if lower is not None:
+        out |= (x <= lower) & (d < 0)
+    if upper is not None:
+        out |= (x >= upper) & (d > 0)
+    return out
+
+
 def _rowdot(xp, a, b):
     return xp.sum(a.astype(xp.float64) * b.astype(xp.float64), axis=1)
 
@@ -49,12 +68,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
 
         def fg(x):
             f, g = raw_fg(x)
-            held = xp.zeros(x.shape, dtype=bool)
-            if lower is not None:
-                held |= (x <= lower) & (g > 0)
-            if upper is not None:
-                held |= (x >= upper) & (g < 0)
-            return f, xp.where(held, 0, g)
+            return f, xp.where(_outward(xp, x, -g, lower, upper), 0, g)
     n_models, n_par = x.shape
     m = max(1, s.history)
     S = xp.zeros((m, n_models, n_par), dtype=x.dtype)
@@ -87,12 +101,17 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
             b = rho[i] * _rowdot(xp, Y[i], r)
             r += (a - b)[:, None] * S[i]
         d = (-r).astype(x.dtype)
+        if bounded:
+            # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
+            # bound would be clipped away yet set the step length (max_step) for the others:
+            # both are left out of the direction.
+            held = (g == 0) & _on_bound(xp, x, lower, upper)
+            d = xp.where(held | _outward(xp, x, d, lower, upper), 0, d)
         dg = _rowdot(xp, d, g)
         bad = dg >= 0
         if bool(bad.any()):   # not a descent direction: steepest descent, history dropped
-            d = xp.where(bad[:, None], -g, d)
+            d = xp.where(bad[:, None], -g * scale[:, None], d)
             rho[:, bad] = 0
-            gamma[bad] = 0
             dg = _rowdot(xp, d, g)
         dmax = xp.abs(d).max(axis=1)
         step = xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300))
@@ -126,10 +145,11 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         rho[head] = xp.where(good, 1.0 / xp.where(good, sy, 1.0), 0.0)
         gamma = xp.where(good, sy / xp.maximum(_rowdot(xp, yk, yk), 1e-300), gamma)
         head = (head + 1) % m
-        # A failed line search drops the history; two in a row stop that model.
+        # A failed line search drops the history but keeps the curvature scale gamma, so the
+        # steepest-descent restart takes a step of the right length near a minimum; two
+        # failures in a row stop that model.
         failed = active & pending
         rho[:, failed] = 0
-        gamma = xp.where(failed, 0.0, gamma)
         failures = xp.where(failed, failures + 1, 0)
         rel = (f - f_new) / xp.maximum(xp.abs(f), 1e-300)
         slow = xp.where(moved & (rel < s.ftol), slow + 1, xp.where(moved, 0, slow))
