@@ -375,6 +375,8 @@ class RealSpaceRefinement:
             iterations += res.iterations
         if self.strategy["adp"]:
             iterations += self.refine_adp(batch, s.adp_iterations).iterations
+        log.info("start prepared (regularised%s) in %.1f s", ", B refined" if
+                 self.strategy["adp"] else "", time.perf_counter() - t0)
         trials = []
         if not self.strategy["sites"]:
             weight = np.zeros(n)
@@ -383,8 +385,10 @@ class RealSpaceRefinement:
         else:
             log.info("automatic weight: %d trial weights, %d iterations each", s.weight_trials,
                      s.weight_iterations)
+            tw = time.perf_counter()
             w, trials = self.search_weight(batch)
             weight = np.full(n, w)
+            log.info("weight %.4g chosen in %.1f s", w, time.perf_counter() - tw)
         w_dev = xp.asarray(weight)
         for cycle in range(1, s.macro_cycles + 1):
             tc = time.perf_counter()
