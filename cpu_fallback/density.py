@@ -123,9 +123,12 @@ class _Offsets:
         return self._d
 
 
-def _atom_boxes(xyz_m, radius_m, geom, shape, periodic):
+def _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=1):
     """Grid coordinates g and box corners lo of the atoms whose sphere touches the grid (all of
-    them on a periodic grid), their radii, index steps per Å along each axis, padded grid."""
+    them on a periodic grid), their radii, index steps per Å along each axis, padded grid.
+
+    The padding covers ``reach`` radii beyond the grid (plus one point each): 1 holds every
+    point of an atom's sphere, 2 every point of its whole box."""
     frac_m = geom[:9].reshape(3, 3)
     n = np.asarray(shape, dtype=np.int64)
     r = radius_m.astype(np.float64)
@@ -141,7 +144,7 @@ def _atom_boxes(xyz_m, radius_m, geom, shape, periodic):
         touches = np.all((hi >= 0) & (lo < n), axis=1)
         atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
     rmax = float(r.max()) if len(r) else 0.0
-    grid = _PaddedGrid(shape, np.ceil(rmax * rn).astype(np.int64) + 1, periodic)
+    grid = _PaddedGrid(shape, np.ceil(reach * rmax * rn).astype(np.int64) + reach, periodic)
     return atoms, g, lo, r, rn, grid
 
 
@@ -190,7 +193,7 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     (A,e0*e1*e2)), over the same boxes and points as ``_pairs``."""
     spacing = np.diag(geom[9:18].reshape(3, 3))
     real = np.float32 if xyz_m.dtype == np.float32 else np.float64
-    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
+    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=2)
     if not len(atoms):
         return grid, []
     base_lin = (lo + grid.pad) @ grid.strides
@@ -205,11 +208,11 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
         d = [(lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]) * spacing[a]
              for a in range(3)]
         sq = [(x * x).astype(real) for x in d]
-        d2 = (sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None] + sq[2][:, None, None, :]
-        inside = (d2 < (r[sel] ** 2).astype(real)[:, None, None, None]).reshape(len(sel), -1)
-        # Box corners beyond the sphere may lie outside the padded grid: point them at index 0;
-        # they carry zero weight.
-        points = np.where(inside, base_lin[sel, None] + off_lin[None, :], 0)
+        # dx² + dy² < r² - dz², without a (A,e0,e1,e2) array of d²
+        left = (r[sel] ** 2).astype(real)[:, None] - sq[2]
+        inside = ((sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None]
+                  < left[:, None, None, :]).reshape(len(sel), -1)
+        points = base_lin[sel, None] + off_lin[None, :]     # whole box inside the padding
         return atoms[sel], [x.astype(real) for x in d], inside, points
 
     chunks = []
