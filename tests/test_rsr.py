@@ -7,6 +7,7 @@ import pytest
 
 import gpu_refine as gr
 import gpu_refine.examples
+from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import RealSpaceRefinement, RSRSettings, refine_real_space
 
@@ -156,3 +157,39 @@ def test_bad_input(helix):
         refine_real_space(model, map_data, 3.0, wieght=3, backend="numpy")
     with pytest.raises(gr.ParameterError, match="adp"):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, adp="tls"))
+
+
+@pytest.mark.parametrize("limit_index", [-1, 0, 2, 4, 5])
+def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkeypatch,
+                                                          limit_index):
+    """Geometry worsens with the weight: the search returns the largest trial within the
+    limits (the smallest if none is), bisecting on a CPU (3 of 6 trials) and running all
+    trials at once on a GPU."""
+    model, map_data = helix
+    job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight_trials=6,
+                                                           weight_iterations=1),
+                              backend=backend)
+    monkeypatch.setattr(job, "_weight_scale", lambda batch: 1.0)
+    weights = 2.0 ** (np.arange(6) - 3)
+    seen = []
+
+    def refine_sites(batch, w, iterations):
+        seen.append(np.asarray(w, dtype=float).tolist())
+
+    def geometry(batch):
+        # Trials up to ``limit_index`` keep bonds within 0.01 Å, the others do not.
+        k = np.log2(seen[-1]) + 3
+        return [{"rmsd_bonds": 0.004 + 0.001 * kk if kk <= limit_index else 0.02,
+                 "rmsd_angles": 0.5} for kk in k]
+
+    monkeypatch.setattr(job, "refine_sites", refine_sites)
+    monkeypatch.setattr(job, "geometry", geometry)
+    w, trials = job.search_weight(Batch.from_model(model, 1, backend=backend))
+    tried = sorted(x for call in seen for x in call)
+    assert tried == [t["weight"] for t in trials]
+    expected = weights[max(limit_index, 0)]
+    assert w == pytest.approx(expected)
+    if backend.is_gpu:
+        assert len(seen) == 1 and len(tried) == 6
+    else:
+        assert all(len(call) == 1 for call in seen) and len(tried) <= 3
