@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU checks in one call on a lent device machine (see /work/.library/device).
+#
+#   bash bench/device.sh prepare   # here: cp312 wheels of gemmi/mrcfile into .whl/ and the
+#                                  # shared data the GPU tests and benchmarks read into
+#                                  # .shared_data/ (both git-ignored, carried, ~25 MB)
+#   run(command="bash bench/device.sh run", carry=[".whl", ".shared_data"])   # on the device
+#
+# "run" installs the wheels, then writes to $OUT: nvidia-smi, the GPU tests (backend=cupy
+# and the parity tests; NumPy-only tests are deselected), bench/restraints.py, bench/rsr.py
+# and bench/density.py.  Copy the numbers into bench/RESULTS.md with the date and commit.
+set -u
+case "${1:-}" in
+prepare)
+    shared=${GPU_REFINE_SHARED_DATA:-../shared/data}
+    mkdir -p .whl .shared_data/xray .shared_data/cryoem
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 --no-deps -d .whl gemmi==0.7.5 mrcfile==1.5.4 || exit 1
+    for d in xray/4iid xray/4hg7 cryoem/emd2566_3j6b_chain9 monomers; do
+        rm -rf ".shared_data/$d" && cp -r "$shared/$d" ".shared_data/$d" || exit 1
+    done
+    chmod -R u+w .shared_data
+    du -sh .whl .shared_data
+    ;;
+run)
+    : "${OUT:?run this on the device machine, where OUT is set}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD GPU_REFINE_SHARED_DATA=$PWD/.shared_data PYTHONUNBUFFERED=1
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
+    python3 -m pytest -q tests -k "not numpy" 2>&1 | tee "$OUT/tests.txt" | tail -5
+    python3 bench/restraints.py --data .shared_data --batches 1,32,256 2>&1 | tee "$OUT/restraints.txt"
+    python3 bench/rsr.py --data .shared_data --batches 1,16,128 2>&1 | tee "$OUT/rsr.txt"
+    python3 bench/density.py 2>&1 | tee "$OUT/density.txt" | tail -20
+    ;;
+*)
+    echo "usage: bash bench/device.sh prepare|run" >&2
+    exit 2
+    ;;
+esac
