@@ -148,3 +148,9 @@ def test_rsr(example, tmp_path):
                      f"output.prefix={tmp_path / 'bad'}")
     _one_line_error(rc, err)
     assert "unknown strategy" in err
+    # A rejected run writes nothing, so the corrected command runs without --overwrite.
+    assert not list(tmp_path.glob("bad*"))
+    rc, _, err = cli("rsr", model, tmp_path / "missing.mrc", "resolution=3",
+                     f"output.prefix={tmp_path / 'bad'}")
+    _one_line_error(rc, err)
+    assert not list(tmp_path.glob("bad*"))

@@ -82,7 +82,14 @@ def _params_text(args, settings, result):
 
 
 def main(args):
+    # Parameters and inputs are checked before any output exists, so that a typo does not
+    # leave a log behind that the next run would refuse to overwrite.
+    settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
+                           dictionaries=list(args.dictionary),
+                           ignore_unknown=args.ignore_unknown).check()
     names = _outputs(args)
+    model = read_model(args.model)
+    map_data = read_map(args.map)
     handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("gpu_refine")
@@ -90,18 +97,13 @@ def main(args):
                          f"command: {args.command_line}\n")
     root.addHandler(handler)
     try:
-        _run(args, names)
+        _run(args, names, settings, model, map_data)
     finally:
         root.removeHandler(handler)
         handler.close()
 
 
-def _run(args, names):
-    model = read_model(args.model)
-    map_data = read_map(args.map)
-    settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
-                           dictionaries=list(args.dictionary),
-                           ignore_unknown=args.ignore_unknown)
+def _run(args, names, settings, model, map_data):
     result = refine_real_space(model, map_data, settings=settings, backend=args.backend)
     structures = result.batch.to_structures()
     write_model(names["cif"], structures_as_models(structures), overwrite=args.overwrite)
