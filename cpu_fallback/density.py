@@ -218,6 +218,8 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     chunks = []
     for gi, ext in enumerate(sizes):
         members = np.nonzero(group == gi)[0]
+        # In grid order, so that a chunk's points span a slab of the grid, not all of it.
+        members = members[np.argsort(base_lin[members], kind="stable")]
         off_lin = np.indices(ext).reshape(3, -1).T @ grid.strides
         # At least one chunk per worker thread, at most _PAIRS_PER_CHUNK pairs each.
         chunk = max(1, min(_PAIRS_PER_CHUNK // len(off_lin), -(-len(members) // _WORKERS)))
@@ -322,7 +324,10 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
                     atom, d, inside, point = chunk()
                     box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real),
                                         k_all[atom], d, inside)
-                    acc += np.bincount(point.ravel(), weights=box.ravel(), minlength=size)
+                    first, last = int(point.min()), int(point.max()) + 1
+                    acc[first:last] += np.bincount((point - first).ravel(),
+                                                   weights=box.ravel(),
+                                                   minlength=last - first)
                 return acc
             out[m] = grid.fold(functools.reduce(np.add, _by_worker(share, chunks)))
             continue
