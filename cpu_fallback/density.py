@@ -72,6 +72,23 @@ def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
     return shapes
 
 
+def _fold_axis(a, axis, n, pad):
+    """Sum a padded periodic axis (index i is grid point (i - pad) mod n) onto its n points,
+    one contiguous run at a time."""
+    shape = list(a.shape)
+    shape[axis] = n
+    out = np.zeros(shape)
+    i, length = 0, a.shape[axis]
+    while i < length:
+        g = (i - pad) % n
+        run = min(n - g, length - i)
+        dst, src = [slice(None)] * 3, [slice(None)] * 3
+        dst[axis], src[axis] = slice(g, g + run), slice(i, i + run)
+        out[tuple(dst)] += a[tuple(src)]
+        i += run
+    return out
+
+
 class _PaddedGrid:
     """One model's grid padded so that every atom's bounding box lies inside it."""
 
@@ -89,17 +106,7 @@ class _PaddedGrid:
             p = self.pad
             return acc[p[0]:p[0] + self.n[0], p[1]:p[1] + self.n[1], p[2]:p[2] + self.n[2]]
         for axis in range(3):
-            n, p = int(self.n[axis]), int(self.pad[axis])
-            s = (-p) % n
-            length = -(-(acc.shape[axis] + s) // n) * n
-            buf_shape = list(acc.shape)
-            buf_shape[axis] = length
-            buf = np.zeros(buf_shape)
-            sl = [slice(None)] * 3
-            sl[axis] = slice(s, s + acc.shape[axis])
-            buf[tuple(sl)] = acc
-            new_shape = buf_shape[:axis] + [length // n, n] + buf_shape[axis + 1:]
-            acc = buf.reshape(new_shape).sum(axis=axis)
+            acc = _fold_axis(acc, axis, int(self.n[axis]), int(self.pad[axis]))
         return acc
 
     def expand(self, grid):
