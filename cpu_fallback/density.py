@@ -72,6 +72,16 @@ def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
     return shapes
 
 
+def _real(xyz):
+    """The working precision of the kernels: that of the coordinates (float32 or float64)."""
+    return np.float32 if xyz.dtype == np.float32 else np.float64
+
+
+def _model_rows(shapes, m, *keys):
+    """Rows (N,G) of model m for ``keys`` of the atom shapes (one row may serve all models)."""
+    return tuple(shapes[k][m if shapes[k].shape[0] > 1 else 0] for k in keys)
+
+
 def _fold_axis(a, axis, n, pad):
     """Sum a padded periodic axis (index i is grid point (i - pad) mod n) onto its n points,
     one contiguous run at a time."""
@@ -168,7 +178,7 @@ def _pairs(xyz_m, radius_m, geom, shape, periodic):
     # Offsets of every point of the largest sphere, relative to the box corner lo.
     ext = np.ceil(2 * rmax * rn).astype(np.int64) + 1
     offs = np.indices(ext).reshape(3, -1).T
-    real = xyz_m.dtype if xyz_m.dtype == np.float32 else np.float64
+    real = _real(xyz_m)
     doff = (offs @ orth_m.T).astype(real)                         # (K,3) Å
     doff2 = (doff * doff).sum(1)
     off_lin = offs @ grid.strides
@@ -195,11 +205,12 @@ def _axis_aligned(geom):
 
 
 def _boxes(xyz_m, radius_m, geom, shape, periodic):
-    """Axis-aligned grids, for one model: the padded grid and chunks of
-    (atoms (A,), [dx, dy, dz] (A,e_axis) Å from the atom, inside (A,e0*e1*e2) bool, flat points
-    (A,e0*e1*e2)), over the same boxes and points as ``_pairs``."""
+    """Axis-aligned grids, for one model: the padded grid and a list of chunks, each a callable
+    returning (atoms (A,), [dx, dy, dz] (A,e_axis) Å from the atom in the working precision,
+    inside (A,e0*e1*e2) bool, flat points (A,e0*e1*e2)), over the same boxes and points as
+    ``_pairs``; built when called, on the worker thread that uses it."""
     spacing = np.diag(geom[9:18].reshape(3, 3))
-    real = np.float32 if xyz_m.dtype == np.float32 else np.float64
+    real = _real(xyz_m)
     atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=2)
     if not len(atoms):
         return grid, []
@@ -292,8 +303,7 @@ def _adjoint_boxes(w, amp, k, bt, d):
 def _rho_terms(shapes, m, atom, offsets, d2):
     """rho_g (P,G) for the pairs of model m; for anisotropic atoms also S d (P,G,3)."""
     real = d2.dtype
-    amp = shapes["amp"][m if shapes["amp"].shape[0] > 1 else 0].astype(real)[atom]
-    k = shapes["k"][m if shapes["k"].shape[0] > 1 else 0].astype(real)[atom]
+    amp, k = (a.astype(real)[atom] for a in _model_rows(shapes, m, "amp", "k"))
     rho = amp * np.exp(-k * d2[:, None])
     if shapes["s"] is None:
         return rho, None, None
@@ -307,23 +317,17 @@ def _rho_terms(shapes, m, atom, offsets, d2):
     return rho, sel, (sd, s)
 
 
-def _model_rows(shapes, m):
-    """Amplitudes and exponents (N,G) of model m (shapes may hold one row for all models)."""
-    row = m if shapes["amp"].shape[0] > 1 else 0
-    return shapes["amp"][row], shapes["k"][row]
-
-
 def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
     separable = shapes["s"] is None and _axis_aligned(geom)
-    real = np.float32 if xyz.dtype == np.float32 else np.float64
+    real = _real(xyz)
     for m in range(xyz.shape[0]):
         o = occ[m].astype(np.float64)
         if separable:
             grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic)
             size = int(np.prod(grid.shape))
-            amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m))
+            amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m, "amp", "k"))
 
             def share(chunks):
                 acc = np.zeros(size)
@@ -359,15 +363,15 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
     gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
     separable = shapes["s"] is None and _axis_aligned(geom)
-    real = np.float32 if xyz.dtype == np.float32 else np.float64
+    real = _real(xyz)
     for m in range(nm):
-        k_all = shapes["k"][m if shapes["k"].shape[0] > 1 else 0]
-        bt_all = shapes["bt"][m if shapes["bt"].shape[0] > 1 else 0]
+        k_all, bt_all = _model_rows(shapes, m, "k", "bt")
         if separable:
             grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
             w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
-            amp_all, k_r, bt_r = (a.astype(real) for a in (_model_rows(shapes, m)[0], k_all,
-                                                           bt_all))
+            amp_all, k_r, bt_r = (a.astype(real)
+                                  for a in _model_rows(shapes, m, "amp", "k", "bt"))
+
             def share(chunks):
                 results = []
                 for chunk in chunks:

@@ -30,22 +30,13 @@ class LBFGSResult:
     n_evaluations: int
 
 
-def _on_bound(xp, x, lower, upper):
-    on = xp.zeros(x.shape, dtype=bool)
-    if lower is not None:
-        on |= x <= lower
-    if upper is not None:
-        on |= x >= upper
-    return on
-
-
-def _outward(xp, x, d, lower, upper):
-    """Components on a bound that ``d`` would move outwards."""
+def _on_bound(xp, x, lower, upper, d=None):
+    """Components on a bound; with ``d``, only those that ``d`` would move outwards."""
     out = xp.zeros(x.shape, dtype=bool)
     if lower is not None:
-        out |= (x <= lower) & (d < 0)
+        out |= (x <= lower) if d is None else (x <= lower) & (d < 0)
     if upper is not None:
-        out |= (x >= upper) & (d > 0)
+        out |= (x >= upper) if d is None else (x >= upper) & (d > 0)
     return out
 
 
@@ -68,7 +59,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
 
         def fg(x):
             f, g = raw_fg(x)
-            return f, xp.where(_outward(xp, x, -g, lower, upper), 0, g)
+            return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
     n_models, n_par = x.shape
     m = max(1, s.history)
     S = xp.zeros((m, n_models, n_par), dtype=x.dtype)
@@ -106,7 +97,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
             # bound would be clipped away yet set the step length (max_step) for the others:
             # both are left out of the direction.
             held = (g == 0) & _on_bound(xp, x, lower, upper)
-            d = xp.where(held | _outward(xp, x, d, lower, upper), 0, d)
+            d = xp.where(held | _on_bound(xp, x, lower, upper, d), 0, d)
         dg = _rowdot(xp, d, g)
         bad = dg >= 0
         if bool(bad.any()):   # not a descent direction: steepest descent, history dropped

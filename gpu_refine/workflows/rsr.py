@@ -292,13 +292,15 @@ class RealSpaceRefinement:
         bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
         results = {}
 
+        def acceptable(t):
+            return t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim
+
         def run(indices):
             trial = start.subset([0] * len(indices))
             self.refine_sites(trial, weights[indices], s.weight_iterations)
             for k, g in zip(indices, self.geometry(trial)):
                 results[k] = {"weight": float(weights[k]), "rmsd_bonds": g["rmsd_bonds"],
-                              "rmsd_angles": g["rmsd_angles"],
-                              "ok": g["rmsd_bonds"] <= bond_lim and g["rmsd_angles"] <= angle_lim}
+                              "rmsd_angles": g["rmsd_angles"]}
 
         if self.backend.is_gpu:
             run(list(range(n)))
@@ -307,9 +309,9 @@ class RealSpaceRefinement:
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 run([mid])
-                lo, hi = (mid, hi) if results[mid]["ok"] else (lo, mid)
+                lo, hi = (mid, hi) if acceptable(results[mid]) else (lo, mid)
         trials = [results[k] for k in sorted(results)]
-        ok = [t for t in trials if t["ok"]]
+        ok = [t for t in trials if acceptable(t)]
         chosen = max(ok, key=lambda t: t["weight"]) if ok else trials[0]
         for t in trials:
             log.info("  weight %10.4g: bonds %.4f Å, angles %.2f°%s", t["weight"],
@@ -317,7 +319,7 @@ class RealSpaceRefinement:
         if not ok:
             log.warning("no trial weight kept bonds <= %.3f Å and angles <= %.2f°; using the "
                         "smallest", bond_lim, angle_lim)
-        return chosen["weight"], [{k: v for k, v in t.items() if k != "ok"} for t in trials]
+        return chosen["weight"], trials
 
     def _weight_scale(self, batch):
         """The middle trial weight: WEIGHT_SCALE × the ratio of restraint gradient norm (the
@@ -439,8 +441,7 @@ def _lbfgs(iterations, max_step):
     """At most ``iterations``; a model stops earlier once T falls by less than 1e-5 of itself
     twice in a row (T is a sum over thousands of atoms, ~1e4-1e5: the CC then changes by
     ~1e-6 per iteration).  No gradient test: relative to |T| it would stop far too early.
-    Measured on EMD-2566: 1e-5 saves ~10 % of the iterations, CCmask unchanged (0.8497);
-    1e-4 saves 20 % but leaves B visibly unconverged (mean B 44.5 vs 41.6)."""
+    1e-4 was measured too and left B unconverged on EMD-2566 (bench/RESULTS.md)."""
     return LBFGSSettings(max_iterations=iterations, max_step=max_step, gtol=1e-12, ftol=1e-5)
 
 
