@@ -13,13 +13,27 @@ rounded up to 0.010 Å and 1.0°.  The terminal OP3 (absent from the paper) take
 bond and a tetrahedral 109.5 ± 3.0° for its angles.  Sugar chiral signs are those of
 beta-D-(2'-deoxy)ribose; base planes include C1'.
 
-Heavy atoms only: hydrogens are not part of this dictionary (use a CCP4 library with
-monlib=DIR for models with hydrogens).  Chiral volumes are signed for L-amino acids; planes
-use sigma 0.02 Å.
+Hydrogens (PDB names, as in the wwPDB chemical components and the CCP4 library; monomers
+as zwitterions, N-H2/H3 and O3'-H removed by the chain links).  Their restraints follow from
+the heavy-atom tables and each parent's hybridisation (its number of neighbours):
+X-H distances for the nucleus from the neutron means of Allen & Bruno (2010), Acta Cryst. B66,
+380-386 (C-H methine 1.099, methylene 1.092, methyl 1.077, aromatic 1.083; N-H 1.009, in NH3+
+1.033; O-H 0.970; S-H 1.338 Å), and for the electron cloud (X-ray, the default) the riding
+distances of SHELXL (Sheldrick 2015, Acta Cryst. C71, 3-8: C-H 0.98 / 0.97 / 0.96 / 0.93, N-H
+0.86, in NH3+ 0.89, O-H 0.82, S-H 1.20 Å).  Angles: tetrahedral 109.47° at four-coordinate
+parents, except that a methine H makes equal angles with its three bonds (SHELXL's AFIX 13
+geometry); at planar (three-coordinate) parents an H bisects the outer angle of its two heavy
+neighbours, 180 - θ/2, or takes 120° in an NH2 group, and joins the parent's planes; C-S-H
+96.5° (methanethiol); H-O-H of water 104.5°.  No torsions for H (methyl and hydroxyl groups
+rotate freely).
+
+Chiral volumes are signed for L-amino acids; planes use sigma 0.02 Å.
 
 Run from the repository root:  python tools/make_builtin_dictionary.py
 """
 from pathlib import Path
+
+import numpy as np
 
 OUT = Path(__file__).resolve().parents[1] / "gpu_refine" / "restraints" / "monomers"
 
@@ -135,6 +149,116 @@ PRO = ("N:N:N CA:C:CH1 C:C:C O:O:O OXT:O:OC CB:C:CH2 CG:C:CH2 CD:C:CH2",
        "CG-CD-N 103.2 1.5, CD-N-CA 111.7 1.4",
        "CA N C CB positive", "")
 
+# Hydrogens of each monomer, "parent:H1,H2" (the backbone's are added to every amino acid).
+BACKBONE_H = "N:H,H2,H3 CA:HA"
+HYDROGENS = {
+    "ALA": "CB:HB1,HB2,HB3",
+    "ARG": "CB:HB2,HB3 CG:HG2,HG3 CD:HD2,HD3 NE:HE NH1:HH11,HH12 NH2:HH21,HH22",
+    "ASN": "CB:HB2,HB3 ND2:HD21,HD22",
+    "ASP": "CB:HB2,HB3",
+    "CYS": "CB:HB2,HB3 SG:HG",
+    "GLN": "CB:HB2,HB3 CG:HG2,HG3 NE2:HE21,HE22",
+    "GLU": "CB:HB2,HB3 CG:HG2,HG3",
+    "GLY": "N:H,H2,H3 CA:HA2,HA3",
+    "HIS": "CB:HB2,HB3 ND1:HD1 CD2:HD2 CE1:HE1 NE2:HE2",
+    "ILE": "CB:HB CG1:HG12,HG13 CG2:HG21,HG22,HG23 CD1:HD11,HD12,HD13",
+    "LEU": "CB:HB2,HB3 CG:HG CD1:HD11,HD12,HD13 CD2:HD21,HD22,HD23",
+    "LYS": "CB:HB2,HB3 CG:HG2,HG3 CD:HD2,HD3 CE:HE2,HE3 NZ:HZ1,HZ2,HZ3",
+    "MET": "CB:HB2,HB3 CG:HG2,HG3 CE:HE1,HE2,HE3",
+    "MSE": "CB:HB2,HB3 CG:HG2,HG3 CE:HE1,HE2,HE3",
+    "PHE": "CB:HB2,HB3 CD1:HD1 CD2:HD2 CE1:HE1 CE2:HE2 CZ:HZ",
+    "PRO": "N:H,H2 CA:HA CB:HB2,HB3 CG:HG2,HG3 CD:HD2,HD3",
+    "SER": "CB:HB2,HB3 OG:HG",
+    "THR": "CB:HB OG1:HG1 CG2:HG21,HG22,HG23",
+    "TRP": "CB:HB2,HB3 CD1:HD1 NE1:HE1 CE3:HE3 CZ2:HZ2 CZ3:HZ3 CH2:HH2",
+    "TYR": "CB:HB2,HB3 CD1:HD1 CD2:HD2 CE1:HE1 CE2:HE2 OH:HH",
+    "VAL": "CB:HB CG1:HG11,HG12,HG13 CG2:HG21,HG22,HG23",
+    "RNA": "C5':H5',H5'' C4':H4' C3':H3' O3':HO3' C2':H2' O2':HO2' C1':H1'",
+    "DNA": "C5':H5',H5'' C4':H4' C3':H3' O3':HO3' C2':H2',H2'' C1':H1'",
+    "A": "C8:H8 N6:H61,H62 C2:H2",
+    "G": "C8:H8 N1:H1 N2:H21,H22",
+    "C": "N4:H41,H42 C5:H5 C6:H6",
+    "T": "N3:H3 C7:H71,H72,H73 C6:H6",
+    "U": "N3:H3 C5:H5 C6:H6",
+    "HOH": "O:H1,H2",
+}
+# X-H (electron cloud, nucleus) in Å by parent element, hybridisation and H count (see above).
+XH_DISTANCES = {("C", 4, 1): (0.98, 1.099), ("C", 4, 2): (0.97, 1.092),
+                ("C", 4, 3): (0.96, 1.077), ("C", 3): (0.93, 1.083), ("N", 3): (0.86, 1.009),
+                ("N", 4): (0.89, 1.033), ("O",): (0.82, 0.970), ("S",): (1.20, 1.338)}
+XH_SIGMA = 0.020
+H_ANGLE_SIGMA = 1.5        # X-P-H
+HH_ANGLE_SIGMA = 3.0       # H-P-H
+
+
+def _xh_distance(element, coordination, n_h):
+    for key in ((element, coordination, n_h), (element, coordination), (element,)):
+        if key in XH_DISTANCES:
+            return XH_DISTANCES[key]
+    raise KeyError(f"no X-H distance for {element} with {coordination} neighbours")
+
+
+def _angle_table(angles):
+    table = {}
+    for spec, value, _ in _items(angles):
+        a, b, c = spec.split("-")
+        table[(a, b, c)] = table[(c, b, a)] = float(value)
+    return table
+
+
+def _methine_angle(ideal, parent, others):
+    """X-P-H of a methine H making equal angles with its three bonds X_i (SHELXL's AFIX 13
+    geometry): for the unit bond vectors' Gram matrix G, cos = -1 / sqrt(1' G^-1 1)."""
+    cos = np.eye(3)
+    for i in range(3):
+        for j in range(i + 1, 3):
+            cos[i, j] = cos[j, i] = np.cos(np.radians(ideal[(others[i], parent, others[j])]))
+    return float(np.degrees(np.arccos(-1.0 / np.sqrt(np.linalg.inv(cos).sum()))))
+
+
+def hydrogen_terms(atoms, bonds, angles, planes, hydrogens):
+    """Atoms, bonds (name-name electron esd nucleus esd), angles and planes of the hydrogens
+    ``hydrogens`` ("parent:H1,H2 ...") of a monomer with the given heavy-atom tables."""
+    element = {a.split(":")[0]: a.split(":")[1] for a in atoms.split()}
+    heavy = {n: [] for n in element}
+    for spec, _, _ in _items(bonds):
+        a, b = spec.split("-")
+        heavy[a].append(b)
+        heavy[b].append(a)
+    ideal = _angle_table(angles)
+    h_atoms, h_bonds, h_angles = [], [], []
+    planes = [p for p in planes if p]
+    for group in hydrogens.split():
+        parent, names = group.split(":")
+        hs = names.split(",")
+        others = heavy[parent]
+        coordination = len(others) + len(hs)
+        dist, nucleus = _xh_distance(element[parent], coordination, len(hs))
+        for h in hs:
+            h_atoms.append(f"{h}:H:H")
+            h_bonds.append(f"{parent}-{h} {dist} {XH_SIGMA} {nucleus} {XH_SIGMA}")
+        if element[parent] == "S":
+            h_angles += [f"{x}-{parent}-{h} 96.5 3.0" for x in others for h in hs]
+        elif parent == "O" and not others:                          # water
+            h_angles.append(f"{hs[0]}-O-{hs[1]} 104.5 {HH_ANGLE_SIGMA}")
+        elif coordination == 3 and element[parent] in "CN":        # planar parent
+            if len(others) == 2:
+                outer = 180.0 - ideal[(others[0], parent, others[1])] / 2.0
+                h_angles += [f"{x}-{parent}-{hs[0]} {outer:.2f} {H_ANGLE_SIGMA}" for x in others]
+            else:
+                h_angles += [f"{others[0]}-{parent}-{h} 120.0 {H_ANGLE_SIGMA}" for h in hs]
+                h_angles.append(f"{hs[0]}-{parent}-{hs[1]} 120.0 {HH_ANGLE_SIGMA}")
+            planes = [f"{p} {' '.join(hs)}" if parent in p.split() else p for p in planes]
+        elif len(others) == 3:                                      # methine
+            angle = _methine_angle(ideal, parent, others)
+            h_angles += [f"{x}-{parent}-{hs[0]} {angle:.2f} {H_ANGLE_SIGMA}" for x in others]
+        else:                                                       # tetrahedral parent
+            h_angles += [f"{x}-{parent}-{h} 109.47 {H_ANGLE_SIGMA}" for x in others for h in hs]
+            h_angles += [f"{a}-{parent}-{b} 109.47 {HH_ANGLE_SIGMA}"
+                         for i, a in enumerate(hs) for b in hs[i + 1:]]
+    return " ".join(h_atoms), ", ".join(h_bonds), ", ".join(h_angles), planes
+
+
 IONS = {"NA": "NA", "K": "K", "MG": "MG", "CA": "CA", "ZN": "ZN", "MN": "MN", "FE": "FE",
         "FE2": "FE", "CU": "CU", "NI": "NI", "CO": "CO", "CD": "CD", "CL": "CL", "BR": "BR",
         "IOD": "I"}
@@ -214,31 +338,41 @@ NUCLEOTIDES = {"A": ("RNA", "A"), "C": ("RNA", "C"), "G": ("RNA", "G"), "U": ("R
 # that omega can bend a little as observed; PTRANS/PCIS when residue 2 is proline.
 # Phosphodiester "p" (Parkinson et al. 1996): no torsions, as the paper gives none.
 # Disulfide "SS" (Engh & Huber 2001); chi3 of disulfides clusters at +-90 degrees.
-PEPTIDE_ANGLES = "1:CA-1:C-2:N 117.2 2.2, 1:O-1:C-2:N 122.7 1.6, 1:C-2:N-2:CA 121.7 2.5"
+# In a chain the N of residue 2 is planar with one H: 180 - (C-N-CA)/2.
+PEPTIDE_H_ANGLE = round(180.0 - 121.7 / 2.0, 2)
+PEPTIDE_ANGLES = ("1:CA-1:C-2:N 117.2 2.2, 1:O-1:C-2:N 122.7 1.6, 1:C-2:N-2:CA 121.7 2.5, "
+                  f"1:C-2:N-2:H {PEPTIDE_H_ANGLE} {H_ANGLE_SIGMA}")
 PRO_ANGLES = ("1:CA-1:C-2:N 117.1 2.8, 1:O-1:C-2:N 121.1 1.9, 1:C-2:N-2:CA 119.3 1.5, "
               "1:C-2:N-2:CD 125.0 2.1")
-PEPTIDE_PLANES = "1:CA 1:C 1:O 2:N; 1:C 2:N 2:CA"
+PEPTIDE_PLANES = "1:CA 1:C 1:O 2:N; 1:C 2:N 2:CA 2:H"
 PRO_PLANES = "1:CA 1:C 1:O 2:N; 1:C 2:N 2:CA 2:CD"
 OMEGA = "omega 1:CA-1:C-2:N-2:CA {} 5.0 1"
 # id: (comp 1, mod 1, group 1, comp 2, mod 2, group 2, bonds, angles, torsions, planes)
 LINKS = {
-    "TRANS": (".", "DEL-OXT", "peptide", ".", ".", "peptide", "1:C-2:N 1.336 0.023",
+    "TRANS": (".", "DEL-OXT", "peptide", ".", "DEL-HN", "peptide", "1:C-2:N 1.336 0.023",
               PEPTIDE_ANGLES, OMEGA.format("180.0"), PEPTIDE_PLANES),
-    "CIS": (".", "DEL-OXT", "peptide", ".", ".", "peptide", "1:C-2:N 1.336 0.023",
+    "CIS": (".", "DEL-OXT", "peptide", ".", "DEL-HN", "peptide", "1:C-2:N 1.336 0.023",
             PEPTIDE_ANGLES, OMEGA.format("0.0"), PEPTIDE_PLANES),
-    "PTRANS": (".", "DEL-OXT", "peptide", "PRO", ".", "peptide", "1:C-2:N 1.341 0.016",
+    "PTRANS": (".", "DEL-OXT", "peptide", "PRO", "DEL-HNP", "peptide", "1:C-2:N 1.341 0.016",
                PRO_ANGLES, OMEGA.format("180.0"), PRO_PLANES),
-    "PCIS": (".", "DEL-OXT", "peptide", "PRO", ".", "peptide", "1:C-2:N 1.341 0.016",
+    "PCIS": (".", "DEL-OXT", "peptide", "PRO", "DEL-HNP", "peptide", "1:C-2:N 1.341 0.016",
              PRO_ANGLES, OMEGA.format("0.0"), PRO_PLANES),
-    "p": (".", ".", "DNA/RNA", ".", "DEL-OP3", "DNA/RNA", "1:O3'-2:P 1.607 0.012",
+    "p": (".", "DEL-HO3", "DNA/RNA", ".", "DEL-OP3", "DNA/RNA", "1:O3'-2:P 1.607 0.012",
           "1:C3'-1:O3'-2:P 119.7 1.2, 1:O3'-2:P-2:O5' 104.0 1.9, 1:O3'-2:P-2:OP1 107.4 3.2, "
           "1:O3'-2:P-2:OP2 108.3 3.2", "", ""),
-    "SS": ("CYS", ".", "peptide", "CYS", ".", "peptide", "1:SG-2:SG 2.033 0.016",
+    "SS": ("CYS", "DEL-HG", "peptide", "CYS", "DEL-HG", "peptide", "1:SG-2:SG 2.033 0.016",
            "1:CB-1:SG-2:SG 104.2 2.1, 1:SG-2:SG-2:CB 104.2 2.1",
            "ss 1:CB-1:SG-2:SG-2:CB 90.0 10.0 2", ""),
 }
-MODS = {"DEL-OXT": ("remove OXT of a linked residue", "peptide", "OXT", "O"),
-        "DEL-OP3": ("remove OP3 of a linked nucleotide", "DNA/RNA", "OP3", "O")}
+# id: (name, group, atoms deleted, changed bonds "A-B electron esd nucleus esd", changed angles)
+MODS = {"DEL-OXT": ("remove OXT of a linked residue", "peptide", "OXT", "", ""),
+        "DEL-OP3": ("remove OP3 of a linked nucleotide", "DNA/RNA", "OP3", "", ""),
+        "DEL-HN": ("amide N of a linked residue", "peptide", "H2 H3",
+                   f"N-H {XH_DISTANCES[('N', 3)][0]} {XH_SIGMA} {XH_DISTANCES[('N', 3)][1]} "
+                   f"{XH_SIGMA}", f"CA-N-H {PEPTIDE_H_ANGLE} {H_ANGLE_SIGMA}"),
+        "DEL-HNP": ("imide N of a linked proline", "peptide", "H H2", "", ""),
+        "DEL-HO3": ("remove HO3' of a linked nucleotide", "DNA/RNA", "HO3'", "", ""),
+        "DEL-HG": ("remove HG of a disulfide-bonded cysteine", "peptide", "HG", "", "")}
 
 
 def _items(text):
@@ -256,17 +390,27 @@ def _loop(tag, columns, rows):
     return "\n".join(lines) + "\n"
 
 
-def _monomer(name, atoms, bonds, angles, chirals, planes, group="L-peptide"):
+def _monomer(name, atoms, bonds, angles, chirals, planes, group="L-peptide", hydrogens=""):
     if isinstance(planes, str):
         planes = [planes]
+    n_heavy = len(atoms.split())
+    if hydrogens:
+        h_atoms, h_bonds, h_angles, planes = hydrogen_terms(atoms, bonds, angles, planes,
+                                                            hydrogens)
+        atoms, angles = f"{atoms} {h_atoms}", f"{angles}, {h_angles}" if angles else h_angles
+        bonds = f"{bonds}, {h_bonds}" if bonds else h_bonds
     atom_rows = [(name, *a.split(":"), 0) for a in atoms.split()]
     out = [f"data_comp_{name}\n",
            _loop("chem_comp_atom", ["comp_id", "atom_id", "type_symbol", "type_energy",
                                     "partial_charge"], atom_rows)]
     if bonds:
-        rows = [(name, *b.split("-"), "single", v, e) for b, v, e in _items(bonds)]
+        # Heavy-atom bonds: one distance for electron cloud and nucleus alike.
+        rows = [(name, *b.split("-"), "single", v, e, *(rest or (v, e)))
+                for b, v, e, *rest in _items(bonds)]
         out.append(_loop("chem_comp_bond", ["comp_id", "atom_id_1", "atom_id_2", "type",
-                                            "value_dist", "value_dist_esd"], rows))
+                                            "value_dist", "value_dist_esd",
+                                            "value_dist_nucleus", "value_dist_nucleus_esd"],
+                         rows))
     if angles:
         rows = [(name, *a.split("-"), v, e) for a, v, e in _items(angles)]
         out.append(_loop("chem_comp_angle", ["comp_id", "atom_id_1", "atom_id_2", "atom_id_3",
@@ -282,15 +426,15 @@ def _monomer(name, atoms, bonds, angles, chirals, planes, group="L-peptide"):
                                                   "dist_esd"], plane_rows))
     header = _loop("chem_comp", ["id", "three_letter_code", "name", "group",
                                  "number_atoms_all", "number_atoms_nh", "desc_level"],
-                   [(name, name, name, group, len(atom_rows), len(atom_rows), ".")])
+                   [(name, name, name, group, len(atom_rows), n_heavy, ".")])
     return "global_\ndata_comp_list\n" + header + "\n" + "\n".join(out)
 
 
 def amino_acid(name):
     if name == "GLY":
-        return _monomer(name, *GLY)
+        return _monomer(name, *GLY, hydrogens=HYDROGENS["GLY"])
     if name == "PRO":
-        return _monomer(name, *PRO, group="P-peptide")
+        return _monomer(name, *PRO, group="P-peptide", hydrogens=HYDROGENS["PRO"])
     atoms, bonds, angles, chirals, plane = RESIDUES[name]
     own = {a[0] for a in _items(angles)}
     cb = ", ".join(a for a in CB_ANGLES.split(", ") if a.split()[0] not in own)
@@ -298,7 +442,8 @@ def amino_acid(name):
     all_angles = ", ".join(x for x in (backbone, cb, angles) if x)
     chir = "CA N C CB positive" + (", " + chirals if chirals else "")
     return _monomer(name, f"{BACKBONE_ATOMS} {atoms}", f"{BACKBONE_BONDS}, {bonds}",
-                    all_angles, chir, ["CA C O OXT", plane])
+                    all_angles, chir, ["CA C O OXT", plane],
+                    hydrogens=f"{BACKBONE_H} {HYDROGENS[name]}")
 
 
 def _split(spec):
@@ -337,13 +482,27 @@ def library_list():
                                 "mod_id_2", "group_comp_2", "name"],
                   [(k, *v[:6], k) for k, v in LINKS.items()])
     mods = _loop("chem_mod", ["id", "name", "comp_id", "group_id"],
-                 [(k, f"'{name}'", ".", group) for k, (name, group, _, _) in MODS.items()])
+                 [(k, f"'{m[0]}'", ".", m[1]) for k, m in MODS.items()])
     blocks = ["global_\ndata_link_list\n" + links, "data_mod_list\n" + mods]
-    for k, (_, _, atom, element) in MODS.items():
-        blocks.append(f"data_mod_{k}\n\n" + _loop(
-            "chem_mod_atom", ["mod_id", "function", "atom_id", "new_atom_id", "new_type_symbol",
-                              "new_type_energy", "new_partial_charge"],
-            [(k, "delete", atom, ".", element, ".", ".")]))
+    for k, (_, _, deleted, bonds, angles) in MODS.items():
+        block = [_loop("chem_mod_atom", ["mod_id", "function", "atom_id", "new_atom_id",
+                                         "new_type_symbol", "new_type_energy",
+                                         "new_partial_charge"],
+                       [(k, "delete", a, ".", ".", ".", ".") for a in deleted.split()])]
+        if bonds:
+            block.append(_loop("chem_mod_bond", ["mod_id", "function", "atom_id_1", "atom_id_2",
+                                                 "new_type", "new_value_dist",
+                                                 "new_value_dist_esd", "new_value_dist_nucleus",
+                                                 "new_value_dist_nucleus_esd"],
+                               [(k, "change", *b.split("-"), "single", *rest)
+                                for b, *rest in _items(bonds)]))
+        if angles:
+            block.append(_loop("chem_mod_angle", ["mod_id", "function", "atom_id_1",
+                                                  "atom_id_2", "atom_id_3", "new_value_angle",
+                                                  "new_value_angle_esd"],
+                               [(k, "change", *a.split("-"), v, e)
+                                for a, v, e in _items(angles)]))
+        blocks.append(f"data_mod_{k}\n\n" + "\n".join(block))
     blocks += [_link_block(k, *v[6:]) for k, v in LINKS.items()]
     return "\n".join(blocks)
 
@@ -359,12 +518,13 @@ def nucleotide(name):
     return _monomer(name, f"{PHOSPHATE_ATOMS} {sugar_atoms} {base_atoms}",
                     f"{PHOSPHATE_BONDS}, {sugar_bonds}, {bonds}",
                     f"{PHOSPHATE_ANGLES}, {sugar_angles.replace('-N ', f'-{n} ')}, {angles}",
-                    chirals.replace(" N ", f" {n} "), [plane], group=kind)
+                    chirals.replace(" N ", f" {n} "), [plane], group=kind,
+                    hydrogens=f"{HYDROGENS[kind]} {HYDROGENS[base]}")
 
 
 ENERGY_TYPES = sorted({"NH1", "CH1", "C", "O", "OC", "CH2", "CH3", "OH1", "SH1", "S2", "SE",
                        "NH2", "NT3", "C5", "NR5", "CR15", "CR6", "CR16", "CR56", "NR15", "N",
-                       "P", "OP", "O2", "NRD5", "NRD6", "NR16", "NR6"})
+                       "P", "OP", "O2", "NRD5", "NRD6", "NR16", "NR6", "OH2", "H"})
 
 
 def ener_lib():
@@ -393,7 +553,8 @@ def write(out=OUT):
         _write_monomer(out, name, amino_acid(name))
     for name in NUCLEOTIDES:
         _write_monomer(out, name, nucleotide(name))
-    _write_monomer(out, "HOH", _monomer("HOH", "O:O:OH2", "", "", "", [], group="non-polymer"))
+    _write_monomer(out, "HOH", _monomer("HOH", "O:O:OH2", "", "", "", [], group="non-polymer",
+                                              hydrogens=HYDROGENS["HOH"]))
     for name, el in IONS.items():
         _write_monomer(out, name, _monomer(name, f"{el}:{el}:{el}", "", "", "", [],
                                            group="non-polymer"))

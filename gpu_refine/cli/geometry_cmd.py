@@ -1,6 +1,7 @@
 """Geometry report: restraint rmsd / rmsZ, outliers and nonbonded overlaps of a model.
 
 gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ignore_unknown=true]
+                    [h_distances=electron|nucleus]
 """
 import json
 import logging
@@ -23,6 +24,8 @@ def add_arguments(parser):
                         help="extra monomer CIF (repeatable)")
     parser.add_argument("--ignore-unknown", action="store_true",
                         help="leave residues without a dictionary unrestrained")
+    parser.add_argument("--h-distances", choices=("electron", "nucleus"), default="electron",
+                        help="X-H bond targets: electron cloud (X-ray, default) or nucleus")
     parser.add_argument("--json", help="write the statistics as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -50,6 +53,7 @@ def main(args):
     topology, results = geometry_report(batch.model, monlib=args.monlib,
                                         dictionaries=args.dictionary,
                                         ignore_unknown=args.ignore_unknown, xyz=xyz,
+                                        h_distances=args.h_distances,
                                         backend=args.backend)
     links = ", ".join(f"{k} {v}" for k, v in sorted(topology.links.items()))
     log.info("restraints from %s; links: %s", topology.library, links or "none")

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import gemmi
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from .library import read_library
 
 log = logging.getLogger(__name__)
 
 CHIRAL_SIGMA = 0.2     # Å³, as refmac and servalcat use for chiral volumes
 LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by sequence
+H_DISTANCES = ("electron", "nucleus")
 
 
 @dataclass
@@ -119,13 +120,16 @@ def _index(atoms):
 
 
 def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
-                   link_distance=LINK_DISTANCE):
+                   link_distance=LINK_DISTANCE, h_distances="electron"):
     """Topology of ``model`` (a Model) from a monomer library.
 
     monlib: library directory (else $CLIBD_MON, else the built-in dictionary); dictionaries:
     extra monomer CIF files; ignore_unknown: leave residues without a dictionary unrestrained
-    instead of failing.
+    instead of failing; h_distances: X-H bond targets to the electron cloud (X-ray, the
+    library's value_dist) or to the nucleus (neutron; value_dist_nucleus).
     """
+    if h_distances not in H_DISTANCES:
+        raise ParameterError(f"h_distances must be electron or nucleus, not {h_distances!r}")
     if model.n_atoms == 0:
         raise InputError("the model has no atoms")
     st = model.structure.clone()
@@ -182,6 +186,13 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                      np.array([t.restr.esd for t in items], np.float64))
 
     bonds = simple(topo.bonds, 2)
+    if h_distances == "nucleus" and len(bonds):
+        # Libraries give value_dist_nucleus for X-H bonds; other bonds keep value_dist.
+        nucleus = np.array([b.restr.value_nucleus for b in topo.bonds])
+        esd = np.array([b.restr.esd_nucleus for b in topo.bonds])
+        use = np.isfinite(nucleus) & (nucleus > 0) & np.isfinite(esd) & (esd > 0)
+        bonds.ideal = np.where(use, nucleus, bonds.ideal)
+        bonds.sigma = np.where(use, esd, bonds.sigma)
     angles = simple(topo.angles, 3)
     torsions = simple(topo.torsions, 4)
     torsions.period = np.array([t.restr.period for t in topo.torsions], np.int32)

@@ -66,6 +66,7 @@ class RSRSettings:
     monlib: str = None
     dictionaries: list = field(default_factory=list)
     ignore_unknown: bool = False
+    h_distances: str = "electron"      # X-H bond targets: electron (cloud) | nucleus
 
     def parsed_strategy(self):
         words = [w.strip() for w in str(self.strategy).replace(",", "+").split("+") if w.strip()]
@@ -81,6 +82,9 @@ class RSRSettings:
         self.parsed_strategy()
         if self.adp not in ("individual", "group"):
             raise ParameterError(f"adp must be individual or group, not {self.adp!r}")
+        if self.h_distances not in ("electron", "nucleus"):
+            raise ParameterError(f"h_distances must be electron or nucleus, not "
+                                 f"{self.h_distances!r}")
         if self.target not in ("cc", "map_value"):
             raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
         if self.weight is not None and not self.weight > 0:
@@ -167,7 +171,8 @@ class RealSpaceRefinement:
         self.backend = bk = get_backend(backend)
         self.dtype = np.dtype(dtype)
         self.topology = build_topology(model, monlib=s.monlib, dictionaries=s.dictionaries,
-                                       ignore_unknown=s.ignore_unknown)
+                                       ignore_unknown=s.ignore_unknown,
+                                       h_distances=s.h_distances)
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.prepared = prepare_map(map_data, model.xyz, s.cushion, s.mask_radius, s.mask_edge)
