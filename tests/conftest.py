@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_refine.backend import available_backends, get_backend
+import host_cuda
+from gpu_refine.backend import Backend, available_backends, get_backend
 
 SHARED = Path(os.environ.get("GPU_REFINE_SHARED_DATA")
               or Path(__file__).resolve().parents[1].parent / "shared" / "data")
@@ -19,11 +20,18 @@ def backend(request):
     return get_backend(request.param)
 
 
-@pytest.fixture(scope="session")
-def gpu():
-    if "cupy" not in BACKENDS:
-        pytest.skip("CuPy with a CUDA device is not available")
-    return get_backend("cupy")
+@pytest.fixture(scope="session", params=["cupy", "host"])
+def gpu(request):
+    """The CUDA kernel provider: on the GPU where CuPy sees one, and with the same kernel
+    sources and launch code compiled for the host CPU (tests/host_cuda.py) where a C++20
+    compiler is present, so that parity tests run the .cu files on every machine."""
+    if request.param == "cupy":
+        if "cupy" not in BACKENDS:
+            pytest.skip("CuPy with a CUDA device is not available")
+        return get_backend("cupy")
+    if host_cuda.compiler() is None:
+        pytest.skip("no C++ compiler to build the CUDA sources for the host")
+    return Backend("host", np, host_cuda.host_kernels(), "CUDA sources on the host CPU")
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,11 @@ def evaluate(bk, name, args, values, n_delta, seed_energy=None, seed_grad=None, 
     xp = bk.xp
     args = tuple(bk.asarray(a) for a in args)
     n_models = values.shape[0]
-    energy = xp.zeros(n_models, xp.float64) if seed_energy is None else bk.asarray(seed_energy)
-    grad = xp.zeros(values.shape, values.dtype) if seed_grad is None else bk.asarray(seed_grad)
+    # Copies: on NumPy asarray would hand back the seed itself, and two evaluations would then
+    # add into (and compare) the same array.
+    energy = (xp.zeros(n_models, xp.float64) if seed_energy is None
+              else bk.asarray(seed_energy).copy())
+    grad = xp.zeros(values.shape, values.dtype) if seed_grad is None else bk.asarray(seed_grad).copy()
     d = xp.full((n_models, n_delta), np.nan, values.dtype) if delta else None
     getattr(bk.ops, name)(*args, energy, grad, d)
     return (bk.to_numpy(energy), bk.to_numpy(grad), None if d is None else bk.to_numpy(d))
