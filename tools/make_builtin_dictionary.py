@@ -338,9 +338,10 @@ NUCLEOTIDES = {"A": ("RNA", "A"), "C": ("RNA", "C"), "G": ("RNA", "G"), "U": ("R
 # that omega can bend a little as observed; PTRANS/PCIS when residue 2 is proline.
 # Phosphodiester "p" (Parkinson et al. 1996): no torsions, as the paper gives none.
 # Disulfide "SS" (Engh & Huber 2001); chi3 of disulfides clusters at +-90 degrees.
+C_N_CA = 121.7
 # In a chain the N of residue 2 is planar with one H: 180 - (C-N-CA)/2.
-PEPTIDE_H_ANGLE = round(180.0 - 121.7 / 2.0, 2)
-PEPTIDE_ANGLES = ("1:CA-1:C-2:N 117.2 2.2, 1:O-1:C-2:N 122.7 1.6, 1:C-2:N-2:CA 121.7 2.5, "
+PEPTIDE_H_ANGLE = round(180.0 - C_N_CA / 2.0, 2)
+PEPTIDE_ANGLES = (f"1:CA-1:C-2:N 117.2 2.2, 1:O-1:C-2:N 122.7 1.6, 1:C-2:N-2:CA {C_N_CA} 2.5, "
                   f"1:C-2:N-2:H {PEPTIDE_H_ANGLE} {H_ANGLE_SIGMA}")
 PRO_ANGLES = ("1:CA-1:C-2:N 117.1 2.8, 1:O-1:C-2:N 121.1 1.9, 1:C-2:N-2:CA 119.3 1.5, "
               "1:C-2:N-2:CD 125.0 2.1")
@@ -554,7 +555,7 @@ def write(out=OUT):
     for name in NUCLEOTIDES:
         _write_monomer(out, name, nucleotide(name))
     _write_monomer(out, "HOH", _monomer("HOH", "O:O:OH2", "", "", "", [], group="non-polymer",
-                                              hydrogens=HYDROGENS["HOH"]))
+                                        hydrogens=HYDROGENS["HOH"]))
     for name, el in IONS.items():
         _write_monomer(out, name, _monomer(name, f"{el}:{el}:{el}", "", "", "", [],
                                            group="non-polymer"))

@@ -8,6 +8,7 @@ import logging
 
 from ..io import write_atomically
 from ..model import read_batch
+from ..restraints.topology import H_DISTANCES
 from ..workflows.geometry import geometry_report
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def add_arguments(parser):
                         help="extra monomer CIF (repeatable)")
     parser.add_argument("--ignore-unknown", action="store_true",
                         help="leave residues without a dictionary unrestrained")
-    parser.add_argument("--h-distances", choices=("electron", "nucleus"), default="electron",
+    parser.add_argument("--h-distances", choices=H_DISTANCES, default=H_DISTANCES[0],
                         help="X-H bond targets: electron cloud (X-ray, default) or nucleus")
     parser.add_argument("--json", help="write the statistics as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

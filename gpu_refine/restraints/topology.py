@@ -129,7 +129,8 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     library's value_dist) or to the nucleus (neutron; value_dist_nucleus).
     """
     if h_distances not in H_DISTANCES:
-        raise ParameterError(f"h_distances must be electron or nucleus, not {h_distances!r}")
+        raise ParameterError(f"h_distances must be {' or '.join(H_DISTANCES)}, not "
+                             f"{h_distances!r}")
     if model.n_atoms == 0:
         raise InputError("the model has no atoms")
     st = model.structure.clone()
