@@ -181,6 +181,27 @@ def test_unknown_residue_and_bad_library(shared, tmp_path):
         build_topology(model, monlib=tmp_path)
 
 
+@pytest.mark.parametrize("library", ["builtin", "ccp4"])
+def test_phenix_style_n_terminal_hydrogens(library, request):
+    """reduce/phenix name the three H of a free N-terminus H1, H2, H3, the CCP4 library H, H2,
+    H3: H1 is restrained as H, and keeps its name."""
+    monlib = None if library == "builtin" else str(request.getfixturevalue("shared") / "monomers")
+    st = read_model_from_helix().structure.clone()
+    first = st[0][0][0]
+    n = first.find_atom("N", "*").clone()   # add_atom may move the residue's atoms
+    for name, d in (("H1", (0.9, 0.3, 0.2)), ("H2", (-0.3, 0.9, 0.2)), ("H3", (-0.3, -0.4, 0.9))):
+        h = n.clone()
+        h.name, h.element, h.pos = name, gemmi.Element("H"), n.pos + gemmi.Position(*d)
+        first.add_atom(h)
+    model = Model.from_gemmi(st)
+    topo = build_topology(model, monlib=monlib)
+    assert len(topo.unrestrained) == 0
+    bonded = {topo.labels[j].rsplit("/", 1)[1] for i, j in topo.bonds.atoms
+              if topo.labels[i] == topo.labels[0].rsplit("/", 1)[0] + "/N"}
+    assert {"H1", "H2", "H3"} <= bonded
+    assert [a.name for a in model.structure[0][0][0]][-3:] == ["H1", "H2", "H3"]
+
+
 def test_restraints_gpu_matches_numpy(shared, gpu):
     """The whole restraint set (every type, the nonbonded pair list) of a shaken batch through
     the CUDA kernels equals the NumPy twins: energies, gradients and per-restraint deltas."""
