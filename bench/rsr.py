@@ -8,12 +8,16 @@ time per model, CCmask (our map_model_cc twin) and geometry.  The CPU peer is Se
 its executable; its map gets the MRC ORIGIN moved into NSTART, which Servalcat reads.
 
     python bench/rsr.py [--data ../shared/data] [--batches 1,16,128] [--numpy-batches 1]
-                        [--servalcat PATH]
+                        [--servalcat PATH] [--repeat R]
+
+With ``--repeat R`` every row runs R times, the rows taking turns (so that a machine that slows
+down for a while slows all of them alike), and the median wall time is reported with the range.
 """
 import argparse
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +101,7 @@ def main():
     ap.add_argument("--batches", default="1,16,128", help="batch sizes on the GPU")
     ap.add_argument("--numpy-batches", default="1", help="batch sizes on NumPy")
     ap.add_argument("--servalcat", default=None, help="servalcat executable (CPU peer)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every row, taking turns")
     args = ap.parse_args()
     data = Path(args.data)
     monlib = data / "monomers"
@@ -106,21 +111,36 @@ def main():
     print("| program | batch | wall (s) | s per model | CCmask mean | CCmask min | "
           "bonds max (Å) | angles max (°) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    plans = [("numpy", int(b)) for b in args.numpy_batches.split(",") if b]
-    if "cupy" in available_backends():
-        plans += [("cupy", int(b)) for b in args.batches.split(",")]
-    for name, n in plans:
-        backend = get_backend(name)
-        wall, stats = run_ours(model, map_data, monlib, backend, n)
-        cc = np.array([s["cc_mask_final"] for s in stats])
-        print(f"| gpu_refine {name} | {n} | {wall:.1f} | {wall / n:.3f} | {cc.mean():.4f} | "
-              f"{cc.min():.4f} | {max(s['rmsd_bonds'] for s in stats):.4f} | "
-              f"{max(s['rmsd_angles'] for s in stats):.2f} |", flush=True)
+    rows = [(name, int(b)) for name, bs in (("numpy", args.numpy_batches),
+                                            ("cupy", args.batches)) for b in bs.split(",") if b
+            if name in available_backends()]
     if args.servalcat:
-        wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
-        print(f"| servalcat refine_spa_norefmac | 1 | {wall:.1f} | {wall:.3f} | {cc:.4f} | "
-              f"{cc:.4f} | {bonds:.4f} | {angles:.2f} |")
-
+        rows.append(("servalcat", 1))
+    walls = {row: [] for row in rows}
+    results = {}
+    for _ in range(max(1, args.repeat)):
+        for row in rows:
+            name, n = row
+            if name == "servalcat":
+                wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
+                results[row] = (np.array([cc]), bonds, angles)
+            else:
+                wall, stats = run_ours(model, map_data, monlib, get_backend(name), n)
+                results[row] = (np.array([s["cc_mask_final"] for s in stats]),
+                                max(s["rmsd_bonds"] for s in stats),
+                                max(s["rmsd_angles"] for s in stats))
+            walls[row].append(wall)
+            print(f"# {name} batch {n}: {wall:.1f} s, CCmask {results[row][0].mean():.4f}",
+                  file=sys.stderr, flush=True)
+    for row in rows:
+        name, n = row
+        w = np.array(walls[row])
+        cc, bonds, angles = results[row]
+        label = ("servalcat refine_spa_norefmac" if name == "servalcat"
+                 else f"gpu_refine {name}")
+        spread = f" ({w.min():.1f}-{w.max():.1f})" if len(w) > 1 else ""
+        print(f"| {label} | {n} | {np.median(w):.1f}{spread} | {np.median(w) / n:.3f} | "
+              f"{cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | {angles:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

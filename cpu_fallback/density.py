@@ -277,23 +277,24 @@ def _spread_boxes(amp, k, d, inside):
 def _adjoint_boxes(w, amp, k, bt, d):
     """For the weights w (A,e0,e1,e2) of each atom's box (zero outside the sphere): per atom
     sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) and sum_p w ρ (A,), from the moments
-    S[a,b,c] = sum w (dx^a ex)(dy^b ey)(dz^c ez) of each Gaussian."""
+    S[a,b,c] = sum w (dx^a ex)(dy^b ey)(dz^c ez) of each Gaussian.
+
+    The sums run one axis at a time as batched matrix products (z, then y for the three
+    z-moments at once, then x for the seven moments needed)."""
     ex, ey, ez = (_factors(k, x) for x in d)
     dx, dy, dz = (x[:, None, :] for x in d)
     a, e0, e1, e2 = w.shape
-    zs = np.concatenate([ez, ez * dz, ez * dz * dz], axis=1)                 # (A,3G,e2)
-    z = np.matmul(w.reshape(a, e0 * e1, e2), zs.transpose(0, 2, 1))          # (A,e0*e1,3G)
-    z = z.reshape(a, e0, e1, 3, -1)
-    y = np.einsum("aijcg,agj->aicg", z, ey)                                  # (A,e0,3,G)
-    y_dy = np.einsum("aijg,agj->aig", z[:, :, :, 0], ey * dy)
-    y_dy2 = np.einsum("aijg,agj->aig", z[:, :, :, 0], ey * dy * dy)
-    s000 = np.einsum("aig,agi->ag", y[:, :, 0], ex)
-    s100 = np.einsum("aig,agi->ag", y[:, :, 0], ex * dx)
-    s200 = np.einsum("aig,agi->ag", y[:, :, 0], ex * dx * dx)
-    s001 = np.einsum("aig,agi->ag", y[:, :, 1], ex)
-    s002 = np.einsum("aig,agi->ag", y[:, :, 2], ex)
-    s010 = np.einsum("aig,agi->ag", y_dy, ex)
-    s020 = np.einsum("aig,agi->ag", y_dy2, ex)
+    ng = k.shape[1]
+    zs = np.stack([ez, ez * dz, ez * dz * dz], axis=2).reshape(a, 3 * ng, e2)      # (A,G·3,e2)
+    z = np.matmul(zs, w.reshape(a, e0 * e1, e2).transpose(0, 2, 1))               # (A,G·3,e0e1)
+    ys = np.stack([ey, ey * dy, ey * dy * dy], axis=3)                              # (A,G,e1,3)
+    y = np.matmul(z.reshape(a, ng, 3 * e0, e1), ys).reshape(a, ng, 3, e0, 3)       # [z^c, i, y^b]
+    y00 = y[:, :, 0, :, 0]
+    s000 = (y00 * ex).sum(-1)
+    s100 = (y00 * ex * dx).sum(-1)
+    s200 = (y00 * ex * dx * dx).sum(-1)
+    s010, s020 = (y[:, :, 0, :, 1] * ex).sum(-1), (y[:, :, 0, :, 2] * ex).sum(-1)
+    s001, s002 = (y[:, :, 1, :, 0] * ex).sum(-1), (y[:, :, 2, :, 0] * ex).sum(-1)
     ka = 2.0 * k * amp
     pos = np.stack([(ka * s100).sum(1), (ka * s010).sum(1), (ka * s001).sum(1)], axis=1)
     db = (amp / bt * (k * (s200 + s020 + s002) - 1.5 * s000)).sum(1)

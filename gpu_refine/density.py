@@ -133,6 +133,7 @@ class ModelMapper:
         self.ops = _symmetry_ops(spec)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
+        self._radius = None  # (total B, cutoff, radius) of the last call
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):
@@ -166,8 +167,7 @@ class ModelMapper:
             u = batch.u
             bmax = U_TO_B * xp.max(u[..., :3], axis=-1) + blur
             bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
-        radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
-                               self.settings.cutoff).astype(batch.dtype)
+        radius = self._cutoff_radius(batch.model, atom_coefs, bt)
         xyz, u = batch.xyz, batch.u
         if len(self.ops) > 1:
             rs = [xp.asarray(r, dtype=batch.dtype) for r, _ in self.ops]
@@ -180,6 +180,20 @@ class ModelMapper:
         stype_k = np.tile(stype, k)
         aniso_k = None if aniso is None else np.tile(aniso, k)
         return (xyz, tile(batch.b), u, aniso_k, tile(batch.occ), stype_k, coefs, tile(radius))
+
+    def _cutoff_radius(self, model, atom_coefs, bt):
+        """cutoff_radius, kept for the last model and total B: a map and its adjoint, and every
+        evaluation of a sites refinement, see the same B."""
+        xp = self.backend.xp
+        key = (self.settings.cutoff, self.settings.table)
+        last = self._radius
+        if (last is not None and last[0] is model and last[1] == key and last[2].shape == bt.shape
+                and last[2].dtype == bt.dtype and bool(xp.array_equal(last[2], bt))):
+            return last[3]
+        radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
+                               self.settings.cutoff).astype(bt.dtype)
+        self._radius = (model, key, bt.copy(), radius)
+        return radius
 
     # -- maps -------------------------------------------------------------------------------
     def exact(self, batch, blur=None):

@@ -70,3 +70,18 @@ def test_fourier_image_has_no_terms_beyond_resolution(backend):
     s2 = backend.to_numpy(spec.s2(backend.xp))
     assert f[s2 > 1 / 3.0**2 * 1.0001].max() < 1e-8 * f.max()
     assert f[s2 <= 1 / 3.0**2].max() > 0
+
+
+def test_radii_follow_b_changed_in_place(backend):
+    """The mapper keeps the last cutoff radii; B changed in place (as refinement does) gives
+    the map a fresh mapper computes."""
+    model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAK"))
+    spec = gr.box_around(model.xyz, 0.8, 4.0)
+    batch = gr.Batch.from_model(model, 2, backend=backend)
+    mapper = ModelMapper(spec, 2.5, DensitySettings(blur=20.0), backend=backend)
+    before = backend.to_numpy(mapper.exact(batch, 20.0))
+    batch.b[1] += 60.0
+    after = backend.to_numpy(mapper.exact(batch, 20.0))
+    fresh = ModelMapper(spec, 2.5, DensitySettings(blur=20.0), backend=backend)
+    assert np.array_equal(after, backend.to_numpy(fresh.exact(batch, 20.0)))
+    assert np.array_equal(after[0], before[0]) and not np.allclose(after[1], before[1])

@@ -1,5 +1,6 @@
 """Real-space refinement: simulated and real (EMD-2566) cases, strategies, bad input."""
 import dataclasses
+from types import SimpleNamespace
 
 import gemmi
 import numpy as np
@@ -157,37 +158,44 @@ def test_bad_input(helix):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, adp="tls"))
 
 
-@pytest.mark.parametrize("limit_index", [-1, 0, 2, 4, 5])
+@pytest.mark.parametrize("limit_index", [-9, -3, -1, 0, 2, 4, 5, 7, 14])
 def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkeypatch,
                                                           limit_index):
     """Geometry worsens with the weight: the search returns the largest trial within the
-    limits (the smallest if none is), bisecting on a CPU (3 of 6 trials) and running all
-    trials at once on a GPU."""
+    limits, bisecting on a CPU (3 of 6 trials) and running all trials at once on a GPU.  A
+    limit outside the six trials (a scale that does not suit the map) is found by going on
+    beyond that end, by up to six more trials; past those, the end trial is used."""
     model, map_data = helix
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight_trials=6,
                                                            weight_iterations=1),
                               backend=backend)
     monkeypatch.setattr(job, "_weight_scale", lambda batch: 1.0)
-    weights = 2.0 ** (np.arange(6) - 3)
     seen = []
 
     def refine_sites(batch, w, iterations):
         seen.append(np.asarray(w, dtype=float).tolist())
+        batch.xyz[...] = batch.xyz + backend.xp.asarray(np.log2(seen[-1]) + 3)[:, None, None]
+        return SimpleNamespace(iterations=np.full(len(seen[-1]), iterations))
 
     def geometry(batch):
         # Trials up to ``limit_index`` keep bonds within 0.01 Å, the others do not.
         k = np.log2(seen[-1]) + 3
-        return [{"rmsd_bonds": 0.004 + 0.001 * kk if kk <= limit_index else 0.02,
+        return [{"rmsd_bonds": 0.004 if kk <= limit_index else 0.02,
                  "rmsd_angles": 0.5} for kk in k]
 
     monkeypatch.setattr(job, "refine_sites", refine_sites)
     monkeypatch.setattr(job, "geometry", geometry)
-    w, trials = job.search_weight(Batch.from_model(model, 1, backend=backend))
+    choice = job.search_weight(Batch.from_model(model, 1, backend=backend))
     tried = sorted(x for call in seen for x in call)
-    assert tried == [t["weight"] for t in trials]
-    expected = weights[max(limit_index, 0)]
-    assert w == pytest.approx(expected)
+    assert tried == [t["weight"] for t in choice.trials]
+    k = int(np.clip(limit_index, -6, 11))
+    assert choice.weight == pytest.approx(2.0 ** (k - 3))
+    # The chosen trial's model comes back (the stub moved trial k by k Å along x, y and z).
+    assert np.allclose(backend.to_numpy(choice.xyz), model.xyz + k, atol=1e-4)
+    assert choice.iterations == 1
+    inside = 0 <= limit_index < 5
     if backend.is_gpu:
-        assert len(seen) == 1 and len(tried) == 6
+        assert len(seen) == (1 if inside else 2) and len(tried) == 6 * len(seen)
     else:
-        assert all(len(call) == 1 for call in seen) and len(tried) <= 3
+        extra = 0 if inside else min(abs(limit_index - (5 if limit_index > 0 else -1)) + 1, 6)
+        assert all(len(call) == 1 for call in seen) and len(tried) <= 3 + extra

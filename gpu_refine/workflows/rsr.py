@@ -114,6 +114,14 @@ class RSRResult:
     time: float = 0.0
 
 
+@dataclass
+class WeightChoice:
+    weight: float                 # the chosen data weight
+    trials: list                  # {"weight", "rmsd_bonds", "rmsd_angles"} per trial run
+    xyz: object                   # (N,3) model 1 refined with the chosen weight
+    iterations: int               # L-BFGS iterations of that run
+
+
 class _Groups:
     """Occupancy groups: one per (residue, altloc) of atoms with altlocs or partial occupancy;
     the altloc groups of one residue are constrained to sum to 1 (occ_g = p_g / sum p)."""
@@ -285,46 +293,73 @@ class RealSpaceRefinement:
         return geometry_statistics(self.restraints, batch.xyz, max_outliers=0)
 
     def search_weight(self, start):
-        """Trial weights from one start; returns (weight, trials).
+        """Trial weights from model 1 of ``start``; returns a WeightChoice.
 
-        On a GPU every trial is a batch member and all run at once.  On a CPU each member costs
-        as much as a model of its own, so the trials are bisected instead: geometry worsens as
-        the weight grows, and the largest acceptable trial is found in log2(n) trials.
+        Trial k has weight scale × 2^(k - n/2) (``_weight_scale``), k = 0 … n-1 first.  On a
+        GPU every trial is a batch member and all run at once.  On a CPU each member costs as
+        much as a model of its own, so the trials are bisected instead: geometry worsens as the
+        weight grows, and the largest acceptable trial is found in log2(n) trials.  Where every
+        trial was acceptable, or none, the scale was off for this map: the search goes on
+        beyond that end (by up to n more trials) until the limit is bracketed.
         """
         s = self.settings
         n = s.weight_trials
-        weights = self._weight_scale(start) * 2.0 ** (np.arange(n) - n // 2)
+        scale = self._weight_scale(start)
         bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
-        results = {}
+        results, refined = {}, {}
 
-        def acceptable(t):
+        def acceptable(k):
+            t = results[k]
             return t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim
 
-        def run(indices):
-            trial = start.subset([0] * len(indices))
-            self.refine_sites(trial, weights[indices], s.weight_iterations)
-            for k, g in zip(indices, self.geometry(trial)):
-                results[k] = {"weight": float(weights[k]), "rmsd_bonds": g["rmsd_bonds"],
+        def run(ks):
+            ks = list(ks)
+            weights = scale * 2.0 ** (np.asarray(ks, dtype=np.float64) - n // 2)
+            trial = start.subset([0] * len(ks))
+            res = self.refine_sites(trial, weights, s.weight_iterations)
+            for j, (k, g) in enumerate(zip(ks, self.geometry(trial))):
+                results[k] = {"weight": float(weights[j]), "rmsd_bonds": g["rmsd_bonds"],
                               "rmsd_angles": g["rmsd_angles"]}
+                refined[k] = (trial.xyz[j].copy(), int(res.iterations[j]))
 
         if self.backend.is_gpu:
-            run(list(range(n)))
+            run(range(n))
+            ok = [k for k in results if acceptable(k)]
+            if len(ok) == n:
+                run(range(n, 2 * n))
+            elif not ok:
+                run(range(-n, 0))
         else:
             lo, hi = -1, n          # trial lo is acceptable (or none), trial hi is not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 run([mid])
-                lo, hi = (mid, hi) if acceptable(results[mid]) else (lo, mid)
+                lo, hi = (mid, hi) if acceptable(mid) else (lo, mid)
+            if lo == n - 1:         # all acceptable up to the top: go up
+                for k in range(n, 2 * n):
+                    run([k])
+                    if not acceptable(k):
+                        break
+            elif lo == -1:          # none acceptable: go down
+                for k in range(-1, -n - 1, -1):
+                    run([k])
+                    if acceptable(k):
+                        break
+        ok = [k for k in results if acceptable(k)]
+        best = max(ok) if ok else min(results)
         trials = [results[k] for k in sorted(results)]
-        ok = [t for t in trials if acceptable(t)]
-        chosen = max(ok, key=lambda t: t["weight"]) if ok else trials[0]
-        for t in trials:
+        for k in sorted(results):
+            t = results[k]
             log.info("  weight %10.4g: bonds %.4f Å, angles %.2f°%s", t["weight"],
-                     t["rmsd_bonds"], t["rmsd_angles"], "  <- chosen" if t is chosen else "")
+                     t["rmsd_bonds"], t["rmsd_angles"], "  <- chosen" if k == best else "")
         if not ok:
             log.warning("no trial weight kept bonds <= %.3f Å and angles <= %.2f°; using the "
                         "smallest", bond_lim, angle_lim)
-        return chosen["weight"], trials
+        elif best == max(results):
+            log.warning("every trial weight up to %.4g kept the geometry within the limits; "
+                        "using that one", results[best]["weight"])
+        xyz, iterations = refined[best]
+        return WeightChoice(results[best]["weight"], trials, xyz, iterations)
 
     def _weight_scale(self, batch):
         """The middle trial weight: WEIGHT_SCALE × the ratio of restraint gradient norm (the
@@ -384,7 +419,7 @@ class RealSpaceRefinement:
             iterations += self.refine_adp(batch, s.adp_iterations).iterations
         log.info("start prepared (regularised%s) in %.1f s", ", B refined" if
                  self.strategy["adp"] else "", time.perf_counter() - t0)
-        trials = []
+        trials, sites_done = [], 0
         if not self.strategy["sites"]:
             weight = np.zeros(n)
         elif s.weight is not None:
@@ -393,14 +428,24 @@ class RealSpaceRefinement:
             log.info("automatic weight: %d trial weights, %d iterations each", s.weight_trials,
                      s.weight_iterations)
             tw = time.perf_counter()
-            w, trials = self.search_weight(batch)
-            weight = np.full(n, w)
-            log.info("weight %.4g chosen in %.1f s", w, time.perf_counter() - tw)
+            choice = self.search_weight(batch)
+            trials = choice.trials
+            weight = np.full(n, choice.weight)
+            # The chosen trial refined model 1 from this very start with this weight: it is
+            # that model's first sites step (with more iterations) and is not repeated.
+            batch.xyz[0] = choice.xyz
+            iterations[0] += choice.iterations
+            sites_done = 1
+            log.info("weight %.4g chosen in %.1f s", choice.weight, time.perf_counter() - tw)
         w_dev = xp.asarray(weight)
         for cycle in range(1, s.macro_cycles + 1):
             tc = time.perf_counter()
-            if self.strategy["sites"]:
-                iterations += self.refine_sites(batch, w_dev, s.sites_iterations).iterations
+            first = sites_done if cycle == 1 else 0
+            if self.strategy["sites"] and first < n:
+                rest = batch.subset(slice(first, n))
+                res = self.refine_sites(rest, w_dev[first:], s.sites_iterations)
+                batch.xyz[first:] = rest.xyz
+                iterations[first:] += res.iterations
             if self.strategy["adp"]:
                 iterations += self.refine_adp(batch, s.adp_iterations).iterations
             if self.strategy["occupancy"]:
