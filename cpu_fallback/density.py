@@ -82,21 +82,16 @@ def _model_rows(shapes, m, *keys):
     return tuple(shapes[k][m if shapes[k].shape[0] > 1 else 0] for k in keys)
 
 
-def _fold_axis(a, axis, n, pad):
-    """Sum a padded periodic axis (index i is grid point (i - pad) mod n) onto its n points,
-    one contiguous run at a time."""
-    shape = list(a.shape)
-    shape[axis] = n
-    out = np.zeros(shape)
-    i, length = 0, a.shape[axis]
+def _wrap_runs(length, n, pad):
+    """(source, destination) slices that put padded indices 0..length-1 of a periodic axis
+    (index i is grid point (i - pad) mod n) onto the n points, one contiguous run each."""
+    runs, i = [], 0
     while i < length:
         g = (i - pad) % n
         run = min(n - g, length - i)
-        dst, src = [slice(None)] * 3, [slice(None)] * 3
-        dst[axis], src[axis] = slice(g, g + run), slice(i, i + run)
-        out[tuple(dst)] += a[tuple(src)]
+        runs.append((slice(i, i + run), slice(g, g + run)))
         i += run
-    return out
+    return runs
 
 
 class _PaddedGrid:
@@ -115,9 +110,14 @@ class _PaddedGrid:
         if not self.periodic:
             p = self.pad
             return acc[p[0]:p[0] + self.n[0], p[1]:p[1] + self.n[1], p[2]:p[2] + self.n[2]]
-        for axis in range(3):
-            acc = _fold_axis(acc, axis, int(self.n[axis]), int(self.pad[axis]))
-        return acc
+        # One pass: every block of the padded grid that maps onto one contiguous block.
+        out = np.zeros(tuple(int(x) for x in self.n))
+        runs = [_wrap_runs(acc.shape[a], int(self.n[a]), int(self.pad[a])) for a in range(3)]
+        for s0, d0 in runs[0]:
+            for s1, d1 in runs[1]:
+                for s2, d2 in runs[2]:
+                    out[d0, d1, d2] += acc[s0, s1, s2]
+        return out
 
     def expand(self, grid):
         """The padded copy of a stored grid (wrapped if periodic, zeros outside a box)."""
@@ -341,7 +341,10 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
                                                    weights=box.ravel(),
                                                    minlength=last - first)
                 return acc
-            out[m] = grid.fold(functools.reduce(np.add, _by_worker(share, chunks)))
+            parts = _by_worker(share, chunks)
+            for part in parts[1:]:
+                parts[0] += part
+            out[m] = grid.fold(parts[0])
             continue
         grid, chunks = _pairs(xyz[m], radius[m], geom, out.shape[1:], periodic)
         acc = np.zeros(int(np.prod(grid.shape)))
