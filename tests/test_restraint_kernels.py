@@ -17,8 +17,13 @@ def random_case(rng, kind, n_models=3, n_atoms=40, n_restr=25, dtype=np.float64)
 
     if kind in ("bond", "nonbonded"):
         atoms = tuples(2)
-        d = np.linalg.norm(xyz[0, atoms[:, 0]] - xyz[0, atoms[:, 1]], axis=-1)
-        ideal = (d + rng.uniform(-0.5, 0.5, n_restr)).astype(dtype)
+        d = np.linalg.norm(xyz[:, atoms[:, 0]] - xyz[:, atoms[:, 1]], axis=-1)
+        ideal = d[0] + rng.uniform(-0.5, 0.5, n_restr)
+        if kind == "nonbonded":
+            # Repulsion acts only below dmin: the first pairs are too close in every model
+            # (each model has energy), the others are random (some pairs inactive).
+            ideal[:n_restr // 2] = d.max(axis=0)[:n_restr // 2] + 0.3
+        ideal = ideal.astype(dtype)
         return f"{kind}_terms", (xyz, atoms, ideal, w), xyz, n_restr
     if kind == "angle":
         return "angle_terms", (xyz, tuples(3), rng.uniform(1.0, 2.5, n_restr).astype(dtype), w), \

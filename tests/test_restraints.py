@@ -12,7 +12,7 @@ from gpu_refine.model import Model, read_model
 from gpu_refine.restraints.adp import ADPRestraints
 from gpu_refine.restraints.geometry import GeometryRestraints
 from gpu_refine.restraints.stats import geometry_statistics
-from gpu_refine.restraints.topology import build_topology
+from gpu_refine.restraints.topology import build_topology, ccp4_hydrogen_names
 from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
 
 MODELS = {"5e5z": "xray/5e5z/5e5z.pdb", "1l2h": "xray/1l2h/1l2h.cif.gz",
@@ -28,8 +28,10 @@ def without_h(path):
 
 
 def gemmi_topology(model, monlib):
-    """gemmi's Topo and the structure and library it points into (which must outlive it)."""
+    """gemmi's Topo and the structure and library it points into (which must outlive it).
+    N-terminal H1 (phenix naming) are named H first, as build_topology does (4xof has them)."""
     st = model.structure.clone()
+    ccp4_hydrogen_names(st)
     lib = gemmi.read_monomer_lib(str(monlib) + "/", st[0].get_all_residue_names())
     return gemmi.prepare_topology(st, lib, warnings=io.StringIO(),
                                   ignore_unknown_links=True), st, lib

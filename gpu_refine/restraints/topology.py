@@ -111,9 +111,9 @@ def _link_by_sequence(st, link_distance):
     return moved
 
 
-def _ccp4_hydrogen_names(st):
-    """In this (scratch) copy, name the N-terminal H1 of amino acids (phenix/reduce style) H,
-    as the CCP4 library does (H, H2, H3); returns the number renamed."""
+def ccp4_hydrogen_names(st):
+    """Name the N-terminal H1 of amino acids (phenix/reduce style) H, as the CCP4 library does
+    (H, H2, H3), in ``st`` (build_topology's scratch copy); returns the number renamed."""
     renamed = 0
     for res in (r for ch in st[0] for r in ch):
         info = gemmi.find_tabulated_residue(res.name)
@@ -174,7 +174,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     del ch[k]
         log.warning("%d atoms of residue(s) %s have no dictionary and are left unrestrained",
                     len(unrestrained), ", ".join(missing))
-    renamed = _ccp4_hydrogen_names(st)
+    renamed = ccp4_hydrogen_names(st)
     if renamed:
         log.info("%d N-terminal H1 restrained as the library's H", renamed)
     if link_distance:
