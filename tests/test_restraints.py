@@ -11,6 +11,7 @@ from gpu_refine.errors import InputError
 from gpu_refine.model import Model, read_model
 from gpu_refine.restraints.adp import ADPRestraints
 from gpu_refine.restraints.geometry import GeometryRestraints
+from gpu_refine.restraints.nonbonded import NonbondedSettings
 from gpu_refine.restraints.stats import geometry_statistics
 from gpu_refine.restraints.topology import build_topology, ccp4_hydrogen_names
 from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
@@ -202,6 +203,88 @@ def test_phenix_style_n_terminal_hydrogens(library, request):
               if topo.labels[i] == topo.labels[0].rsplit("/", 1)[0] + "/N"}
     assert {"H1", "H2", "H3"} <= bonded
     assert [a.name for a in model.structure[0][0][0]][-3:] == ["H1", "H2", "H3"]
+
+
+def _brute_force_mate_energy(model, topo, restraints):
+    """1/2 sum over every atom and every image of every atom (all operations, lattice shifts
+    -2..2) closer than its minimum distance, but the atom itself and its special-position
+    images: the lattice energy per asymmetric unit, found without the pair list."""
+    pl = restraints.pairs
+    st = model.structure
+    cell = st.cell
+    orth, frac = np.array(cell.orth.mat.tolist()), np.array(cell.frac.mat.tolist())
+    x = model.xyz.astype(np.float64)
+    tree = cKDTree(x)
+    w = 1.0 / restraints.nonbonded_settings.sigma ** 2
+    energy = 0.0
+    shifts = np.array(np.meshgrid(*[range(-2, 3)] * 3, indexing="ij")).reshape(3, -1).T
+    for op in st.find_spacegroup().operations():
+        rot = np.array(op.rot, dtype=np.float64) / op.DEN
+        tran = np.array(op.tran, dtype=np.float64) / op.DEN
+        identity = np.allclose(rot, np.eye(3)) and not tran.any()
+        for shift in shifts:
+            if identity and not shift.any():
+                continue
+            image = (x @ frac.T @ rot.T + tran + shift) @ orth.T
+            if np.any(image.min(0) > x.max(0) + 4.0) or np.any(image.max(0) < x.min(0) - 4.0):
+                continue
+            hits = tree.sparse_distance_matrix(cKDTree(image), 4.0, output_type="ndarray")
+            i, j, d = hits["i"], hits["j"], hits["v"]
+            keep = pl._allowed(i, j) & ~((i == j) & (d < pl.settings.special_position))
+            i, j, d = i[keep], j[keep], d[keep]
+            dmin = pl.min_distance(i, j, mates=True)
+            energy += 0.5 * w * (np.clip(dmin - d, 0, None) ** 2).sum()
+    return energy
+
+
+def test_symmetry_mates_repel_in_a_crystal(shared, backend):
+    """4hg7 (P 65 2 2, a hexagonal cell): the nonbonded energy with mates minus that without is
+    the lattice energy per asymmetric unit found by brute force, its gradient matches finite
+    differences, and a cryo-EM model (no crystal cell) has no mates."""
+    st = gemmi.read_structure(str(shared / MODELS["4hg7"]))
+    st.remove_hydrogens()
+    st.setup_entities()
+    c = st.cell   # a cell 4 % smaller brings the mates into contact
+    st.cell = gemmi.UnitCell(0.96 * c.a, 0.96 * c.b, 0.96 * c.c, c.alpha, c.beta, c.gamma)
+    model = Model.from_gemmi(st)
+    topo = build_topology(model, monlib=shared / "monomers")
+    assert topo.spacegroup == "P 65 2 2"
+    rng = np.random.default_rng(7)
+    xyz = (model.xyz + rng.normal(scale=0.1, size=model.xyz.shape))[None]
+    moved = Model.from_gemmi(model.to_gemmi(xyz[0], model.b, model.occ))
+    plain = GeometryRestraints(topo, backend=backend, dtype=np.float64,
+                               nonbonded=NonbondedSettings(symmetry=False))
+    full = GeometryRestraints(topo, backend=backend, dtype=np.float64)
+
+    def nonbonded(restraints):
+        energy, delta = restraints.terms(xyz)["nonbonded"]
+        return float(backend.to_numpy(energy)[0]), backend.to_numpy(delta)[0]
+
+    def total(x):
+        return float(backend.to_numpy(full.energy_and_gradient(x)[0])[0])
+
+    e_plain, e_full = nonbonded(plain)[0], nonbonded(full)[0]
+    assert full.pairs.n_mates > 0 and plain.pairs.n_mates == 0
+    expected = _brute_force_mate_energy(moved, topo, full)
+    assert expected > 0
+    assert e_full - e_plain == pytest.approx(expected, rel=1e-9)
+    grad = backend.to_numpy(full.energy_and_gradient(xyz)[1])
+    # Atoms in violated contacts with mates, on either side.
+    pl = full.pairs
+    violated = (nonbonded(full)[1] < 0) & (pl.pairs[:, 1] >= model.n_atoms)
+    pairs = pl.pairs[violated]
+    atoms = np.unique(np.concatenate([pairs[:3, 0], pl.mate_atom[pairs[:3, 1] - model.n_atoms]]))
+    assert len(atoms) >= 3
+    h = 1e-5
+    for a in atoms:
+        for c in range(3):
+            plus, minus = xyz.copy(), xyz.copy()
+            plus[0, a, c] += h
+            minus[0, a, c] -= h
+            fd = (total(plus) - total(minus)) / (2 * h)
+            assert grad[0, a, c] == pytest.approx(fd, rel=1e-5, abs=1e-6)
+    em = build_topology(without_h(shared / MODELS["3j6b"]), monlib=shared / "monomers")
+    assert em.cell is None and GeometryRestraints(em).pairs.ops is None
 
 
 def test_restraints_gpu_matches_numpy(shared, gpu):

@@ -48,6 +48,7 @@ class GeometryRestraints:
                                        arr(_weights(t.planes.sigma)))),
         }
         self.pairs = PairList(topology, self.nonbonded_settings)
+        self._mates = None
         self._reference = None
 
     @property
@@ -69,19 +70,44 @@ class GeometryRestraints:
             moved = float(xp.sqrt(((xyz - ref) ** 2).sum(-1)).max())
             if moved <= self.pairs.allowed_move:
                 return False
-        self.pairs.build(xyz, self.backend)
+        pl = self.pairs.build(xyz, self.backend)
         w = 1.0 / self.nonbonded_settings.sigma ** 2
         bk = self.backend
         self._kernels["nonbonded"] = ("nonbonded_terms", (
-            bk.asarray(self.pairs.pairs, dtype=np.int32),
-            bk.asarray(self.pairs.dmin, dtype=self.dtype),
-            bk.asarray(np.full(len(self.pairs.dmin), w), dtype=self.dtype)))
+            bk.asarray(pl.pairs, dtype=np.int32),
+            bk.asarray(pl.dmin, dtype=self.dtype),
+            bk.asarray(w * pl.weight, dtype=self.dtype)))
+        self._mates = None
+        if pl.n_mates:
+            self._mates = (bk.asarray(pl.mate_atom, dtype=np.int64),
+                           bk.asarray(pl.mate_rot, dtype=self.dtype),
+                           bk.asarray(pl.mate_shift, dtype=self.dtype))
         self._reference = xyz.copy()
         return True
 
     def _run(self, name, xyz, energy, grad, delta):
         function, args = self._kernels[name]
+        if name == "nonbonded" and self._mates is not None:
+            self._run_with_mates(args, xyz, energy, grad, delta)
+            return
         getattr(self.backend.ops, function)(xyz, *args, energy, grad, delta)
+
+    def _run_with_mates(self, args, xyz, energy, grad, delta):
+        """Nonbonded terms on the atoms followed by their symmetry mates; a mate's gradient
+        returns to its atom through R^T (mate = R x + t)."""
+        xp = self.backend.xp
+        atom, rot, shift = self._mates
+        ext = self.pairs.extend(xyz, self.backend, atom, rot, shift)
+        g_ext = xp.zeros(ext.shape, dtype=grad.dtype)
+        self.backend.ops.nonbonded_terms(ext, *args, energy, g_ext, delta)
+        n_models, n = xyz.shape[:2]
+        back = xp.einsum("mji,bmj->bmi", rot, g_ext[:, n:])
+        flat = (xp.arange(n_models)[:, None] * n + atom[None, :]).ravel()
+        total = g_ext[:, :n].reshape(-1, 3)
+        for c in range(3):
+            total[:, c] += xp.bincount(flat, weights=back[..., c].ravel(),
+                                       minlength=n_models * n).astype(grad.dtype)
+        grad += total.reshape(grad.shape)
 
     def _n_deltas(self, name):
         _, args = self._kernels[name]

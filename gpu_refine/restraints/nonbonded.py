@@ -8,11 +8,18 @@ a batch: candidates come from a search around the batch mean with the radius gro
 largest deviation from it; a candidate is kept when some model has it within dmin + margin.  It
 is rebuilt when any atom of any model has moved more than half the margin since.
 
+In a crystal (the model's cell and space group) atoms also meet symmetry mates: those contacts
+are pairs (i, mate m) where mate m is R_m x_j + t_m, a copy of atom j placed by a space-group
+operation and lattice translation found at build time.  Each contact is listed from both sides
+with half weight: the energy per asymmetric unit is right, and each atom gets the whole force.
+An atom within 1 Å of its own image sits on a special position and is not repelled by it.
+
 Minimum distances: the sum of the two atoms' radii below (reduced van der Waals radii, so that
 well-refined deposited structures have almost no violations), 2.6 Å between N/O atoms (they may
 be hydrogen-bonded), 1.8 Å between a hydrogen and N/O; metal ions use a small radius since their
 coordination distances are short.
 """
+import itertools
 from dataclasses import dataclass
 
 import gemmi
@@ -36,6 +43,8 @@ class NonbondedSettings:
     one_four_factor: float = 0.8
     margin: float = 1.0           # Å added to the pair search radius
     clash_overlap: float = 0.4    # Å below dmin counted as an overlap in statistics
+    symmetry: bool = True         # contacts with symmetry mates in a crystal
+    special_position: float = 1.0  # Å: an atom this close to its own image is on a special position
 
 
 def atom_radius(element):
@@ -43,6 +52,15 @@ def atom_radius(element):
     if el in RADII:
         return RADII[el]
     return METAL_RADIUS if gemmi.Element(el).is_metal else OTHER_RADIUS
+
+
+def _operations(cell, spacegroup):
+    """(cell, [(R, t)]): the fractional operations of the space group, centring included."""
+    ops = []
+    for op in gemmi.SpaceGroup(spacegroup).operations():
+        ops.append((np.array(op.rot, dtype=np.float64) / op.DEN,
+                    np.array(op.tran, dtype=np.float64) / op.DEN))
+    return cell, ops
 
 
 def _keys(i, j, n):
@@ -75,19 +93,69 @@ class PairList:
         far = a3.tocoo()
         self._one_four = np.setdiff1d(np.unique(_keys(far.row, far.col, n)), self._excluded)
         self.max_dmin = 2 * float(self.radius.max()) if n else 0.0
-        self.pairs = np.zeros((0, 2), np.int32)
+        self.ops = None
+        if self.settings.symmetry and topology.cell is not None:
+            self.ops = _operations(topology.cell, topology.spacegroup)
+        self.pairs = np.zeros((0, 2), np.int32)   # atom i, atom j or n_atoms + mate
         self.dmin = np.zeros(0)
+        self.weight = np.zeros(0)                 # 1, or 1/2 for a contact with a mate
+        self.mate_atom = np.zeros(0, np.int64)    # atom j of each mate
+        self.mate_rot = np.zeros((0, 3, 3))       # Cartesian R of each mate
+        self.mate_shift = np.zeros((0, 3))        # Cartesian t (Å) of each mate
         self.n_builds = 0
 
-    def min_distance(self, i, j):
-        """Minimum allowed distance for atom pairs (i, j) (arrays)."""
+    def min_distance(self, i, j, mates=False):
+        """Minimum allowed distance for atom pairs (i, j) (arrays); ``mates``: j is a symmetry
+        mate (never 1-4 to i)."""
         ei, ej = self.element[i], self.element[j]
         dmin = self.radius[i] + self.radius[j]
         pi, pj = np.isin(ei, POLAR), np.isin(ej, POLAR)
         dmin = np.where(pi & pj, POLAR_PAIR_DMIN, dmin)
         dmin = np.where(((ei == "H") & pj) | ((ej == "H") & pi), POLAR_H_DMIN, dmin)
+        if mates:
+            return dmin
         one_four = np.isin(_keys(i, j, self.n_atoms), self._one_four)
         return np.where(one_four, dmin * self.settings.one_four_factor, dmin)
+
+    def _allowed(self, i, j):
+        """Pairs that may repel: not in different conformers, both atoms restrained."""
+        alt_i, alt_j = self.altloc[i], self.altloc[j]
+        keep = ~((alt_i != "") & (alt_j != "") & (alt_i != alt_j))
+        return keep & ~(self._unrestrained[i] | self._unrestrained[j])
+
+    def _mate_candidates(self, mean, radius):
+        """Contacts of the mean model with symmetry mates within ``radius``: (i, j, R, t) with
+        Cartesian R (P,3,3) and t (P,3) placing atom j at R x_j + t near atom i."""
+        cell = gemmi.UnitCell(*self.ops[0])
+        orth = np.array(cell.orth.mat.tolist())
+        frac = np.array(cell.frac.mat.tolist())
+        f = mean @ frac.T
+        reach = radius * np.sqrt((frac ** 2).sum(axis=1))   # the radius in cell fractions
+        tree = cKDTree(mean)
+        found = []
+        for rot, tran in self.ops[1]:
+            g = f @ rot.T + tran
+            lo = np.floor(f.min(axis=0) - g.max(axis=0) - reach).astype(int)
+            hi = np.ceil(f.max(axis=0) - g.min(axis=0) + reach).astype(int)
+            identity = np.allclose(rot, np.eye(3)) and np.allclose(tran, 0)
+            r_cart = orth @ rot @ frac
+            for shift in itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi))):
+                if identity and not any(shift):
+                    continue
+                t_cart = orth @ (tran + np.asarray(shift, dtype=np.float64))
+                image = mean @ r_cart.T + t_cart
+                hits = tree.sparse_distance_matrix(cKDTree(image), radius, output_type="ndarray")
+                if len(hits):
+                    found.append((hits["i"], hits["j"], hits["v"], r_cart, t_cart))
+        if not found:
+            return None
+        i = np.concatenate([h[0] for h in found])
+        j = np.concatenate([h[1] for h in found])
+        d = np.concatenate([h[2] for h in found])
+        rot = np.concatenate([np.broadcast_to(h[3], (len(h[0]), 3, 3)) for h in found])
+        shift = np.concatenate([np.broadcast_to(h[4], (len(h[0]), 3)) for h in found])
+        keep = self._allowed(i, j) & ~((i == j) & (d < self.settings.special_position))
+        return i[keep], j[keep], rot[keep], shift[keep]
 
     def build(self, xyz, backend):
         """Pairs for every model of ``xyz`` (B,N,3), an array of ``backend``."""
@@ -97,12 +165,20 @@ class PairList:
         radius = self.max_dmin + self.settings.margin + 2 * spread
         pairs = cKDTree(mean).query_pairs(radius, output_type="ndarray")
         i, j = pairs[:, 0], pairs[:, 1]
-        keep = ~np.isin(_keys(i, j, self.n_atoms), self._excluded)
-        alt_i, alt_j = self.altloc[i], self.altloc[j]
-        keep &= ~((alt_i != "") & (alt_j != "") & (alt_i != alt_j))
-        keep &= ~(self._unrestrained[i] | self._unrestrained[j])
+        keep = ~np.isin(_keys(i, j, self.n_atoms), self._excluded) & self._allowed(i, j)
         i, j = i[keep], j[keep]
         dmin = self.min_distance(i, j)
+        weight = np.ones(len(i))
+        n = self.n_atoms
+        mates = self._mate_candidates(mean, radius) if self.ops is not None else None
+        rot, shift, mate_atom = np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros(0, np.int64)
+        if mates is not None:
+            mi, mate_atom, rot, shift = mates
+            i = np.concatenate([i, mi])
+            j = np.concatenate([j, n + np.arange(len(mi))])
+            dmin = np.concatenate([dmin, self.min_distance(mi, mate_atom, mates=True)])
+            weight = np.concatenate([weight, np.full(len(mi), 0.5)])
+        ext = self.extend(xyz, backend, mate_atom, rot, shift)
         # Keep the pairs that some model has within dmin + margin: until an atom moves by half
         # the margin, no other pair can come closer than dmin.
         close = np.zeros(len(i), dtype=bool)
@@ -110,13 +186,36 @@ class PairList:
         for lo in range(0, len(i), chunk):
             ii = backend.asarray(i[lo:lo + chunk], dtype=np.int64)
             jj = backend.asarray(j[lo:lo + chunk], dtype=np.int64)
-            d2 = ((xyz[:, ii] - xyz[:, jj]) ** 2).sum(-1).min(axis=0)
+            d2 = ((ext[:, ii] - ext[:, jj]) ** 2).sum(-1).min(axis=0)
             reach = backend.asarray(dmin[lo:lo + chunk] + self.settings.margin)
             close[lo:lo + chunk] = backend.to_numpy(d2 < reach ** 2)
-        self.pairs = np.stack([i[close], j[close]], axis=1).astype(np.int32)
-        self.dmin = dmin[close]
+        i, j, dmin, weight = i[close], j[close], dmin[close], weight[close]
+        # Only the mates of kept contacts, renumbered in order.
+        used = np.unique(j[j >= n]) - n
+        if len(mate_atom):
+            renumber = np.zeros(len(mate_atom), np.int64)
+            renumber[used] = np.arange(len(used))
+            j = np.where(j >= n, n + renumber[np.maximum(j - n, 0)], j)
+        self.pairs = np.stack([i, j], axis=1).astype(np.int32)
+        self.dmin, self.weight = dmin, weight
+        self.mate_atom, self.mate_rot, self.mate_shift = mate_atom[used], rot[used], shift[used]
         self.n_builds += 1
         return self
+
+    @staticmethod
+    def extend(xyz, backend, mate_atom, rot, shift):
+        """Coordinates (B, N + M, 3) of the atoms followed by the symmetry mates."""
+        if not len(mate_atom):
+            return xyz
+        xp = backend.xp
+        r = backend.asarray(rot, dtype=xyz.dtype)
+        t = backend.asarray(shift, dtype=xyz.dtype)
+        mates = xp.einsum("mij,bmj->bmi", r, xyz[:, backend.asarray(mate_atom)]) + t
+        return xp.concatenate([xyz, mates], axis=1)
+
+    @property
+    def n_mates(self):
+        return len(self.mate_atom)
 
     @property
     def allowed_move(self):

@@ -65,17 +65,26 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
         r["n_outliers"] = len(outliers)
         r["outliers"] = outliers[:max_outliers]
         if "nonbonded" in terms:
+            pl = restraints.pairs
             delta = terms["nonbonded"][1][m]
             overlap = -delta
             clash = overlap > restraints.nonbonded_settings.clash_overlap
-            r["n_nonbonded"] = int(len(delta))
-            r["n_overlaps"] = int(clash.sum())
+            # A contact with a symmetry mate is listed from both sides at half weight.
+            r["n_nonbonded"] = int(round(float(pl.weight.sum())))
+            r["n_overlaps"] = int(np.ceil(float(pl.weight[clash].sum()) - 1e-9))
             if len(delta):
                 k = int(np.argmax(overlap))
-                i, j = restraints.pairs.pairs[k]
-                r["worst_overlap"] = {"atoms": [str(topo.labels[i]), str(topo.labels[j])],
-                                      "distance": float(restraints.pairs.dmin[k] + delta[k]),
-                                      "min_distance": float(restraints.pairs.dmin[k]),
+                r["worst_overlap"] = {"atoms": [_pair_label(topo, pl, a) for a in pl.pairs[k]],
+                                      "distance": float(pl.dmin[k] + delta[k]),
+                                      "min_distance": float(pl.dmin[k]),
                                       "overlap": float(overlap[k])}
         results.append(r)
     return results
+
+
+def _pair_label(topo, pairs, a):
+    """Label of atom ``a`` of a nonbonded pair (an index past the atoms is a symmetry mate)."""
+    if a < topo.n_atoms:
+        return str(topo.labels[a])
+    return f"{topo.labels[pairs.mate_atom[a - topo.n_atoms]]} (symmetry mate)"
+

@@ -58,6 +58,8 @@ class Topology:
     links: Counter = field(default_factory=Counter)   # link id -> count (polymer + extra)
     unrestrained: np.ndarray = None   # indices of atoms with no dictionary definition
     library: str = ""
+    cell: tuple = None            # (a, b, c, alpha, beta, gamma) of a crystal, else None
+    spacegroup: str = None        # its space group (Hermann-Mauguin), else None
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
@@ -239,4 +241,14 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     element=np.asarray(model.element), bonds=bonds, angles=angles,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
                     unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
-                    library=where)
+                    library=where, **_crystal(model.structure))
+
+
+def _crystal(st):
+    """Cell and space group of a crystal model (none for a cryo-EM model's 1 Å or missing
+    cell), for contacts with symmetry mates."""
+    sg = st.find_spacegroup()
+    if not st.cell.is_crystal() or sg is None:
+        return {}
+    c = st.cell
+    return {"cell": (c.a, c.b, c.c, c.alpha, c.beta, c.gamma), "spacegroup": sg.hm}
