@@ -284,7 +284,7 @@ def test_symmetry_mates_repel_in_a_crystal(shared, backend):
             fd = (total(plus) - total(minus)) / (2 * h)
             assert grad[0, a, c] == pytest.approx(fd, rel=1e-5, abs=1e-6)
     em = build_topology(without_h(shared / MODELS["3j6b"]), monlib=shared / "monomers")
-    assert em.cell is None and GeometryRestraints(em).pairs.ops is None
+    assert em.cell is None and GeometryRestraints(em).pairs.crystal is None
 
 
 def test_restraints_gpu_matches_numpy(shared, gpu):

@@ -93,9 +93,9 @@ class PairList:
         far = a3.tocoo()
         self._one_four = np.setdiff1d(np.unique(_keys(far.row, far.col, n)), self._excluded)
         self.max_dmin = 2 * float(self.radius.max()) if n else 0.0
-        self.ops = None
+        self.crystal = None   # (cell, fractional operations) where mates are searched
         if self.settings.symmetry and topology.cell is not None:
-            self.ops = _operations(topology.cell, topology.spacegroup)
+            self.crystal = _operations(topology.cell, topology.spacegroup)
         self.pairs = np.zeros((0, 2), np.int32)   # atom i, atom j or n_atoms + mate
         self.dmin = np.zeros(0)
         self.weight = np.zeros(0)                 # 1, or 1/2 for a contact with a mate
@@ -126,14 +126,15 @@ class PairList:
     def _mate_candidates(self, mean, radius):
         """Contacts of the mean model with symmetry mates within ``radius``: (i, j, R, t) with
         Cartesian R (P,3,3) and t (P,3) placing atom j at R x_j + t near atom i."""
-        cell = gemmi.UnitCell(*self.ops[0])
+        cell_params, operations = self.crystal
+        cell = gemmi.UnitCell(*cell_params)
         orth = np.array(cell.orth.mat.tolist())
         frac = np.array(cell.frac.mat.tolist())
         f = mean @ frac.T
         reach = radius * np.sqrt((frac ** 2).sum(axis=1))   # the radius in cell fractions
         tree = cKDTree(mean)
         found = []
-        for rot, tran in self.ops[1]:
+        for rot, tran in operations:
             g = f @ rot.T + tran
             lo = np.floor(f.min(axis=0) - g.max(axis=0) - reach).astype(int)
             hi = np.ceil(f.max(axis=0) - g.min(axis=0) + reach).astype(int)
@@ -170,7 +171,7 @@ class PairList:
         dmin = self.min_distance(i, j)
         weight = np.ones(len(i))
         n = self.n_atoms
-        mates = self._mate_candidates(mean, radius) if self.ops is not None else None
+        mates = self._mate_candidates(mean, radius) if self.crystal is not None else None
         rot, shift, mate_atom = np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros(0, np.int64)
         if mates is not None:
             mi, mate_atom, rot, shift = mates
