@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import get_backend
 from .errors import InputError, ParameterError
+from .grid import space_group_operations
 from .scattering import form_factor_table
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,7 @@ def _symmetry_ops(spec):
     cell = spec.unit_cell
     orth = np.array(cell.orth.mat.tolist())
     frac = np.array(cell.frac.mat.tolist())
-    ops = []
-    for op in sg.operations():
-        rot = np.array(op.rot, dtype=np.float64) / op.DEN
-        tran = np.array(op.tran, dtype=np.float64) / op.DEN
-        ops.append((orth @ rot @ frac, orth @ tran))
-    return ops
+    return [(orth @ rot @ frac, orth @ tran) for rot, tran in space_group_operations(sg.hm)]
 
 
 @dataclass
@@ -133,7 +129,7 @@ class ModelMapper:
         self.ops = _symmetry_ops(spec)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
-        self._radius = None  # (total B, cutoff, radius) of the last call
+        self._radius = None  # (model, (cutoff, table), total B, radii) of the last call
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):

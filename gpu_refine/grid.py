@@ -89,6 +89,13 @@ class GridSpec:
         return (s * s).sum(axis=-1)
 
 
+def space_group_operations(spacegroup):
+    """Fractional (R, t) of every operation of a space group (centring included)."""
+    return [(np.array(op.rot, dtype=np.float64) / op.DEN,
+             np.array(op.tran, dtype=np.float64) / op.DEN)
+            for op in gemmi.SpaceGroup(spacegroup).operations()]
+
+
 def box_around(xyz, spacing, padding=5.0):
     """A periodic P1 box grid around positions, sampling at most ``spacing`` Å, FFT-friendly."""
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)

@@ -27,6 +27,8 @@ import numpy as np
 import scipy.sparse
 from scipy.spatial import cKDTree
 
+from ..grid import space_group_operations
+
 RADII = {"H": 1.0, "C": 1.6, "N": 1.45, "O": 1.4, "S": 1.7, "P": 1.7, "SE": 1.8, "F": 1.35,
          "CL": 1.6, "BR": 1.7, "I": 1.85}
 METAL_RADIUS = 0.6
@@ -52,15 +54,6 @@ def atom_radius(element):
     if el in RADII:
         return RADII[el]
     return METAL_RADIUS if gemmi.Element(el).is_metal else OTHER_RADIUS
-
-
-def _operations(cell, spacegroup):
-    """(cell, [(R, t)]): the fractional operations of the space group, centring included."""
-    ops = []
-    for op in gemmi.SpaceGroup(spacegroup).operations():
-        ops.append((np.array(op.rot, dtype=np.float64) / op.DEN,
-                    np.array(op.tran, dtype=np.float64) / op.DEN))
-    return cell, ops
 
 
 def _keys(i, j, n):
@@ -95,7 +88,7 @@ class PairList:
         self.max_dmin = 2 * float(self.radius.max()) if n else 0.0
         self.crystal = None   # (cell, fractional operations) where mates are searched
         if self.settings.symmetry and topology.cell is not None:
-            self.crystal = _operations(topology.cell, topology.spacegroup)
+            self.crystal = (topology.cell, space_group_operations(topology.spacegroup))
         self.pairs = np.zeros((0, 2), np.int32)   # atom i, atom j or n_atoms + mate
         self.dmin = np.zeros(0)
         self.weight = np.zeros(0)                 # 1, or 1/2 for a contact with a mate

@@ -87,4 +87,3 @@ def _pair_label(topo, pairs, a):
     if a < topo.n_atoms:
         return str(topo.labels[a])
     return f"{topo.labels[pairs.mate_atom[a - topo.n_atoms]]} (symmetry mate)"
-
