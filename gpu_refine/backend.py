@@ -45,13 +45,11 @@ class Backend:
     def is_out_of_memory(self, exc):
         if not self.is_gpu:
             return isinstance(exc, MemoryError)
-        import cupy
-        return isinstance(exc, (cupy.cuda.memory.OutOfMemoryError, MemoryError))
+        return isinstance(exc, (self.xp.cuda.memory.OutOfMemoryError, MemoryError))
 
     def free_memory(self):
         if self.is_gpu:
-            import cupy
-            cupy.get_default_memory_pool().free_all_blocks()
+            self.xp.get_default_memory_pool().free_all_blocks()
 
 
 @functools.lru_cache(maxsize=None)

@@ -93,7 +93,8 @@ class DensitySettings:
 
 
 def split_on_oom(backend, n, fn, chunk=None):
-    """Call fn(slice) over range(n), halving the slice length when the device runs out of memory."""
+    """Call fn(slice) over range(n), halving the slice length when the device runs out of
+    memory.  Returns the slice length that went through."""
     chunk = chunk or n
     start = 0
     while start < n:
@@ -105,10 +106,20 @@ def split_on_oom(backend, n, fn, chunk=None):
                 raise
             backend.free_memory()
             chunk = max(1, chunk // 2)
-            log.warning("device memory exhausted; continuing with %d models per launch", chunk)
+            log.warning("device memory exhausted; continuing with %d models at a time", chunk)
             continue
         start = sl.stop
     return chunk
+
+
+def map_in_chunks(backend, batch, fn, chunk=None):
+    """[fn(sub-batch)] over consecutive sub-batches of ``batch``, each of ``chunk`` models (the
+    whole batch if None), halved while the device runs out of memory.  Returns (results,
+    chunk that went through): a caller keeps the chunk for its next call."""
+    parts = []
+    chunk = split_on_oom(backend, batch.size, lambda sl: parts.append(fn(batch.subset(sl))),
+                         chunk)
+    return parts, chunk
 
 
 class ModelMapper:
@@ -200,13 +211,9 @@ class ModelMapper:
         inputs = self._inputs(batch, blur)
         geom = self.spec.geom
 
-        def run(sl):
-            xyz, b, u, aniso, occ, stype, coefs, radius = inputs
-            self.backend.ops.spread_density(
-                xyz[sl], b[sl], None if u is None else u[sl], aniso, occ[sl], stype, coefs,
-                radius[sl], geom, blur, self.spec.periodic, out[sl])
-
-        split_on_oom(self.backend, batch.size, run)
+        xyz, b, u, aniso, occ, stype, coefs, radius = inputs
+        self.backend.ops.spread_density(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
+                                        self.spec.periodic, out)
         return out
 
     def fourier_filter(self, blur):
@@ -251,12 +258,8 @@ class ModelMapper:
                xp.empty((batch.size, n_all, 6), batch.dtype), xp.empty((batch.size, n_all), batch.dtype))
         geom = self.spec.geom
 
-        def run(sl):
-            self.backend.ops.density_adjoint(
-                xyz[sl], b[sl], None if u is None else u[sl], aniso, occ[sl], stype, coefs,
-                radius[sl], geom, blur, self.spec.periodic, dmap[sl], out=tuple(o[sl] for o in out))
-
-        split_on_oom(self.backend, batch.size, run)
+        self.backend.ops.density_adjoint(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
+                                         self.spec.periodic, dmap, out=out)
         gx, gb, gu, go = out
         k, n = len(self.ops), batch.model.n_atoms
         if k > 1:

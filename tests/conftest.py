@@ -12,15 +12,34 @@ SHARED = Path(os.environ.get("GPU_REFINE_SHARED_DATA")
 BACKENDS = available_backends()
 
 
-@pytest.fixture(params=["numpy", "cupy"])
+@pytest.fixture(params=["numpy", "cupy", "standin"])
 def backend(request):
-    """Every test that takes ``backend`` runs on NumPy and, where CuPy sees a GPU, on CuPy."""
+    """Every test that takes ``backend`` runs on NumPy, where CuPy sees a GPU on CuPy, and
+    where a C++20 compiler is present on the CuPy stand-in: the engine's GPU branches with
+    CuPy's rules for host and device arrays and the CUDA sources compiled for the host."""
+    if request.param == "standin":
+        if request.node.get_closest_marker("large"):
+            pytest.skip("full-size case: its GPU branches run on the stand-in at example size")
+        return _standin()
     if request.param not in BACKENDS:
         pytest.skip("CuPy with a CUDA device is not available")
     return get_backend(request.param)
 
 
-@pytest.fixture(scope="session", params=["cupy", "host"])
+def _standin():
+    if host_cuda.compiler() is None:
+        pytest.skip("no C++ compiler to build the CUDA sources for the host")
+    return Backend("cupy", host_cuda.standin_cupy(), host_cuda.host_kernels(),
+                   "CuPy stand-in on the host CPU (tests/cupy_standin.py)")
+
+
+@pytest.fixture
+def standin():
+    """The CuPy stand-in alone (for what only it can simulate: a device running out of memory)."""
+    return _standin()
+
+
+@pytest.fixture(scope="session", params=["cupy", "standin"])
 def gpu(request):
     """The CUDA kernel provider: on the GPU where CuPy sees one, and with the same kernel
     sources and launch code compiled for the host CPU (tests/host_cuda.py) where a C++20
@@ -29,9 +48,7 @@ def gpu(request):
         if "cupy" not in BACKENDS:
             pytest.skip("CuPy with a CUDA device is not available")
         return get_backend("cupy")
-    if host_cuda.compiler() is None:
-        pytest.skip("no C++ compiler to build the CUDA sources for the host")
-    return Backend("host", np, host_cuda.host_kernels(), "CUDA sources on the host CPU")
+    return _standin()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """The CUDA kernel provider (gpu_refine/cuda.py) with kernels/*.cu compiled for the host CPU.
 
 Where no GPU is present, the GPU parity tests still run the real kernel sources and the real
-launch code: ``gpu_refine.cuda`` is loaded against a stand-in for CuPy whose arrays are NumPy
-arrays and whose RawModule compiles the source with a C++ compiler and ``host_cuda_shim.h``
-(thread indices, atomicAdd, warp shuffles).  It checks indexing, arithmetic and launch shapes,
+launch code: ``gpu_refine.cuda`` is loaded against a stand-in for CuPy (cupy_standin.py, as
+strict as CuPy about host and device arrays) whose RawModule compiles the source with a C++
+compiler and ``host_cuda_shim.h`` (thread indices, atomicAdd, warp shuffles).  It checks indexing, arithmetic and launch shapes,
 not what only a GPU shows (races between warps, device memory, compiler differences).
 """
 import ctypes
@@ -15,10 +15,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
+
+import cupy_standin
 
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "host_cuda_shim.h"
@@ -67,7 +68,8 @@ def _build_dir():
 
 @functools.lru_cache(maxsize=None)
 def _library(code):
-    source = f'#include "{SHIM}"\n{code}\n{_trampolines(code)}\n'
+    warps = "#define HOST_CUDA_WARPS\n" if "__shfl" in code else ""
+    source = f'{warps}#include "{SHIM}"\n{code}\n{_trampolines(code)}\n'
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
     src = _build_dir() / f"{key}.cpp"
     lib = src.with_suffix(".so")
@@ -81,8 +83,12 @@ def _library(code):
 
 
 def _pointer_to(arg, keep):
-    """ctypes pointer to the value a kernel parameter receives (arrays: their data pointer)."""
+    """ctypes pointer to the value a kernel parameter receives (arrays: their data pointer).
+    As CuPy's launcher does, a host (NumPy) array is refused."""
     if isinstance(arg, np.ndarray):
+        raise TypeError("a NumPy array passed to a kernel (device arrays only)")
+    if isinstance(arg, cupy_standin.ndarray):
+        arg = arg._a
         if not arg.flags.c_contiguous:
             raise ValueError("kernel array arguments must be C-contiguous")
         value = ctypes.c_void_p(arg.ctypes.data)
@@ -119,14 +125,10 @@ class _RawModule:
         return _Function(self._lib, name)
 
 
-def _fake_cupy():
-    cp = types.ModuleType("cupy")
-    for name in ("asarray", "ascontiguousarray", "zeros", "empty", "full", "uint8", "int8",
-                 "int32", "int64", "float32", "float64"):
-        setattr(cp, name, getattr(np, name))
-    cp.RawModule = _RawModule
-    cp.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0))
-    return cp
+@functools.lru_cache(maxsize=None)
+def standin_cupy():
+    """The CuPy stand-in (cupy_standin.py) with RawModule compiling for the host."""
+    return cupy_standin.module(_RawModule)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +138,7 @@ def host_kernels():
     spec = importlib.util.spec_from_file_location("gpu_refine_cuda_on_host", CUDA_PY)
     module = importlib.util.module_from_spec(spec)
     saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = _fake_cupy()
+    sys.modules["cupy"] = standin_cupy()
     try:
         spec.loader.exec_module(module)
     finally:

@@ -153,6 +153,7 @@ def read_model_from_helix():
     return Model.from_gemmi(st)
 
 
+@pytest.mark.large
 def test_regularisation_of_a_shaken_batch(shared, backend):
     model = without_h(shared / MODELS["3j6b"])
     topo = build_topology(model, monlib=shared / "monomers")

@@ -35,6 +35,7 @@ def _rms(a, b):
     return float(np.sqrt(((np.asarray(a) - np.asarray(b)) ** 2).sum(-1).mean()))
 
 
+@pytest.mark.large
 def test_simulated_map_pulls_a_shaken_model_back(shared, backend):
     """4hg7 (protein + ligands, no waters) at 3 Å plus noise; a 1.0 Å shake comes back within
     0.3 Å rms, sites only, automatic weight.
@@ -70,6 +71,7 @@ def _emd_start(model, backend, n):
 N_STARTS = 16   # the issue's batch of differently shaken starts (about 2 min each on 2 cores)
 
 
+@pytest.mark.large
 def test_emd2566_sites_and_adp(emd2566, shared, backend):
     model, map_data = emd2566
     start = _emd_start(model, backend, N_STARTS)
@@ -81,6 +83,7 @@ def test_emd2566_sites_and_adp(emd2566, shared, backend):
         assert st["rmsd_bonds"] <= 0.01 and st["rmsd_angles"] <= 1.5, st
 
 
+@pytest.mark.large
 def test_emd2566_sites_only(emd2566, shared, backend):
     model, map_data = emd2566
     start = _emd_start(model, backend, N_STARTS)
@@ -111,6 +114,23 @@ def test_strategies_on_the_example(helix, backend):
     assert b.mean() < 50          # the map was made with B = 30
     assert occ[:10].min() > 0.7 and np.all(occ <= 1) and np.all(occ[10:] == 1)
     assert result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]
+
+
+def test_automatic_weight_on_a_shaken_batch(helix, backend):
+    """The whole default job at example size: weight search (all trials in one batch on the
+    GPU, bisected on NumPy), three shaken starts refined together with sites + ADP."""
+    model, map_data = helix
+    result = refine_real_space(model, map_data, 3.0, backend=backend, nmodels=3, shake=0.8,
+                               seed=3, strategy="minimization_global+adp", macro_cycles=2,
+                               monlib=None)
+    assert result.batch.size == 3 and len(result.stats) == 3
+    assert len({t["weight"] for t in result.weight_trials}) >= 2
+    assert np.all(result.weight == result.weight[0]) and result.weight[0] > 0
+    for st in result.stats:
+        assert st["cc_mask_final"] > max(st["cc_mask_start"] + 0.02, 0.98), st
+        assert st["rmsd_bonds"] <= 0.015 and st["rmsd_angles"] <= 2.0, st
+    for xyz in backend.to_numpy(result.batch.xyz):
+        assert _rms(xyz, model.xyz) < 0.1
 
 
 def test_altloc_occupancies_sum_to_one(helix):

@@ -1,7 +1,10 @@
 """Data targets: gradients against finite differences on both backends, GPU/NumPy parity."""
+import logging
+
 import numpy as np
 import pytest
 
+import cupy_standin
 import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.backend import get_backend
@@ -90,3 +93,28 @@ def test_targets_gpu_matches_numpy(case, gpu, rng):
         np.testing.assert_allclose(gpu.to_numpy(f_g), f_c, rtol=1e-6)
         np.testing.assert_allclose(gpu.to_numpy(g_g.xyz), g_c.xyz, rtol=1e-5,
                                    atol=1e-6 * np.abs(g_c.xyz).max())
+
+
+def test_model_map_target_splits_the_batch_when_device_memory_runs_out(case, standin, rng,
+                                                                      monkeypatch, caplog):
+    """With no device array allowed larger than 2.5 model maps, a batch of 8 is evaluated two
+    models at a time (8 -> 4 -> 2), with the values and gradients of the whole batch."""
+    model, prepared = case
+    settings = DensitySettings(blur=30.0, dtype="float64")
+    batch = _batch(model, standin, rng, n=8)
+    whole = ModelMapTarget(prepared, 2.5, backend=standin, settings=settings)
+    f_all, g_all = whole.value_and_gradient(batch, ("xyz", "b"))
+    target = ModelMapTarget(prepared, 2.5, backend=standin, settings=settings)
+    map_bytes = 8 * int(np.prod(prepared.spec.shape))
+    monkeypatch.setattr(cupy_standin, "allocation_limit", int(2.5 * map_bytes))
+    with pytest.raises(cupy_standin.OutOfMemoryError):
+        standin.xp.zeros((3,) + tuple(prepared.spec.shape))
+    with caplog.at_level(logging.WARNING, logger="gpu_refine.density"):
+        f, g = target.value_and_gradient(batch, ("xyz", "b"))
+    assert target.chunk == 2
+    assert "continuing with 2 models at a time" in caplog.text
+    for got, want in ((f, f_all), (g.xyz, g_all.xyz), (g.b, g_all.b)):
+        np.testing.assert_allclose(standin.to_numpy(got), standin.to_numpy(want), rtol=1e-12,
+                                   atol=1e-12 * float(abs(standin.to_numpy(want)).max()))
+    np.testing.assert_allclose(target.stats(batch)["cc_target"], whole.stats(batch)["cc_target"],
+                               rtol=1e-12)

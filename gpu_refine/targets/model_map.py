@@ -9,7 +9,7 @@ deviations sum to zero).  N_atoms scales T like a sum over atoms, as the restrai
 """
 
 from ..backend import get_backend
-from ..density import DensitySettings, ModelMapper
+from ..density import DensitySettings, ModelMapper, map_in_chunks
 from .base import Gradients
 
 
@@ -29,6 +29,7 @@ class ModelMapTarget:
         my = (w * y).sum() / self.w_sum
         self.dy = (y - my) * (w > 0)
         self.syy = float((w * self.dy ** 2).sum())
+        self.chunk = None   # models per evaluation: all, until the device runs out of memory
 
     def _cc(self, image):
         """(CC (B,), dx (B,…), Sxx (B,), Sxy (B,)) of each image against the map."""
@@ -42,11 +43,29 @@ class ModelMapTarget:
         cc = sxy / xp.sqrt(xp.maximum(sxx, 1e-300) * self.syy)
         return cc, dx, sxx, sxy
 
+    def _chunked(self, batch, fn):
+        """fn over sub-batches whose model maps fit on the device (all at once where they do)."""
+        parts, self.chunk = map_in_chunks(self.backend, batch, fn, self.chunk)
+        return parts
+
+    def _target_cc(self, batch):
+        return self._cc(self.mapper.image(batch))[0]
+
     def value(self, batch):
-        cc = self._cc(self.mapper.image(batch))[0]
+        cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
         return batch.model.n_atoms * (1.0 - cc)
 
     def value_and_gradient(self, batch, wrt=("xyz",)):
+        parts = self._chunked(batch, lambda sub: self._value_and_gradient(sub, wrt))
+        if len(parts) == 1:
+            return parts[0]
+        xp = self.backend.xp
+        join = (lambda name: None if getattr(parts[0][1], name) is None else
+                xp.concatenate([getattr(g, name) for _, g in parts]))
+        return (xp.concatenate([f for f, _ in parts]),
+                Gradients(xyz=join("xyz"), b=join("b"), occ=join("occ")))
+
+    def _value_and_gradient(self, batch, wrt):
         xp = self.backend.xp
         image = self.mapper.image(batch)
         cc, dx, sxx, _ = self._cc(image)
@@ -62,5 +81,5 @@ class ModelMapTarget:
         return n * (1.0 - cc), grads
 
     def stats(self, batch):
-        cc = self._cc(self.mapper.image(batch))[0]
+        cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
         return {"cc_target": self.backend.to_numpy(cc)}

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..backend import get_backend
-from ..density import DensitySettings, refmac_blur
+from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
 from ..errors import InputError, ParameterError
 from ..mapprep import prepare_map
 from ..metrics import five_cc, molecular_mask
@@ -378,21 +378,17 @@ class RealSpaceRefinement:
         """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model."""
         bk = self.backend
         xp = bk.xp
-        from ..density import ModelMapper
         spec = self.map_data.spec
         mapper = ModelMapper(spec, self.settings.resolution,
                              DensitySettings(table=self.settings.table), backend=bk)
         exp_map = bk.asarray(self.map_data.data)
-        xyz = bk.to_numpy(batch.xyz)
-        out = {"cc_mask": [], "cc_box": []}
-        for lo in range(0, batch.size, chunk):
-            sl = slice(lo, min(batch.size, lo + chunk))
-            sub = batch.subset(sl)
-            masks = xp.asarray(np.stack([molecular_mask(self.model, x, spec) for x in xyz[sl]]))
-            ccs = five_cc(xp, exp_map, mapper.image(sub), masks)
-            out["cc_mask"] += list(ccs["cc_mask"])
-            out["cc_box"] += list(ccs["cc_box"])
-        return {k: np.asarray(v) for k, v in out.items()}
+
+        def ccs(sub):
+            masks = xp.asarray(np.stack([molecular_mask(self.model, x, spec)
+                                         for x in bk.to_numpy(sub.xyz)]))
+            return five_cc(xp, exp_map, mapper.image(sub), masks)
+        parts, _ = map_in_chunks(bk, batch, ccs, chunk)
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}
 
     # -- the run ----------------------------------------------------------------------------
     def start_batch(self):

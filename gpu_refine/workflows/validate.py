@@ -4,7 +4,7 @@ import logging
 import numpy as np
 
 from ..backend import get_backend
-from ..density import DensitySettings, ModelMapper
+from ..density import DensitySettings, ModelMapper, map_in_chunks
 from ..errors import InputError, ParameterError
 from ..grid import box_around
 from ..metrics import five_cc, image_radius, molecular_mask, per_residue_cc
@@ -68,15 +68,19 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     xyz = bk.to_numpy(batch.xyz)
     check_overlap(xyz.reshape(-1, 3), spec)
     mapper = ModelMapper(spec, d, DensitySettings(table=table), backend=bk)
-    model_maps = mapper.image(batch)
-    masks = xp.asarray(np.stack([molecular_mask(batch.model, xyz[i], spec)
-                                 for i in range(batch.size)]))
     exp_map = bk.asarray(map_data.data)
-    ccs = five_cc(xp, exp_map, model_maps, masks)
+
+    def maps_and_ccs(sub):
+        image = mapper.image(sub)
+        masks = xp.asarray(np.stack([molecular_mask(sub.model, x, spec)
+                                     for x in bk.to_numpy(sub.xyz)]))
+        return bk.to_numpy(image), five_cc(xp, exp_map, image, masks)
+    parts, _ = map_in_chunks(bk, batch, maps_and_ccs)
+    mm = np.concatenate([m for m, _ in parts])
+    ccs = {k: np.concatenate([c[k] for _, c in parts]) for k in parts[0][1]}
     b_mean = float(bk.to_numpy(batch.b).mean())
     # mmtbx's per-atom radius is the atom image's first minimum; bounded by d as cctbx reports.
     radius = atom_radius or min(d, image_radius(d, b_mean, table=table))
-    mm = bk.to_numpy(model_maps)
     residues = batch.model.residues
     results = []
     for i in range(batch.size):

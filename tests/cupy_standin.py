@@ -1,0 +1,203 @@
+"""A stand-in for CuPy on machines without a GPU, strict where CuPy is strict.
+
+Its arrays hold NumPy arrays but behave towards host code as ``cupy.ndarray`` does: NumPy,
+SciPy or gemmi cannot take them implicitly (``np.asarray(a)`` raises TypeError, as CuPy's
+``__array__`` does), a NumPy array as the operand of a device function or ufunc raises
+TypeError, and data come back only through ``.get()`` / ``asnumpy``.  As in CuPy, indexing and
+item assignment accept NumPy arrays, ``float()`` / ``int()`` / ``bool()`` of one element sync,
+and ``ascontiguousarray`` takes device arrays only.  Running the engine's GPU branches on it
+finds host/device mix-ups without a GPU; the kernels come from ``host_cuda.py``.
+
+``allocation_limit`` (bytes, None for none) makes any larger device array raise
+``cuda.memory.OutOfMemoryError``, to exercise batch splitting.
+"""
+import functools
+import types
+
+import numpy as np
+import numpy.lib.mixins
+
+allocation_limit = None
+
+
+class OutOfMemoryError(MemoryError):
+    """What ``cupy.cuda.memory.OutOfMemoryError`` is to the engine: a MemoryError subclass."""
+
+
+def _check_size(a):
+    if allocation_limit is not None and a.nbytes > allocation_limit:
+        raise OutOfMemoryError(f"out of memory allocating {a.nbytes} bytes (stand-in limit "
+                               f"{allocation_limit})")
+
+
+def _unwrap(x, where):
+    """The NumPy array inside device arrays, recursively through lists and tuples; a NumPy
+    array given where CuPy wants a device array raises TypeError."""
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, np.ndarray):
+        raise TypeError(f"Unsupported type {type(x)} in {where} (a NumPy array where the "
+                        "device wants a device array)")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, where) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v, where) for k, v in x.items()}
+    return x
+
+
+def _wrap(x):
+    """Device arrays for what NumPy returned; NumPy scalars become 0-d arrays, as on CuPy."""
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        _check_size(x)
+        return ndarray._of(x)
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v) for v in x]
+    return x
+
+
+class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's name)
+    __slots__ = ("_a",)
+
+    @classmethod
+    def _of(cls, a):
+        obj = cls.__new__(cls)
+        obj._a = a
+        return obj
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
+                        "`.get()` to construct a NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        where = f"{ufunc.__name__}.{method}"
+        result = getattr(ufunc, method)(*_unwrap(inputs, where), **_unwrap(kwargs, where))
+        return _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        where = func.__name__
+        return _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
+
+    def get(self, stream=None, order="C", out=None):
+        return np.array(self._a, order=order)
+
+    def __getitem__(self, key):
+        return _wrap(self._a[_unwrap_index(key)])
+
+    def __setitem__(self, key, value):
+        self._a[_unwrap_index(key)] = value._a if isinstance(value, ndarray) else value
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(v) for v in self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __complex__(self):
+        return complex(self._a)
+
+    def __repr__(self):
+        return f"standin.{self._a!r}"
+
+    def __str__(self):
+        return str(self._a)
+
+    def __format__(self, spec):
+        return format(self._a[()] if self._a.ndim == 0 else self._a, spec)
+
+    def __getattr__(self, name):
+        # NumPy-only attributes (buffer and interface protocols, ctypes) are absent, as on CuPy.
+        if name.startswith("__") or name in ("ctypes", "tofile", "tobytes", "data"):
+            raise AttributeError(name)
+        value = getattr(self._a, name)
+        if not callable(value):
+            return _wrap(value)
+
+        @functools.wraps(value)
+        def method(*args, **kwargs):
+            where = f"ndarray.{name}"
+            return _wrap(value(*_unwrap(args, where), **_unwrap(kwargs, where)))
+        return method
+
+
+def _unwrap_index(key):
+    """Index keys: device arrays unwrapped, NumPy arrays accepted (CuPy copies them over)."""
+    if isinstance(key, ndarray):
+        return key._a
+    if isinstance(key, tuple):
+        return tuple(_unwrap_index(k) for k in key)
+    return key
+
+
+def _from_host(x):
+    """Data for asarray / array: host data as they are, device arrays inside lists unwrapped."""
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, (list, tuple)):
+        return type(x)(_from_host(v) for v in x)
+    return x
+
+
+def _device_function(fn, host_input=False):
+    where = fn.__name__
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if host_input and args and not isinstance(args[0], ndarray):
+            # a copy from the host, never a view of host memory
+            args = (np.array(_from_host(args[0])),) + _unwrap(args[1:], where)
+        else:
+            args = _unwrap(args, where)
+        return _wrap(fn(*args, **_unwrap(kwargs, where)))
+    return call
+
+
+def _namespace(name, source, host_input=()):
+    module = types.ModuleType(name)
+
+    def lookup(attr):
+        value = getattr(source, attr)
+        if callable(value) and not isinstance(value, type):
+            return _device_function(value, attr in host_input)
+        return value
+    module.__getattr__ = lookup
+    return module
+
+
+def asnumpy(a):
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def _ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got "
+                        f"{type(a).__name__})")
+    return _wrap(np.ascontiguousarray(a._a, dtype=dtype))
+
+
+def module(raw_module=None):
+    """A module object that stands for ``cupy`` (``RawModule`` from ``raw_module``)."""
+    cp = _namespace("cupy", np, host_input=("asarray", "array"))
+    cp.ndarray = ndarray
+    cp.asnumpy = asnumpy
+    cp.ascontiguousarray = _ascontiguousarray
+    cp.fft = _namespace("cupy.fft", np.fft)
+    cp.RawModule = raw_module
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    cp.get_default_memory_pool = lambda: pool
+    cp.cuda = types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0),
+        memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
+    return cp
