@@ -142,6 +142,8 @@ def plane_terms(xyz, ptr, atoms, weight, energy, grad, delta=None):
     """
     ptr = np.asarray(ptr)
     n_planes = len(ptr) - 1
+    if n_planes == 0:
+        return
     owner = np.repeat(np.arange(n_planes), np.diff(ptr))
     w = np.asarray(weight, np.float64)
     x = xyz.astype(np.float64)[:, atoms]                                # (B,M,3)

@@ -16,6 +16,7 @@ import types
 
 import numpy as np
 import numpy.lib.mixins
+import scipy.fft
 
 allocation_limit = None
 
@@ -193,7 +194,7 @@ def module(raw_module=None):
     cp.ndarray = ndarray
     cp.asnumpy = asnumpy
     cp.ascontiguousarray = _ascontiguousarray
-    cp.fft = _namespace("cupy.fft", np.fft)
+    cp.fft = _namespace("cupy.fft", scipy.fft)   # as cuFFT, float32 stays single precision
     cp.RawModule = raw_module
     pool = types.SimpleNamespace(free_all_blocks=lambda: None)
     cp.get_default_memory_pool = lambda: pool

@@ -12,8 +12,8 @@ def random_case(rng, kind, n_models=3, n_atoms=40, n_restr=25, dtype=np.float64)
     w = rng.uniform(0.5, 2.0, n_restr).astype(dtype)
 
     def tuples(k):
-        return np.stack([rng.choice(n_atoms, k, replace=False) for _ in range(n_restr)]
-                        ).astype(np.int32)
+        return np.array([rng.choice(n_atoms, k, replace=False) for _ in range(n_restr)],
+                        dtype=np.int32).reshape(n_restr, k)
 
     if kind in ("bond", "nonbonded"):
         atoms = tuples(2)
@@ -40,7 +40,7 @@ def random_case(rng, kind, n_models=3, n_atoms=40, n_restr=25, dtype=np.float64)
         sizes = rng.integers(3, 8, n_restr)
         ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
         atoms = np.concatenate([rng.choice(n_atoms, s, replace=False) for s in sizes]
-                               ).astype(np.int32)
+                               + [np.zeros(0)]).astype(np.int32)
         pw = rng.uniform(0.5, 2.0, len(atoms)).astype(dtype)
         return "plane_terms", (xyz, ptr, atoms, pw), xyz, len(atoms)
     k = 1 if kind == "adp1" else 6
@@ -96,6 +96,19 @@ def test_restraint_gradient_matches_finite_differences(backend, rng, kind):
         e_minus = evaluate(backend, name, (minus,) + args[1:], minus, n_delta, delta=False)[0]
         fd[idx] = (e_plus[idx[0]] - e_minus[idx[0]]) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-5 * np.abs(fd).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_restraints_of_a_kind(backend, rng, kind):
+    """A model without restraints of one kind (a water has no planes): energy and gradient
+    stay as they were."""
+    name, args, values, n_delta = random_case(rng, kind, n_restr=0)
+    assert n_delta == 0
+    seed_e = rng.normal(size=values.shape[0])
+    seed_g = rng.normal(size=values.shape).astype(values.dtype)
+    energy, grad, delta = evaluate(backend, name, args, values, 0, seed_e, seed_g)
+    assert np.array_equal(energy, seed_e) and np.array_equal(grad, seed_g)
+    assert delta.shape == (values.shape[0], 0)
 
 
 def test_energy_is_weighted_sum_of_squared_deltas(backend, rng):

@@ -288,6 +288,33 @@ def test_symmetry_mates_repel_in_a_crystal(shared, backend):
     assert em.cell is None and GeometryRestraints(em).pairs.crystal is None
 
 
+@pytest.mark.parametrize("occ,repelled", [(1.0, True), (0.6, True), (0.5, False)])
+def test_half_occupied_atoms_ignore_their_images(backend, occ, repelled):
+    """A water 0.8 Å off a 2-fold axis meets its image 1.6 Å away: repelled when fully
+    occupied, or when the two occupancies sum to more than 1; not when the site is disorder
+    across the axis (occupancy 1/2)."""
+    st = gemmi.Structure()
+    st.cell = gemmi.UnitCell(20, 20, 20, 90, 90, 90)
+    st.spacegroup_hm = "P 1 2 1"
+    st.add_model(gemmi.Model("1"))
+    st[0].add_chain(gemmi.Chain("A"))
+    res = gemmi.Residue()
+    res.name, res.seqid = "HOH", gemmi.SeqId(1, " ")
+    atom = gemmi.Atom()
+    atom.name, atom.element, atom.pos, atom.occ, atom.b_iso = (
+        "O", gemmi.Element("O"), gemmi.Position(0.8, 5, 0), occ, 20.0)
+    res.add_atom(atom)
+    st[0][0].add_residue(res)
+    st.setup_entities()
+    model = Model.from_gemmi(st)
+    restraints = GeometryRestraints(build_topology(model), backend=backend, dtype=np.float64)
+    energy, delta = restraints.terms(model.xyz[None])["nonbonded"]
+    assert (restraints.pairs.n_mates > 0) == repelled
+    if repelled:
+        assert backend.to_numpy(delta).min() == pytest.approx(1.6 - 2.6, abs=1e-9)
+        assert float(backend.to_numpy(energy)[0]) > 0
+
+
 def test_restraints_gpu_matches_numpy(shared, gpu):
     """The whole restraint set (every type, the nonbonded pair list) of a shaken batch through
     the CUDA kernels equals the NumPy twins: energies, gradients and per-restraint deltas."""

@@ -12,7 +12,9 @@ In a crystal (the model's cell and space group) atoms also meet symmetry mates: 
 are pairs (i, mate m) where mate m is R_m x_j + t_m, a copy of atom j placed by a space-group
 operation and lattice translation found at build time.  Each contact is listed from both sides
 with half weight: the energy per asymmetric unit is right, and each atom gets the whole force.
-An atom within 1 Å of its own image sits on a special position and is not repelled by it.
+An atom within 1 Å of its own image sits on a special position and is not repelled by it;
+partially occupied atoms whose occupancies (in the model the topology was built from) sum to at
+most 1 are not repelled by each other's images (disorder across a symmetry element).
 
 Minimum distances: the sum of the two atoms' radii below (reduced van der Waals radii, so that
 well-refined deposited structures have almost no violations), 2.6 Å between N/O atoms (they may
@@ -71,6 +73,8 @@ class PairList:
         self.element = np.array([e.upper() for e in topology.element])
         self.radius = np.array([atom_radius(e) for e in self.element])
         self.altloc = np.asarray(topology.altloc)
+        self.occupancy = (np.ones(n) if topology.occupancy is None
+                          else np.asarray(topology.occupancy, dtype=np.float64))
         # Atoms without a dictionary definition have no bonds to exclude them from their
         # neighbours, so they take no part in nonbonded repulsion either.
         self._unrestrained = np.zeros(n, dtype=bool)
@@ -148,7 +152,12 @@ class PairList:
         d = np.concatenate([h[2] for h in found])
         rot = np.concatenate([np.broadcast_to(h[3], (len(h[0]), 3, 3)) for h in found])
         shift = np.concatenate([np.broadcast_to(h[4], (len(h[0]), 3)) for h in found])
-        keep = self._allowed(i, j) & ~((i == j) & (d < self.settings.special_position))
+        # Partially occupied atoms whose occupancies sum to at most 1 exclude each other: a
+        # molecule disordered across a symmetry element meets its own image only half the time.
+        occ_i, occ_j = self.occupancy[i], self.occupancy[j]
+        exclusive = (occ_i < 1) & (occ_j < 1) & (occ_i + occ_j <= 1 + 1e-3)
+        keep = (self._allowed(i, j) & ~exclusive
+                & ~((i == j) & (d < self.settings.special_position)))
         return i[keep], j[keep], rot[keep], shift[keep]
 
     def build(self, xyz, backend):

@@ -58,6 +58,7 @@ class Topology:
     links: Counter = field(default_factory=Counter)   # link id -> count (polymer + extra)
     unrestrained: np.ndarray = None   # indices of atoms with no dictionary definition
     library: str = ""
+    occupancy: np.ndarray = None  # (N,) of the model the topology was built from
     cell: tuple = None            # (a, b, c, alpha, beta, gamma) of a crystal, else None
     spacegroup: str = None        # its space group (Hermann-Mauguin), else None
 
@@ -241,7 +242,8 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     element=np.asarray(model.element), bonds=bonds, angles=angles,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
                     unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
-                    library=where, **_crystal(model.structure))
+                    library=where, occupancy=np.asarray(model.occ, dtype=np.float64),
+                    **_crystal(model.structure))
 
 
 def _crystal(st):
