@@ -3,8 +3,9 @@
 Where no GPU is present, the GPU parity tests still run the real kernel sources and the real
 launch code: ``gpu_refine.cuda`` is loaded against a stand-in for CuPy (cupy_standin.py, as
 strict as CuPy about host and device arrays) whose RawModule compiles the source with a C++
-compiler and ``host_cuda_shim.h`` (thread indices, atomicAdd, warp shuffles).  It checks indexing, arithmetic and launch shapes,
-not what only a GPU shows (races between warps, device memory, compiler differences).
+compiler and ``host_cuda_shim.h`` (thread indices, atomicAdd, warp shuffles).  It checks
+indexing, arithmetic and launch shapes, not what only a GPU shows (races between warps, device
+memory, compiler differences).
 """
 import ctypes
 import functools

@@ -73,8 +73,7 @@ class PairList:
         self.element = np.array([e.upper() for e in topology.element])
         self.radius = np.array([atom_radius(e) for e in self.element])
         self.altloc = np.asarray(topology.altloc)
-        self.occupancy = (np.ones(n) if topology.occupancy is None
-                          else np.asarray(topology.occupancy, dtype=np.float64))
+        self.occupancy = np.asarray(topology.occupancy, dtype=np.float64)
         # Atoms without a dictionary definition have no bonds to exclude them from their
         # neighbours, so they take no part in nonbonded repulsion either.
         self._unrestrained = np.zeros(n, dtype=bool)
