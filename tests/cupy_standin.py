@@ -198,7 +198,9 @@ def module(raw_module=None):
     cp.RawModule = raw_module
     pool = types.SimpleNamespace(free_all_blocks=lambda: None)
     cp.get_default_memory_pool = lambda: pool
+    synchronize = (lambda: None)   # work is done when a call returns
     cp.cuda = types.SimpleNamespace(
-        Device=lambda: types.SimpleNamespace(id=0),
+        Device=lambda: types.SimpleNamespace(id=0, synchronize=synchronize),
+        Stream=types.SimpleNamespace(null=types.SimpleNamespace(synchronize=synchronize)),
         memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
     return cp
