@@ -120,8 +120,9 @@ class PairList:
         return keep & ~(self._unrestrained[i] | self._unrestrained[j])
 
     def _mate_candidates(self, mean, radius):
-        """Contacts of the mean model with symmetry mates within ``radius``: (i, j, R, t) with
-        Cartesian R (P,3,3) and t (P,3) placing atom j at R x_j + t near atom i."""
+        """Contacts of the mean model with symmetry mates within ``radius``: atoms i (P,) and
+        mates (atom j (M,), Cartesian R (M,3,3) and t (M,3) placing it at R x_j + t), with the
+        mate of each contact (P,).  A mate near several atoms is listed once."""
         cell_params, operations = self.crystal
         cell = gemmi.UnitCell(*cell_params)
         orth = np.array(cell.orth.mat.tolist())
@@ -149,15 +150,18 @@ class PairList:
         i = np.concatenate([h[0] for h in found])
         j = np.concatenate([h[1] for h in found])
         d = np.concatenate([h[2] for h in found])
-        rot = np.concatenate([np.broadcast_to(h[3], (len(h[0]), 3, 3)) for h in found])
-        shift = np.concatenate([np.broadcast_to(h[4], (len(h[0]), 3)) for h in found])
+        op = np.concatenate([np.full(len(h[0]), k) for k, h in enumerate(found)])
         # Partially occupied atoms whose occupancies sum to at most 1 exclude each other: a
         # molecule disordered across a symmetry element meets its own image only half the time.
         occ_i, occ_j = self.occupancy[i], self.occupancy[j]
         exclusive = (occ_i < 1) & (occ_j < 1) & (occ_i + occ_j <= 1 + 1e-3)
         keep = (self._allowed(i, j) & ~exclusive
                 & ~((i == j) & (d < self.settings.special_position)))
-        return i[keep], j[keep], rot[keep], shift[keep]
+        i, j, op = i[keep], j[keep], op[keep]
+        _, first, mate = np.unique(op * self.n_atoms + j, return_index=True, return_inverse=True)
+        rot = np.array([found[k][3] for k in op[first]]).reshape(-1, 3, 3)
+        shift = np.array([found[k][4] for k in op[first]]).reshape(-1, 3)
+        return i, (j[first], rot, shift), mate.ravel()
 
     def build(self, xyz, backend):
         """Pairs for every model of ``xyz`` (B,N,3), an array of ``backend``."""
@@ -175,10 +179,10 @@ class PairList:
         mates = self._mate_candidates(mean, radius) if self.crystal is not None else None
         rot, shift, mate_atom = np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros(0, np.int64)
         if mates is not None:
-            mi, mate_atom, rot, shift = mates
+            mi, (mate_atom, rot, shift), mate = mates
             i = np.concatenate([i, mi])
-            j = np.concatenate([j, n + np.arange(len(mi))])
-            dmin = np.concatenate([dmin, self.min_distance(mi, mate_atom, mates=True)])
+            j = np.concatenate([j, n + mate])
+            dmin = np.concatenate([dmin, self.min_distance(mi, mate_atom[mate], mates=True)])
             weight = np.concatenate([weight, np.full(len(mi), 0.5)])
         ext = self.extend(xyz, backend, mate_atom, rot, shift)
         # Keep the pairs that some model has within dmin + margin: until an atom moves by half
