@@ -150,17 +150,19 @@ class PairList:
         i = np.concatenate([h[0] for h in found])
         j = np.concatenate([h[1] for h in found])
         d = np.concatenate([h[2] for h in found])
-        op = np.concatenate([np.full(len(h[0]), k) for k, h in enumerate(found)])
+        # The image (operation and lattice shift) each contact's mate comes from.
+        image_id = np.concatenate([np.full(len(h[0]), k) for k, h in enumerate(found)])
         # Partially occupied atoms whose occupancies sum to at most 1 exclude each other: a
         # molecule disordered across a symmetry element meets its own image only half the time.
         occ_i, occ_j = self.occupancy[i], self.occupancy[j]
         exclusive = (occ_i < 1) & (occ_j < 1) & (occ_i + occ_j <= 1 + 1e-3)
         keep = (self._allowed(i, j) & ~exclusive
                 & ~((i == j) & (d < self.settings.special_position)))
-        i, j, op = i[keep], j[keep], op[keep]
-        _, first, mate = np.unique(op * self.n_atoms + j, return_index=True, return_inverse=True)
-        rot = np.array([found[k][3] for k in op[first]]).reshape(-1, 3, 3)
-        shift = np.array([found[k][4] for k in op[first]]).reshape(-1, 3)
+        i, j, image_id = i[keep], j[keep], image_id[keep]
+        _, first, mate = np.unique(image_id * self.n_atoms + j, return_index=True,
+                                   return_inverse=True)
+        rot = np.array([found[k][3] for k in image_id[first]]).reshape(-1, 3, 3)
+        shift = np.array([found[k][4] for k in image_id[first]]).reshape(-1, 3)
         return i, (j[first], rot, shift), mate.ravel()
 
     def build(self, xyz, backend):
