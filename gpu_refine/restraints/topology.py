@@ -114,6 +114,12 @@ def _link_by_sequence(st, link_distance):
     return moved
 
 
+def check_h_distances(value):
+    """ParameterError unless ``value`` is one of H_DISTANCES."""
+    if value not in H_DISTANCES:
+        raise ParameterError(f"h_distances must be {' or '.join(H_DISTANCES)}, not {value!r}")
+
+
 def ccp4_hydrogen_names(st):
     """Name the N-terminal H1 of amino acids (phenix/reduce style) H, as the CCP4 library does
     (H, H2, H3), in ``st`` (build_topology's scratch copy); returns the number renamed."""
@@ -147,9 +153,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     instead of failing; h_distances: X-H bond targets to the electron cloud (X-ray, the
     library's value_dist) or to the nucleus (neutron; value_dist_nucleus).
     """
-    if h_distances not in H_DISTANCES:
-        raise ParameterError(f"h_distances must be {' or '.join(H_DISTANCES)}, not "
-                             f"{h_distances!r}")
+    check_h_distances(h_distances)
     if model.n_atoms == 0:
         raise InputError("the model has no atoms")
     st = model.structure.clone()

@@ -25,7 +25,7 @@ from ..model import Batch
 from ..restraints.adp import ADPRestraints
 from ..restraints.geometry import GeometryRestraints
 from ..restraints.stats import geometry_statistics
-from ..restraints.topology import H_DISTANCES, build_topology
+from ..restraints.topology import build_topology, check_h_distances
 from ..targets import MapValueTarget, ModelMapTarget
 from .geometry import shaken_batch
 from .validate import check_resolution
@@ -82,9 +82,7 @@ class RSRSettings:
         self.parsed_strategy()
         if self.adp not in ("individual", "group"):
             raise ParameterError(f"adp must be individual or group, not {self.adp!r}")
-        if self.h_distances not in H_DISTANCES:
-            raise ParameterError(f"h_distances must be {' or '.join(H_DISTANCES)}, not "
-                                 f"{self.h_distances!r}")
+        check_h_distances(self.h_distances)
         if self.target not in ("cc", "map_value"):
             raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
         if self.weight is not None and not self.weight > 0:
