@@ -50,11 +50,32 @@ def _param_type(param):
     return " ".join(words[:-1])
 
 
+def _signatures(code):
+    """{kernel name: [parameter C type, ...]} of the ``extern "C"`` kernels in ``code``."""
+    return {name: [_param_type(p) for p in params.split(",") if p.strip()]
+            for name, params in _KERNEL.findall(code)}
+
+
+_C_DTYPES = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
+             "double": np.float64, "float": np.float32, "unsigned char": np.uint8,
+             "signed char": np.int8}
+
+
+def _expected_dtype(ctype, real):
+    """The dtype a parameter of C type ``ctype`` takes (pointers: their element's), and
+    whether it is a pointer."""
+    base = ctype.replace("const ", "").strip()
+    pointer = base.endswith("*")
+    base = base.rstrip("*").strip()
+    if base == "real_t":
+        base = real
+    return np.dtype(_C_DTYPES[base]), pointer
+
+
 def _trampolines(code):
     """One exported launcher per kernel: (grid, block, void** args) as cuLaunchKernel."""
     out = []
-    for name, params in _KERNEL.findall(code):
-        types_ = [_param_type(p) for p in params.split(",") if p.strip()]
+    for name, types_ in _signatures(code).items():
         call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types_))
         out.append(f'extern "C" void host_launch_{name}(unsigned gx, unsigned gy, unsigned gz, '
                    f"unsigned bx, unsigned by, unsigned bz, void** args) {{\n"
@@ -85,9 +106,7 @@ def _library(code):
 
 def _pointer_to(arg, keep):
     """ctypes pointer to the value a kernel parameter receives (arrays: their data pointer).
-    As CuPy's launcher does, a host (NumPy) array is refused."""
-    if isinstance(arg, np.ndarray):
-        raise TypeError("a NumPy array passed to a kernel (device arrays only)")
+    Arguments have been checked against the signature (``_Function._check``)."""
     if isinstance(arg, cupy_standin.ndarray):
         arg = arg._a
         if not arg.flags.c_contiguous:
@@ -104,11 +123,34 @@ def _pointer_to(arg, keep):
 
 
 class _Function:
-    def __init__(self, lib, name):
+    """A launcher that checks every argument against the kernel's C signature.  The driver
+    would read whatever bytes it is given (an int64 for an ``int`` happens to work on a
+    little-endian GPU, a float32 array for ``double*`` gives garbage), so the stand-in is
+    stricter than CuPy: count, kind and dtype must all match."""
+
+    def __init__(self, lib, name, params, real):
         self._fn = getattr(lib, f"host_launch_{name}")
         self._fn.restype = None
+        self._name = name
+        self._expected = [(c, *_expected_dtype(c, real)) for c in params]
+
+    def _check(self, args):
+        if len(args) != len(self._expected):
+            raise TypeError(f"{self._name}: {len(args)} arguments for "
+                            f"{len(self._expected)} parameters")
+        for i, (arg, (ctype, dtype, pointer)) in enumerate(zip(args, self._expected)):
+            if isinstance(arg, np.ndarray):
+                raise TypeError(f"{self._name}: argument {i} is a NumPy array (device arrays "
+                                "only, as CuPy's launcher)")
+            is_array = isinstance(arg, cupy_standin.ndarray)
+            got = arg.dtype if is_array else np.asarray(arg).dtype
+            if is_array != pointer or got != dtype:
+                kind = "array" if is_array else "scalar"
+                raise TypeError(f"{self._name}: argument {i} is a {got} {kind}, the "
+                                f"parameter is {ctype}")
 
     def __call__(self, grid, block, args):
+        self._check(args)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         keep = []
@@ -121,9 +163,14 @@ class _RawModule:
 
     def __init__(self, code, options=()):
         self._lib = _library(code)
+        self._signatures = _signatures(code)
+        real = re.search(r"^#define REAL (\w+)", code, re.M)
+        self._real = real.group(1) if real else None
 
     def get_function(self, name):
-        return _Function(self._lib, name)
+        if name not in self._signatures:
+            raise AttributeError(f"no kernel named {name} in the module")
+        return _Function(self._lib, name, self._signatures[name], self._real)
 
 
 @functools.lru_cache(maxsize=None)
