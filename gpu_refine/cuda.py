@@ -2,46 +2,27 @@
 the same signatures, as ``cpu_fallback``.  Imported only by ``backend`` once CuPy has been seen
 to work.
 
-Each ``.cu`` file is a real CUDA source; the only generated text is ``#define REAL <type>``.
-Modules are memoized per (file, dtype, device).
+Each ``.cu`` file is a real CUDA source; the only generated text is ``#define REAL <type>``
+(``kernel_source``).  Modules are memoized per (file, dtype, device).
 """
 import functools
 import math
-from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
-_BLOCK = 128
-_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-
-
-def kernel_dir():
-    """``kernels/`` beside the package in a source checkout, or inside it once installed."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "kernels", here.parent / "kernels"):
-        if (cand / "density.cu").is_file():
-            return cand
-    raise FileNotFoundError("CUDA sources (kernels/*.cu) not found next to gpu_refine")
+from .kernel_source import (COMPILE_OPTIONS, THREADS_PER_BLOCK as _BLOCK, module_source,
+                            real_dtype as _real)
 
 
 @functools.lru_cache(maxsize=None)
 def _module(name, dtype_name, device_id):
-    src = (kernel_dir() / f"{name}.cu").read_text()
-    ctype = _CTYPES[np.dtype(dtype_name)]
-    return cp.RawModule(code=f"#define REAL {ctype}\n{src}", options=("--std=c++14",))
+    return cp.RawModule(code=module_source(name, dtype_name), options=COMPILE_OPTIONS)
 
 
 def get_kernel(name, function, dtype):
     """The compiled ``function`` of ``kernels/<name>.cu`` for ``dtype`` on the current device."""
     return _module(name, np.dtype(dtype).name, cp.cuda.Device().id).get_function(function)
-
-
-def _real(dtype):
-    dtype = np.dtype(dtype)
-    if dtype not in _CTYPES:
-        raise TypeError(f"kernels take float32 or float64 arrays, not {dtype}")
-    return dtype
 
 
 def _c(a, dtype):
@@ -118,9 +99,6 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     return out
 
 
-_RESTRAINT_BLOCK = 128
-
-
 def _restraint_launch(function, dtype, n_models, n_restr, args, energy, grad, delta):
     """Grid (restraints, models); ``energy`` and ``grad`` are added to, ``delta`` filled."""
     if energy.dtype != cp.float64 or not energy.flags.c_contiguous:
@@ -133,9 +111,9 @@ def _restraint_launch(function, dtype, n_models, n_restr, args, energy, grad, de
         return
     want = delta is not None
     out = delta if want else cp.empty(1, dtype)
-    grid = ((n_restr + _RESTRAINT_BLOCK - 1) // _RESTRAINT_BLOCK, n_models)
+    grid = ((n_restr + _BLOCK - 1) // _BLOCK, n_models)
     get_kernel("restraints", function, dtype)(
-        grid, (_RESTRAINT_BLOCK,), args + (np.int32(n_restr), np.int32(want), energy, grad, out))
+        grid, (_BLOCK,), args + (np.int32(n_restr), np.int32(want), energy, grad, out))
 
 
 def _indexed_terms(function, xyz, atoms, ideal, weight, energy, grad, delta, extra=()):

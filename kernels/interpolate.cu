@@ -1,7 +1,8 @@
 // Map values and their Cartesian gradients at atom positions, for a batch of models.
 //
 // NumPy twin: cpu_fallback/interpolate.py  interpolate_at_atoms.
-// Loader: gpu_refine/cuda.py prepends "#define REAL float|double"; nothing else is generated.
+// Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
+// (nothing else is generated) and gives the options.
 //
 // order 1: trilinear; order 3: Catmull-Rom tricubic (the cubic convolution gemmi's
 // Grid.tricubic_interpolation uses).  Model m reads map map_index[m], so one map can serve many

@@ -2,7 +2,8 @@
 //
 // NumPy twins: cpu_fallback/restraints.py  bond_terms, angle_terms, torsion_terms, chiral_terms,
 // plane_terms, nonbonded_terms, adp_similarity_terms (same arguments, same results).
-// Loader: gpu_refine/cuda.py prepends "#define REAL float|double"; nothing else is generated.
+// Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
+// (nothing else is generated) and gives the options.
 //
 // Launch: grid (ceil(R / blockDim.x), B), one thread per (restraint, model).  blockIdx.y is the
 // model, so each block reduces its energies in double and adds them to energy[model] once per

@@ -183,7 +183,7 @@ def standin_cupy():
 def host_kernels():
     """gpu_refine/cuda.py loaded against the host stand-in for CuPy (a separate module object;
     ``cupy`` stays absent from sys.modules)."""
-    spec = importlib.util.spec_from_file_location("gpu_refine_cuda_on_host", CUDA_PY)
+    spec = importlib.util.spec_from_file_location("gpu_refine._cuda_on_host", CUDA_PY)
     module = importlib.util.module_from_spec(spec)
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = standin_cupy()

@@ -1,0 +1,63 @@
+"""Every kernel module compiles through NVRTC as CuPy builds it on the H200 (same source, same
+options, sm_90 cubin), every kernel that gpu_refine/cuda.py launches is in it, and ptxas's
+resource report allows the launch: no spills, registers within the block's share."""
+import re
+from pathlib import Path
+
+import pytest
+
+import nvrtc
+from gpu_refine.kernel_source import COMPILE_OPTIONS, MODULES, THREADS_PER_BLOCK, module_source
+
+needs_nvrtc = pytest.mark.skipif(nvrtc.library() is None,
+                                 reason="NVRTC not found (pip install nvidia-cuda-nvrtc)")
+
+CUDA_PY = Path(__file__).resolve().parent.parent / "gpu_refine" / "cuda.py"
+_ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
+_REGISTERS_PER_SM = 65536
+
+
+def _build(name, dtype):
+    cubin, log = nvrtc.compile_cubin(module_source(name, dtype),
+                                     COMPILE_OPTIONS + ("--ptxas-options=-v",), f"{name}.cu")
+    return cubin, log
+
+
+def _resources(log):
+    """{entry: (registers, spill store bytes, spill load bytes)} from ptxas's -v report."""
+    out = {}
+    for block in log.split("Compiling entry function")[1:]:
+        entry = re.match(r"\s*'(\w+)'", block).group(1)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        out[entry] = (int(regs.group(1)), int(spills.group(1)), int(spills.group(2)))
+    return out
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", MODULES)
+def test_module_compiles_through_nvrtc(name, dtype):
+    cubin, log = _build(name, dtype)
+    assert "warning" not in log.lower(), log
+    entries = _ENTRY.findall(module_source(name, dtype))
+    assert entries
+    for entry in entries:
+        assert b"\0" + entry.encode() + b"\0" in cubin, f"{entry} missing from the cubin"
+    resources = _resources(log)
+    assert sorted(resources) == sorted(entries)
+    for entry, (regs, spill_st, spill_ld) in resources.items():
+        assert spill_st == 0 and spill_ld == 0, f"{entry} spills registers: {log}"
+        assert regs * THREADS_PER_BLOCK <= _REGISTERS_PER_SM, f"{entry}: {regs} registers"
+
+
+def test_every_kernel_cuda_py_launches_is_defined():
+    wanted = set(re.findall(r'"(\w+_kernel)"', CUDA_PY.read_text()))
+    defined = {e for name in MODULES for e in _ENTRY.findall(module_source(name, "float64"))}
+    assert wanted and wanted <= defined, wanted - defined
+
+
+@needs_nvrtc
+def test_a_syntax_error_is_reported_with_the_log():
+    with pytest.raises(nvrtc.CompileError, match="error"):
+        nvrtc.compile_cubin('extern "C" __global__ void k(int* x) { x[0] = ; }', ())
