@@ -58,7 +58,8 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
                                              geom, dtype)
     out.fill(0)
     n0, n1, n2 = out.shape[1:]
-    _launch(get_kernel("density", "spread_density_kernel", dtype), nm * na * ns,
+    kernel = "spread_density_kernel" if has_aniso else "spread_density_iso_kernel"
+    _launch(get_kernel("density", kernel, dtype), nm * na * ns,
             args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
                     np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
                     np.int32(n2), out))
@@ -77,7 +78,8 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     for o in out:
         o.fill(0)
     n0, n1, n2 = dmap.shape[1:]
-    _launch(get_kernel("density", "density_adjoint_kernel", dtype), nm * na * ns,
+    kernel = "density_adjoint_kernel" if has_aniso else "density_adjoint_iso_kernel"
+    _launch(get_kernel("density", kernel, dtype), nm * na * ns,
             args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
                     np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
                     np.int32(n2), _c(dmap, dtype)) + tuple(out))

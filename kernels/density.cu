@@ -14,6 +14,10 @@
 //
 // Geometry block `geom` (double[21]): index_from_xyz (3x3 row-major), xyz_from_index (3x3),
 // origin (3).
+//
+// Each kernel comes twice with the same parameters: the general one (anisotropic atoms where
+// is_aniso says so) and "_iso", for launches with no anisotropic atom (has_aniso = 0), whose
+// compile-time-isotropic body needs far fewer registers (bench/kernels.py).
 
 #ifndef REAL
 #define REAL float
@@ -104,6 +108,7 @@ struct WorkItem {
   AtomShape sh;
 };
 
+template <bool ALLOW_ANISO>
 __device__ inline bool work_item(long long tid, const real_t* xyz, const real_t* bfac,
                                  const real_t* uaniso, const unsigned char* is_aniso,
                                  const real_t* occ, const int* stype, const double* coefs,
@@ -118,14 +123,15 @@ __device__ inline bool work_item(long long tid, const real_t* xyz, const real_t*
   atom_frame(geom, xyz + 3 * w.ma, w.r, w.f);
   w.i = w.f.lo[0] + slab;
   if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic, w.iw)) return false;
-  bool aniso = has_aniso && is_aniso[atom];
+  bool aniso = ALLOW_ANISO && has_aniso && is_aniso[atom];
   atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[w.ma],
              has_aniso ? uaniso + 6 * w.ma : nullptr, aniso, blur, w.sh);
   w.o = (double)occ[w.ma];
   return true;
 }
 
-extern "C" __global__ void spread_density_kernel(
+template <bool ALLOW_ANISO>
+__device__ inline void spread_density(
     const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
     const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
     const real_t* __restrict__ occ, const int* __restrict__ stype,
@@ -136,12 +142,12 @@ extern "C" __global__ void spread_density_kernel(
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (tid >= n_models * n_atoms * n_slabs) return;
   WorkItem w;
-  if (!work_item(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
+  if (!work_item<ALLOW_ANISO>(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
                  periodic, has_aniso, n_atoms, n_slabs, n0, w))
     return;
   const AtomFrame& f = w.f;
   const AtomShape& sh = w.sh;
-  const bool aniso = sh.aniso;
+  const bool aniso = ALLOW_ANISO && sh.aniso;
   const double o = w.o;
   double r2max = w.r * w.r;
   const double* M = geom + 9;
@@ -172,7 +178,8 @@ extern "C" __global__ void spread_density_kernel(
 
 // Adjoint: given dT/drho on the grid of each model (dmap), accumulate
 // dT/dxyz (B,N,3), dT/dB (B,N), dT/dU (B,N,6) and dT/docc (B,N).
-extern "C" __global__ void density_adjoint_kernel(
+template <bool ALLOW_ANISO>
+__device__ inline void density_adjoint(
     const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
     const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
     const real_t* __restrict__ occ, const int* __restrict__ stype,
@@ -184,12 +191,12 @@ extern "C" __global__ void density_adjoint_kernel(
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (tid >= n_models * n_atoms * n_slabs) return;
   WorkItem w;
-  if (!work_item(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
+  if (!work_item<ALLOW_ANISO>(tid, xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur,
                  periodic, has_aniso, n_atoms, n_slabs, n0, w))
     return;
   const AtomFrame& f = w.f;
   const AtomShape& sh = w.sh;
-  const bool aniso = sh.aniso;
+  const bool aniso = ALLOW_ANISO && sh.aniso;
   const long long ma = w.ma;
   const double o = w.o;
   double r2max = w.r * w.r;
@@ -254,4 +261,56 @@ extern "C" __global__ void density_adjoint_kernel(
   } else {
     atomicAdd(g_b + ma, (real_t)(o * sb));
   }
+}
+
+// The kernels: general and isotropic-only instances of the two bodies above.
+
+#define SPREAD_ARGS \
+  xyz, bfac, uaniso, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, has_aniso, \
+      n_models, n_atoms, n_slabs, n0, n1, n2
+
+extern "C" __global__ void spread_density_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    real_t* __restrict__ out) {
+  spread_density<true>(SPREAD_ARGS, out);
+}
+
+extern "C" __global__ void spread_density_iso_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    real_t* __restrict__ out) {
+  spread_density<false>(SPREAD_ARGS, out);
+}
+
+extern "C" __global__ void density_adjoint_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    const real_t* __restrict__ dmap, real_t* __restrict__ g_xyz, real_t* __restrict__ g_b,
+    real_t* __restrict__ g_u, real_t* __restrict__ g_occ) {
+  density_adjoint<true>(SPREAD_ARGS, dmap, g_xyz, g_b, g_u, g_occ);
+}
+
+extern "C" __global__ void density_adjoint_iso_kernel(
+    const real_t* __restrict__ xyz, const real_t* __restrict__ bfac,
+    const real_t* __restrict__ uaniso, const unsigned char* __restrict__ is_aniso,
+    const real_t* __restrict__ occ, const int* __restrict__ stype,
+    const double* __restrict__ coefs, const real_t* __restrict__ radius,
+    const double* __restrict__ geom, double blur, int periodic, int has_aniso,
+    long long n_models, long long n_atoms, int n_slabs, int n0, int n1, int n2,
+    const real_t* __restrict__ dmap, real_t* __restrict__ g_xyz, real_t* __restrict__ g_b,
+    real_t* __restrict__ g_u, real_t* __restrict__ g_occ) {
+  density_adjoint<false>(SPREAD_ARGS, dmap, g_xyz, g_b, g_u, g_occ);
 }

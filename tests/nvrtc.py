@@ -9,6 +9,8 @@ built-in device headers, the way the engine's kernels are built at run time.
 import ctypes
 import ctypes.util
 import functools
+import re
+from collections import namedtuple
 from pathlib import Path
 
 # What CuPy (14) adds to a RawModule's options on an H200 (compute capability 9.0): flush
@@ -84,3 +86,18 @@ def compile_cubin(source, options, name="kernel.cu"):
         return _text(prog, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN), log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+Resources = namedtuple("Resources", "registers stack spill_stores spill_loads")
+
+
+def ptxas_resources(log):
+    """{entry: Resources} from the log of a build with ``--ptxas-options=-v``."""
+    out = {}
+    for block in log.split("Compiling entry function")[1:]:
+        entry = re.match(r"\s*'(\w+)'", block).group(1)
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        out[entry] = Resources(int(regs.group(1)), *map(int, frame.groups()))
+    return out

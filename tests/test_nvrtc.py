@@ -23,17 +23,6 @@ def _build(name, dtype):
     return cubin, log
 
 
-def _resources(log):
-    """{entry: (registers, spill store bytes, spill load bytes)} from ptxas's -v report."""
-    out = {}
-    for block in log.split("Compiling entry function")[1:]:
-        entry = re.match(r"\s*'(\w+)'", block).group(1)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
-        regs = re.search(r"Used (\d+) registers", block)
-        out[entry] = (int(regs.group(1)), int(spills.group(1)), int(spills.group(2)))
-    return out
-
-
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", MODULES)
@@ -44,11 +33,11 @@ def test_module_compiles_through_nvrtc(name, dtype):
     assert entries
     for entry in entries:
         assert b"\0" + entry.encode() + b"\0" in cubin, f"{entry} missing from the cubin"
-    resources = _resources(log)
+    resources = nvrtc.ptxas_resources(log)
     assert sorted(resources) == sorted(entries)
-    for entry, (regs, spill_st, spill_ld) in resources.items():
-        assert spill_st == 0 and spill_ld == 0, f"{entry} spills registers: {log}"
-        assert regs * THREADS_PER_BLOCK <= _REGISTERS_PER_SM, f"{entry}: {regs} registers"
+    for entry, r in resources.items():
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{entry} spills registers: {log}"
+        assert r.registers * THREADS_PER_BLOCK <= _REGISTERS_PER_SM, f"{entry}: {r} "
 
 
 def test_every_kernel_cuda_py_launches_is_defined():
