@@ -7,8 +7,8 @@
 #   run(command="bash bench/device.sh run", carry=[".whl", ".shared_data"])   # on the device
 #
 # "run" installs the wheels, then writes to $OUT: nvidia-smi, the GPU tests (backend=cupy
-# and the parity tests; NumPy-only tests are deselected), bench/restraints.py, bench/rsr.py
-# and bench/density.py.  Copy the numbers into bench/RESULTS.md with the date and commit.
+# and the parity tests; NumPy-only tests are deselected), bench/kernels.py (NVRTC resource
+# report), bench/restraints.py, bench/rsr.py and bench/density.py.  Copy the numbers into bench/RESULTS.md with the date and commit.
 set -u
 case "${1:-}" in
 prepare)
@@ -30,6 +30,7 @@ run)
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
     python3 -m pytest -q tests -k "not numpy and not standin" 2>&1 | tee "$OUT/tests.txt" | tail -5
+    python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -3
     python3 bench/restraints.py --data .shared_data --batches 1,32,256 2>&1 | tee "$OUT/restraints.txt"
     python3 bench/rsr.py --data .shared_data --batches 1,16,128 2>&1 | tee "$OUT/rsr.txt"
     python3 bench/density.py 2>&1 | tee "$OUT/density.txt" | tail -20
