@@ -95,6 +95,17 @@ def test_bad_inputs(example, tmp_path):
     assert (tmp_path / "taken.mrc").read_text() == "keep me"
 
 
+def test_usage_errors_exit_2(example):
+    for argv in (("rsr",), ("nonsense",), ("validate", example / "helix.cif")):
+        rc, _, err = cli(*argv)
+        _one_line_error(rc, err)
+        assert rc == 2, argv
+    rc, _, err = cli("rsr", example / "helix.cif", example / "helix_3A.mrc", "resolution=3",
+                     "strategy=minimization_global+adpp")
+    _one_line_error(rc, err)
+    assert rc == 1 and "unknown strategy 'adpp'" in err
+
+
 def test_geometry(example, tmp_path):
     rc, out, err = cli("geometry", example / "helix.cif", f"json={tmp_path / 'g.json'}",
                        "backend=numpy")

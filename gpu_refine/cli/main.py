@@ -18,13 +18,22 @@ SUBCOMMANDS = {"map": map_cmd, "validate": validate_cmd, "geometry": geometry_cm
 log = logging.getLogger("gpu_refine")
 
 
+class UsageError(GpuRefineError):
+    """The command line itself is malformed (argparse's complaint): exit code 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise GpuRefineError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def build_parser():
-    parser = _Parser(prog="gpu-refine", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="gpu-refine",
+        description="Batched refinement of atomic models against cryo-EM maps, on the GPU "
+                    "(CuPy) or in NumPy.  Parameters as --options or phenix-style key=value.",
+        epilog="Exit codes: 0 ok; 1 bad input or parameters; 2 usage; 3 out of memory or "
+               "internal error.  `gpu-refine COMMAND -h` for a command's parameters.")
     parser.add_argument("--version", action="version", version=f"gpu-refine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
@@ -66,7 +75,7 @@ def run(argv=None):
         return 0
     except GpuRefineError as exc:
         print(f"gpu-refine: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except MemoryError:
         print("gpu-refine: error: out of memory; use a smaller batch or grid", file=sys.stderr)
         return 3
