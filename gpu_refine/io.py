@@ -16,6 +16,18 @@ def check_readable(path, extensions, kind):
                          f"{', '.join(extensions)})")
 
 
+def output_directory(path):
+    """The directory that output ``path`` goes into, created if missing (as for
+    ``output.prefix=results/run1``); InputError if it cannot be."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {directory}: "
+                         f"{exc.strerror or exc}") from None
+    return directory
+
+
 def write_atomically(path, data, overwrite=False):
     """Write to a temporary file beside ``path`` and rename it into place.
 
@@ -24,9 +36,7 @@ def write_atomically(path, data, overwrite=False):
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise InputError(f"output exists and would be overwritten: {path} (use --overwrite)")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise InputError(f"output directory does not exist: {directory}")
+    directory = output_directory(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:

@@ -151,10 +151,12 @@ def test_rsr(example, tmp_path):
     assert (tmp_path / "h.json").read_text() == before
     params = (tmp_path / "h.params").read_text()
     assert "strategy=minimization_global+adp" in params and str(model.resolve()) in params
-    rc, out, err = cli("rsr", tmp_path / "h.params", f"output.prefix={tmp_path / 'again'}",
-                       "macro_cycles=1", "backend=numpy")
+    # (into a directory that does not exist yet: it is made)
+    rc, out, err = cli("rsr", tmp_path / "h.params",
+                       f"output.prefix={tmp_path / 'new' / 'again'}", "macro_cycles=1",
+                       "backend=numpy")
     assert rc == 0, err
-    assert "macro-cycle 1/1" in out and (tmp_path / "again.json").is_file()
+    assert "macro-cycle 1/1" in out and (tmp_path / "new" / "again.json").is_file()
     rc, _, err = cli("rsr", model, emap, "resolution=3", "strategy=sites+adp",
                      f"output.prefix={tmp_path / 'bad'}")
     _one_line_error(rc, err)

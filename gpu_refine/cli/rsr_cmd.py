@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import InputError
 from ..maps import read_map
 from ..model import read_model, structures_as_models, write_model
-from ..io import write_atomically
+from ..io import output_directory, write_atomically
 from ..workflows.rsr import RSRSettings, refine_real_space
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def main(args):
     names = _outputs(args)
     model = read_model(args.model)
     map_data = read_map(args.map)
+    output_directory(names["log"])
     handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("gpu_refine")
