@@ -1,5 +1,6 @@
 """Real-space refinement: simulated and real (EMD-2566) cases, strategies, bad input."""
 import dataclasses
+import logging
 from types import SimpleNamespace
 
 import gemmi
@@ -95,8 +96,10 @@ def test_emd2566_sites_only(emd2566, shared, backend):
     assert np.allclose(backend.to_numpy(result.batch.b), model.b)
 
 
-def test_strategies_on_the_example(helix, backend):
-    """Group ADP and occupancy refinement run, keep bounds, and do not lose fit."""
+def test_strategies_on_the_example(helix, backend, caplog):
+    """Group ADP and occupancy refinement run, keep bounds, do not lose fit, and say what
+    they refine."""
+    caplog.set_level(logging.INFO, logger="gpu_refine")
     model, map_data = helix
     st = model.structure.clone()
     for i, cra in enumerate(st[0].all()):
@@ -114,6 +117,8 @@ def test_strategies_on_the_example(helix, backend):
     assert b.mean() < 50          # the map was made with B = 30
     assert occ[:10].min() > 0.7 and np.all(occ <= 1) and np.all(occ[10:] == 1)
     assert result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]
+    assert "occupancy: 10 atoms in " in caplog.text
+    assert f"ADP: one isotropic B per residue ({len(start.residues)} residues)" in caplog.text
 
 
 def test_automatic_weight_on_a_shaken_batch(helix, backend):

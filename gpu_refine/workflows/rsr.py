@@ -193,6 +193,14 @@ class RealSpaceRefinement:
         self.groups = _Groups(model, bk.xp) if self.strategy["occupancy"] else None
         if self.strategy["occupancy"] and self.groups.n == 0:
             log.info("strategy includes occupancy but no atom has an altloc or partial occupancy")
+        elif self.strategy["occupancy"]:
+            n_alt = int(self.groups.member.shape[1])
+            log.info("occupancy: %d atoms in %d group(s)%s", len(self.groups.atoms),
+                     self.groups.n, f"; the altloc conformers of {n_alt} residue(s) sum to 1"
+                     if n_alt else " (partially occupied, no altlocs)")
+        if self.strategy["adp"]:
+            log.info("ADP: %s", f"one isotropic B per residue ({len(model.residues)} residues)"
+                     if s.adp == "group" else f"individual isotropic B ({model.n_atoms} atoms)")
 
     # -- one parameter class at a time ------------------------------------------------------
     def _view(self, batch, xyz=None, b=None, occ=None):
