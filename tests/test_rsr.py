@@ -106,6 +106,8 @@ def test_strategies_on_the_example(helix, backend, caplog):
         cra.atom.b_iso = 60.0
         if i < 10:
             cra.atom.occ = 0.5
+        elif i == 10:
+            cra.atom.occ = 0.0    # marked absent: stays so
     start = gr.Model.from_gemmi(st)
     result = refine_real_space(start, map_data, 3.0, backend=backend, weight=5.0,
                                strategy="minimization_global+adp+occupancy", adp="group",
@@ -115,9 +117,10 @@ def test_strategies_on_the_example(helix, backend, caplog):
     per_residue = [b[start.residue_index == r] for r in range(len(start.residues))]
     assert all(np.ptp(x) == 0 for x in per_residue)
     assert b.mean() < 50          # the map was made with B = 30
-    assert occ[:10].min() > 0.7 and np.all(occ <= 1) and np.all(occ[10:] == 1)
+    assert occ[:10].min() > 0.7 and np.all(occ <= 1)
+    assert occ[10] == 0 and np.all(occ[11:] == 1)
     assert result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]
-    assert "occupancy: 10 atoms in " in caplog.text
+    assert "occupancy: 10 atoms in " in caplog.text and "1 atoms at occupancy 0" in caplog.text
     assert f"ADP: one isotropic B per residue ({len(start.residues)} residues)" in caplog.text
 
 

@@ -122,13 +122,18 @@ class WeightChoice:
 
 class _Groups:
     """Occupancy groups: one per (residue, altloc) of atoms with altlocs or partial occupancy;
-    the altloc groups of one residue are constrained to sum to 1 (occ_g = p_g / sum p)."""
+    the altloc groups of one residue are constrained to sum to 1 (occ_g = p_g / sum p).
+    Atoms without altloc at occupancy 0 are marked absent (e.g. H that reduce could not
+    place) and stay at 0 (``n_absent``)."""
 
     def __init__(self, model, xp):
         altlocs = [cra.atom.altloc for cra in model.structure[0].all()]
         keys, gid = {}, np.full(model.n_atoms, -1)
+        self.n_absent = 0
         for i, (alt, occ, r) in enumerate(zip(altlocs, model.occ, model.residue_index)):
-            if alt != "\0" or occ < 1.0:
+            if alt == "\0" and occ <= 0.0:
+                self.n_absent += 1
+            elif alt != "\0" or occ < 1.0:
                 gid[i] = keys.setdefault((int(r), alt), len(keys))
         g = len(keys)
         residues = sorted({r for (r, alt) in keys if alt != "\0"})
@@ -191,6 +196,9 @@ class RealSpaceRefinement:
         self.sites_target = (self.cc_target if s.target == "cc"
                              else MapValueTarget(self.prepared, model, backend=bk))
         self.groups = _Groups(model, bk.xp) if self.strategy["occupancy"] else None
+        if self.strategy["occupancy"] and self.groups.n_absent:
+            log.info("occupancy: %d atoms at occupancy 0 (no altloc) are kept at 0",
+                     self.groups.n_absent)
         if self.strategy["occupancy"] and self.groups.n == 0:
             log.info("strategy includes occupancy but no atom has an altloc or partial occupancy")
         elif self.strategy["occupancy"]:
