@@ -27,8 +27,8 @@ def add_arguments(parser):
 
 
 def main(args):
-    map_data = read_map(args.map)
     batch = read_batch(args.model, backend=args.backend)
+    map_data = read_map(args.map)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
                        atom_radius=args.atom_radius)
     log.info("%-6s %8s %8s %8s %8s", "model", "CCmask", "CCbox", "CCpeaks", "CCvolume")
