@@ -14,8 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import nvrtc  # noqa: E402  (test helper, found through the path above)
-from gpu_refine.kernel_source import (COMPILE_OPTIONS, MODULES,  # noqa: E402
-                                      THREADS_PER_BLOCK, module_source)
+from gpu_refine.kernel_source import COMPILE_OPTIONS, MODULES, THREADS_PER_BLOCK  # noqa: E402
 
 # Hopper (sm_90) per-SM limits: registers, resident warps and blocks; registers are given out
 # per warp in units of 256.
@@ -41,9 +40,7 @@ def main():
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name in MODULES:
         for dtype in ("float32", "float64"):
-            _, log = nvrtc.compile_cubin(module_source(name, dtype),
-                                         COMPILE_OPTIONS + ("--ptxas-options=-v",),
-                                         f"{name}.cu")
+            _, log = nvrtc.build_module(name, dtype)
             for entry, r in sorted(nvrtc.ptxas_resources(log).items()):
                 warps = resident_warps(r.registers)
                 print(f"| {name} | {entry} | {dtype} | {r.registers} | {r.stack} | "

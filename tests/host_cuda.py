@@ -50,7 +50,7 @@ def _param_type(param):
     return " ".join(words[:-1])
 
 
-def _signatures(code):
+def kernel_signatures(code):
     """{kernel name: [parameter C type, ...]} of the ``extern "C"`` kernels in ``code``."""
     return {name: [_param_type(p) for p in params.split(",") if p.strip()]
             for name, params in _KERNEL.findall(code)}
@@ -75,7 +75,7 @@ def _expected_dtype(ctype, real):
 def _trampolines(code):
     """One exported launcher per kernel: (grid, block, void** args) as cuLaunchKernel."""
     out = []
-    for name, types_ in _signatures(code).items():
+    for name, types_ in kernel_signatures(code).items():
         call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types_))
         out.append(f'extern "C" void host_launch_{name}(unsigned gx, unsigned gy, unsigned gz, '
                    f"unsigned bx, unsigned by, unsigned bz, void** args) {{\n"
@@ -163,7 +163,7 @@ class _RawModule:
 
     def __init__(self, code, options=()):
         self._lib = _library(code)
-        self._signatures = _signatures(code)
+        self._signatures = kernel_signatures(code)
         real = re.search(r"^#define REAL (\w+)", code, re.M)
         self._real = real.group(1) if real else None
 

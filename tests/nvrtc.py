@@ -13,6 +13,8 @@ import re
 from collections import namedtuple
 from pathlib import Path
 
+from gpu_refine.kernel_source import COMPILE_OPTIONS, module_source
+
 # What CuPy (14) adds to a RawModule's options on an H200 (compute capability 9.0): flush
 # denormals to zero, and a cubin built for the device's own architecture.
 CUPY_OPTIONS = ("-ftz=true",)
@@ -86,6 +88,13 @@ def compile_cubin(source, options, name="kernel.cu"):
         return _text(prog, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN), log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def build_module(name, dtype):
+    """(cubin, log with ptxas's resource report) of kernel module ``name`` in ``dtype``, built
+    from the text and options the engine's loader uses."""
+    return compile_cubin(module_source(name, dtype), COMPILE_OPTIONS + ("--ptxas-options=-v",),
+                         f"{name}.cu")
 
 
 Resources = namedtuple("Resources", "registers stack spill_stores spill_loads")

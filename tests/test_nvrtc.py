@@ -7,29 +7,23 @@ from pathlib import Path
 import pytest
 
 import nvrtc
-from gpu_refine.kernel_source import COMPILE_OPTIONS, MODULES, THREADS_PER_BLOCK, module_source
+from gpu_refine.kernel_source import MODULES, THREADS_PER_BLOCK, module_source
+from host_cuda import kernel_signatures
 
 needs_nvrtc = pytest.mark.skipif(nvrtc.library() is None,
                                  reason="NVRTC not found (pip install nvidia-cuda-nvrtc)")
 
 CUDA_PY = Path(__file__).resolve().parent.parent / "gpu_refine" / "cuda.py"
-_ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 _REGISTERS_PER_SM = 65536
-
-
-def _build(name, dtype):
-    cubin, log = nvrtc.compile_cubin(module_source(name, dtype),
-                                     COMPILE_OPTIONS + ("--ptxas-options=-v",), f"{name}.cu")
-    return cubin, log
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", MODULES)
 def test_module_compiles_through_nvrtc(name, dtype):
-    cubin, log = _build(name, dtype)
+    cubin, log = nvrtc.build_module(name, dtype)
     assert "warning" not in log.lower(), log
-    entries = _ENTRY.findall(module_source(name, dtype))
+    entries = list(kernel_signatures(module_source(name, dtype)))
     assert entries
     for entry in entries:
         assert b"\0" + entry.encode() + b"\0" in cubin, f"{entry} missing from the cubin"
@@ -42,7 +36,7 @@ def test_module_compiles_through_nvrtc(name, dtype):
 
 def test_every_kernel_cuda_py_launches_is_defined():
     wanted = set(re.findall(r'"(\w+_kernel)"', CUDA_PY.read_text()))
-    defined = {e for name in MODULES for e in _ENTRY.findall(module_source(name, "float64"))}
+    defined = {e for name in MODULES for e in kernel_signatures(module_source(name, "float64"))}
     assert wanted and wanted <= defined, wanted - defined
 
 

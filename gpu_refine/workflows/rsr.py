@@ -196,15 +196,16 @@ class RealSpaceRefinement:
         self.sites_target = (self.cc_target if s.target == "cc"
                              else MapValueTarget(self.prepared, model, backend=bk))
         self.groups = _Groups(model, bk.xp) if self.strategy["occupancy"] else None
-        if self.strategy["occupancy"] and self.groups.n_absent:
+        grp = self.groups
+        if grp is not None and grp.n_absent:
             log.info("occupancy: %d atoms at occupancy 0 (no altloc) are kept at 0",
-                     self.groups.n_absent)
-        if self.strategy["occupancy"] and self.groups.n == 0:
+                     grp.n_absent)
+        if grp is not None and grp.n == 0:
             log.info("strategy includes occupancy but no atom has an altloc or partial occupancy")
-        elif self.strategy["occupancy"]:
-            n_alt = int(self.groups.member.shape[1])
-            log.info("occupancy: %d atoms in %d group(s)%s", len(self.groups.atoms),
-                     self.groups.n, f"; the altloc conformers of {n_alt} residue(s) sum to 1"
+        elif grp is not None:
+            n_alt = int(grp.member.shape[1])
+            log.info("occupancy: %d atoms in %d group(s)%s", len(grp.atoms), grp.n,
+                     f"; the altloc conformers of {n_alt} residue(s) sum to 1"
                      if n_alt else " (partially occupied, no altlocs)")
         if self.strategy["adp"]:
             log.info("ADP: %s", f"one isotropic B per residue ({len(model.residues)} residues)"
