@@ -8,10 +8,16 @@ item assignment accept NumPy arrays, ``float()`` / ``int()`` / ``bool()`` of one
 and ``ascontiguousarray`` takes device arrays only.  Running the engine's GPU branches on it
 finds host/device mix-ups without a GPU; the kernels come from ``host_cuda.py``.
 
+Only what CuPy has is there: names, keywords and positional counts of functions, ufunc methods
+and ndarray members are checked against ``cupy_api.json`` (made from CuPy itself by
+``tools/cupy_api_snapshot.py``), so a NumPy-only call in a GPU branch raises here as on CuPy.
+
 ``allocation_limit`` (bytes, None for none) makes any larger device array raise
 ``cuda.memory.OutOfMemoryError``, to exercise batch splitting.
 """
 import functools
+import json
+import pathlib
 import types
 
 import numpy as np
@@ -19,6 +25,30 @@ import numpy.lib.mixins
 import scipy.fft
 
 allocation_limit = None
+
+API = json.loads((pathlib.Path(__file__).with_name("cupy_api.json")).read_text())
+
+
+def _member(table, owner, name):
+    """CuPy's signature record of ``owner.name``; AttributeError where CuPy has no such name."""
+    if name not in API[table]:
+        raise AttributeError(f"{owner} has no attribute {name!r} (NumPy has it, CuPy "
+                             f"{API['cupy_version']} does not: tests/cupy_api.json)")
+    return API[table][name] or {}
+
+
+def _check_call(spec, where, args, kwargs):
+    """TypeError for more positional arguments or other keywords than CuPy's signature takes."""
+    most = spec.get("positional")
+    if most is not None and len(args) > most:
+        raise TypeError(f"{where}() takes at most {most} positional arguments on CuPy "
+                        f"({len(args)} given)")
+    allowed = spec.get("keywords")
+    if allowed is not None:
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise TypeError(f"{where}() got keyword arguments CuPy does not take: "
+                            f"{', '.join(unknown)}")
 
 
 class OutOfMemoryError(MemoryError):
@@ -122,6 +152,7 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
         # NumPy-only attributes (buffer and interface protocols, ctypes) are absent, as on CuPy.
         if name.startswith("__") or name in ("ctypes", "tofile", "tobytes", "data"):
             raise AttributeError(name)
+        spec = _member("ndarray", "cupy.ndarray", name)
         value = getattr(self._a, name)
         if not callable(value):
             return _wrap(value)
@@ -129,6 +160,7 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
         @functools.wraps(value)
         def method(*args, **kwargs):
             where = f"ndarray.{name}"
+            _check_call(spec, where, args, kwargs)
             return _wrap(value(*_unwrap(args, where), **_unwrap(kwargs, where)))
         return method
 
@@ -151,11 +183,11 @@ def _from_host(x):
     return x
 
 
-def _device_function(fn, host_input=False):
-    where = fn.__name__
+def _device_function(fn, where, spec, host_input=False):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        _check_call(spec, where, args, kwargs)
         if host_input and args and not isinstance(args[0], ndarray):
             # a copy from the host, never a view of host memory
             args = (np.array(_from_host(args[0])),) + _unwrap(args[1:], where)
@@ -165,13 +197,37 @@ def _device_function(fn, host_input=False):
     return call
 
 
+class _Ufunc:
+    """A NumPy ufunc as CuPy's: its call keywords and its methods (``at``, ``reduce`` ...)
+    are those CuPy's ufuncs have."""
+
+    def __init__(self, ufunc, where, spec):
+        self._call = _device_function(ufunc, where, spec)
+        self._ufunc = ufunc
+        self._where = where
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        spec = _member("ufunc_methods", f"ufunc {self._where}", name)
+        return _device_function(getattr(self._ufunc, name), f"{self._where}.{name}", spec)
+
+
 def _namespace(name, source, host_input=()):
     module = types.ModuleType(name)
 
     def lookup(attr):
+        spec = _member(name, name, attr)
         value = getattr(source, attr)
+        if isinstance(value, types.ModuleType):
+            raise AttributeError(f"the stand-in has no {name}.{attr}")
+        if isinstance(value, np.ufunc):
+            return _Ufunc(value, attr, spec)
         if callable(value) and not isinstance(value, type):
-            return _device_function(value, attr in host_input)
+            return _device_function(value, f"{name}.{attr}", spec, attr in host_input)
         return value
     module.__getattr__ = lookup
     return module

@@ -1,11 +1,18 @@
 """The CuPy stand-in must be as strict as CuPy (and, for kernel arguments, stricter than the
 driver), or the GPU branches it runs would pass here and fail on a device."""
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+import cupy_standin
 import host_cuda
 
-pytestmark = pytest.mark.skipif(host_cuda.compiler() is None, reason="no C++20 compiler")
+needs_compiler = pytest.mark.skipif(host_cuda.compiler() is None, reason="no C++20 compiler")
 
 _SOURCE = """#define REAL double
 typedef REAL real_t;
@@ -24,9 +31,12 @@ def cp():
 
 @pytest.fixture
 def scale(cp):
+    if host_cuda.compiler() is None:
+        pytest.skip("no C++20 compiler")
     return cp.RawModule(code=_SOURCE).get_function("scale_kernel")
 
 
+@needs_compiler
 def test_device_arrays_do_not_turn_into_numpy_implicitly(cp):
     a = cp.arange(4.0)
     with pytest.raises(TypeError):
@@ -61,3 +71,46 @@ def test_a_kernel_launch_with_mismatched_arguments_is_refused(cp, scale, bad, me
 def test_host_arrays_are_refused_by_kernels(cp, scale):
     with pytest.raises(TypeError, match="NumPy array"):
         scale((1,), (8,), (np.arange(5.0), np.float64(2), np.int32(5), cp.empty(5)))
+
+
+@pytest.fixture
+def api_cp():
+    """The stand-in's array module alone (no kernels, no compiler needed)."""
+    return cupy_standin.module()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda cp, a: cp.geomspace(1.0, 2.0, 3), "no attribute 'geomspace'"),  # NumPy only
+    (lambda cp, a: cp.max(a, initial=0.0), "initial"),           # cupy.amax has no initial=
+    (lambda cp, a: cp.exp(a, where=a > 0), "where"),             # CuPy ufuncs: no where=
+    (lambda cp, a: cp.fft.rfftn(a, workers=2), "workers"),       # scipy.fft keyword
+    (lambda cp, a: a.setflags(write=False), "no attribute 'setflags'"),
+    (lambda cp, a: cp.add.at(a, [0], 1.0, 2.0), "at most 3 positional"),
+    (lambda cp, a: cp.linalg.norm(a), "no cupy.linalg"),
+])
+def test_what_cupy_lacks_is_refused(api_cp, call, message):
+    with pytest.raises((AttributeError, TypeError), match=message):
+        call(api_cp, api_cp.arange(4.0))
+
+
+def test_what_cupy_has_works(api_cp):
+    cp = api_cp
+    a = cp.arange(4.0)
+    cp.add.at(a, cp.asarray([0, 0]), 1.0)
+    assert float(cp.maximum(a, 2.0, out=a).sum(axis=0, keepdims=True)[0]) == 9.0
+    assert cp.fft.rfftn(a.reshape(2, 2), s=(2, 2)).shape == (2, 2)
+    assert a.astype(np.float32, copy=False).dtype == np.float32
+    assert int(cp.bincount(cp.asarray([1, 1, 3]), minlength=5)[1]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy not installed")
+def test_the_api_snapshot_matches_the_installed_cupy(tmp_path):
+    """After a CuPy upgrade, ``python tools/cupy_api_snapshot.py`` renews tests/cupy_api.json."""
+    import cupy
+    if cupy.__version__ != cupy_standin.API["cupy_version"]:
+        pytest.skip(f"snapshot of CuPy {cupy_standin.API['cupy_version']}, "
+                    f"installed {cupy.__version__}")
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "cupy_api_snapshot.py"
+    out = tmp_path / "api.json"
+    subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
+    assert json.loads(out.read_text()) == cupy_standin.API
