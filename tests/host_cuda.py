@@ -153,9 +153,23 @@ class _Function:
         self._check(args)
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
+        _check_launch_shape(self._name, grid, block)
         keep = []
         ptrs = (ctypes.c_void_p * len(args))(*[_pointer_to(a, keep) for a in args])
         self._fn(*[ctypes.c_uint(int(v)) for v in grid + block], ptrs)
+
+
+# CUDA's launch limits (compute capability 9.0): what cuLaunchKernel refuses at run time.
+_GRID_MAX = (2**31 - 1, 65535, 65535)
+_BLOCK_MAX = (1024, 1024, 64)
+
+
+def _check_launch_shape(name, grid, block):
+    if (any(not 1 <= g <= m for g, m in zip(grid, _GRID_MAX))
+            or any(not 1 <= b <= m for b, m in zip(block, _BLOCK_MAX))
+            or block[0] * block[1] * block[2] > 1024):
+        raise ValueError(f"{name}: launch grid {grid} block {block} is outside CUDA's limits "
+                         "(cudaErrorInvalidConfiguration on a device)")
 
 
 class _RawModule:

@@ -114,3 +114,10 @@ def test_the_api_snapshot_matches_the_installed_cupy(tmp_path):
     out = tmp_path / "api.json"
     subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
     assert json.loads(out.read_text()) == cupy_standin.API
+
+
+@pytest.mark.parametrize("grid, block", [((1, 70000), (8,)), ((0,), (8,)), ((1,), (2048,))])
+def test_a_launch_outside_cudas_limits_is_refused(cp, scale, grid, block):
+    x = cp.arange(5.0)
+    with pytest.raises(ValueError, match="outside CUDA's limits"):
+        scale(grid, block, (x, np.float64(2.0), np.int32(5), cp.empty(5)))
