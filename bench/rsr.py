@@ -95,11 +95,24 @@ def hardware():
     return f"{cpu}, {os.cpu_count()} cores; backends: {gpus}"
 
 
+def _sizes(text):
+    """Batch sizes from "1,16,128"; "0" or "" for none."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of batch sizes: {text!r}") from None
+    if any(b < 0 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive: {text!r}")
+    return [b for b in sizes if b > 0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    ap.add_argument("--batches", default="1,16,128", help="batch sizes on the GPU")
-    ap.add_argument("--numpy-batches", default="1", help="batch sizes on NumPy")
+    ap.add_argument("--batches", default="1,16,128", type=_sizes,
+                    help="batch sizes on the GPU (comma-separated; 0 for none)")
+    ap.add_argument("--numpy-batches", default="1", type=_sizes,
+                    help="batch sizes on NumPy (comma-separated; 0 for none)")
     ap.add_argument("--servalcat", default=None, help="servalcat executable (CPU peer)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every row, taking turns")
     args = ap.parse_args()
@@ -111,8 +124,8 @@ def main():
     print("| program | batch | wall (s) | s per model | CCmask mean | CCmask min | "
           "bonds max (Å) | angles max (°) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [(name, int(b)) for name, bs in (("numpy", args.numpy_batches),
-                                            ("cupy", args.batches)) for b in bs.split(",") if b
+    rows = [(name, b) for name, sizes in (("numpy", args.numpy_batches),
+                                          ("cupy", args.batches)) for b in sizes
             if name in available_backends()]
     if args.servalcat:
         rows.append(("servalcat", 1))
@@ -141,6 +154,7 @@ def main():
         spread = f" ({w.min():.1f}-{w.max():.1f})" if len(w) > 1 else ""
         print(f"| {label} | {n} | {np.median(w):.1f}{spread} | {np.median(w) / n:.3f} | "
               f"{cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | {angles:.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
