@@ -8,7 +8,9 @@
 #
 # "run" installs the wheels, then writes to $OUT: nvidia-smi, the GPU tests (backend=cupy
 # and the parity tests; NumPy-only tests are deselected), bench/kernels.py (NVRTC resource
-# report), bench/restraints.py, bench/rsr.py and bench/density.py.  Copy the numbers into bench/RESULTS.md with the date and commit.
+# report), bench/restraints.py, bench/rsr.py and bench/density.py.  Each step has its own
+# time limit, so that one slow step cannot take the others' results with it when the call's
+# 600 s run out.  Copy the numbers into bench/RESULTS.md with the date and commit.
 set -u
 case "${1:-}" in
 prepare)
@@ -29,11 +31,19 @@ run)
     export PYTHONPATH=/tmp/site:$PWD GPU_REFINE_SHARED_DATA=$PWD/.shared_data PYTHONUNBUFFERED=1
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
-    python3 -m pytest -q tests -k "not numpy and not standin" 2>&1 | tee "$OUT/tests.txt" | tail -5
-    python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -3
-    python3 bench/restraints.py --data .shared_data --batches 1,32,256 2>&1 | tee "$OUT/restraints.txt"
-    python3 bench/rsr.py --data .shared_data --batches 1,16,128 2>&1 | tee "$OUT/rsr.txt"
-    python3 bench/density.py 2>&1 | tee "$OUT/density.txt" | tail -20
+    step() {   # step SECONDS OUTFILE COMMAND...: the command's output into $OUT/OUTFILE
+        local limit=$1 file=$2
+        shift 2
+        timeout "$limit" "$@" > "$OUT/$file" 2>&1
+        echo "== $file: exit $? (limit ${limit} s)"
+        tail -n 25 "$OUT/$file"
+    }
+    step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin"
+    step 30 kernels.txt python3 bench/kernels.py
+    step 60 restraints.txt python3 bench/restraints.py --data .shared_data --batches 1,32,256
+    step 150 rsr.txt python3 bench/rsr.py --data .shared_data --batches 1,16,128 \
+        --numpy-batches 0
+    step 80 density.txt python3 bench/density.py
     ;;
 *)
     echo "usage: bash bench/device.sh prepare|run" >&2
