@@ -128,8 +128,9 @@ def test_rsr(example, tmp_path):
     rc, out, err = cli(*args)
     assert rc == 0, err
     assert "macro-cycle 2/2" in out and "automatic weight" in out
-    for ext in (".cif", "_best.cif", ".pdb", ".log", ".json", ".params"):
+    for ext in (".cif", "_best.cif", ".pdb", "_best.pdb", ".log", ".json", ".params"):
         assert (tmp_path / ("h" + ext)).is_file(), ext
+    assert len(gr.model.gemmi.read_structure(str(tmp_path / "h_best.pdb"))) == 1
     log_text = (tmp_path / "h.log").read_text()
     assert log_text.startswith("gpu-refine ") and "command: gpu-refine rsr" in log_text
     assert "macro-cycle 1/2" in log_text

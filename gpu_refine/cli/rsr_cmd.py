@@ -3,7 +3,8 @@
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
     [weight=W] [nmodels=B shake=RMS seed=S] [macro_cycles=5] [adp=individual|group]
     [h_distances=electron|nucleus] [output.pdb=true] [--overwrite]
-Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params; rerun with
+Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with
+output.pdb=true P.pdb (and P_best.pdb); rerun with
 ``gpu-refine rsr P.params`` (further key=value arguments override it).
 """
 import json
@@ -44,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--output.prefix", dest="prefix", default=None,
                         help="output prefix (default: MODEL name + _rsr)")
     parser.add_argument("--output.pdb", dest="pdb", action="store_true",
-                        help="also write P.pdb")
+                        help="also write P.pdb (and P_best.pdb for a batch)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -57,6 +58,8 @@ def _outputs(args):
         names["best"] = prefix + "_best.cif"
     if args.pdb:
         names["pdb"] = prefix + ".pdb"
+        if args.nmodels > 1:
+            names["best_pdb"] = prefix + "_best.pdb"
     if not args.overwrite:
         existing = [p for p in names.values() if os.path.exists(p)]
         if existing:
@@ -112,6 +115,9 @@ def _run(args, names, settings, model, map_data):
         write_model(names["best"], structures[result.best], overwrite=args.overwrite)
     if "pdb" in names:
         write_model(names["pdb"], structures_as_models(structures), fmt="pdb",
+                    overwrite=args.overwrite)
+    if "best_pdb" in names:
+        write_model(names["best_pdb"], structures[result.best], fmt="pdb",
                     overwrite=args.overwrite)
     payload = {"version": __version__, "device": args.device, "command": args.command_line,
                "resolution": settings.resolution, "strategy": settings.strategy,

@@ -436,7 +436,9 @@ class RealSpaceRefinement:
         elif s.weight is not None:
             weight = np.full(n, float(s.weight))
         else:
-            log.info("automatic weight: %d trial weights, %d iterations each", s.weight_trials,
+            log.info("automatic weight: %d trial weights a factor 2 apart, %s, %d iterations "
+                     "each", s.weight_trials,
+                     "side by side" if self.backend.is_gpu else "bisected (one at a time)",
                      s.weight_iterations)
             tw = time.perf_counter()
             choice = self.search_weight(batch)
