@@ -39,7 +39,7 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
     results = []
     for m in range(n_models):
         r = dict(topo.counts())
-        outliers = []
+        found = []      # (|z|, type, index) of every outlier; dicts only for those listed
         for name in ("bonds", "angles", "torsions", "chirals", "planes"):
             delta = terms[name][1][m]
             if name in ANGULAR:
@@ -51,19 +51,13 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
                 r[f"rmsd_{name}"] = float(np.sqrt(np.mean(delta ** 2)))
                 r[f"rmsz_{name}"] = float(np.sqrt(np.mean(z[ok] ** 2))) if ok.any() else 0.0
                 r[f"max_{name}"] = float(np.abs(delta).max())
-                atoms = _member_atoms(topo, name)
-                for k in np.flatnonzero(np.abs(z) > z_outlier):
-                    outliers.append({"type": name[:-1], "atoms": [str(topo.labels[a]) for a in atoms[k]],
-                                     "ideal": float(ideal[k]),
-                                     "model": float(ideal[k] + delta[k]) if name != "planes"
-                                     else float(delta[k]),
-                                     "delta": float(delta[k]), "sigma": float(sigma[k]),
-                                     "z": float(z[k]), "unit": UNITS[name]})
+                found += [(abs(float(z[k])), name, k, delta, z, sigma, ideal)
+                          for k in np.flatnonzero(np.abs(z) > z_outlier)]
             else:
                 r[f"rmsd_{name}"] = r[f"rmsz_{name}"] = r[f"max_{name}"] = 0.0
-        outliers.sort(key=lambda o: -abs(o["z"]))
-        r["n_outliers"] = len(outliers)
-        r["outliers"] = outliers[:max_outliers]
+        found.sort(key=lambda f: -f[0])
+        r["n_outliers"] = len(found)
+        r["outliers"] = [_outlier(topo, *f[1:]) for f in found[:max_outliers]]
         if "nonbonded" in terms:
             pl = restraints.pairs
             delta = terms["nonbonded"][1][m]
@@ -80,6 +74,14 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
                                       "overlap": float(overlap[k])}
         results.append(r)
     return results
+
+
+def _outlier(topo, name, k, delta, z, sigma, ideal):
+    return {"type": name[:-1], "atoms": [str(topo.labels[a]) for a in _member_atoms(topo, name)[k]],
+            "ideal": float(ideal[k]),
+            "model": float(ideal[k] + delta[k]) if name != "planes" else float(delta[k]),
+            "delta": float(delta[k]), "sigma": float(sigma[k]), "z": float(z[k]),
+            "unit": UNITS[name]}
 
 
 def _pair_label(topo, pairs, a):
