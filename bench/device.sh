@@ -5,12 +5,18 @@
 #                                  # shared data the GPU tests and benchmarks read into
 #                                  # .shared_data/ (both git-ignored, carried, ~25 MB)
 #   run(command="bash bench/device.sh run", carry=[".whl", ".shared_data"])   # on the device
+#   run(command="bash bench/device.sh sanitize", carry=[".whl", ".shared_data"])
 #
 # "run" installs the wheels, then writes to $OUT: nvidia-smi, the GPU tests (backend=cupy
 # and the parity tests; NumPy-only tests are deselected), bench/kernels.py (NVRTC resource
 # report), bench/restraints.py, bench/rsr.py and bench/density.py.  Each step has its own
 # time limit, so that one slow step cannot take the others' results with it when the call's
 # 600 s run out.  Copy the numbers into bench/RESULTS.md with the date and commit.
+#
+# "sanitize" runs the GPU parity tests and the GPU rsr test of the example under
+# compute-sanitizer: memcheck (out-of-bounds and misaligned accesses; CuPy's memory pool is
+# switched off so that every array is its own allocation and an overrun is seen) and
+# racecheck (shared-memory hazards).
 set -u
 case "${1:-}" in
 prepare)
@@ -24,7 +30,7 @@ prepare)
     chmod -R u+w .shared_data
     du -sh .whl .shared_data
     ;;
-run)
+run|sanitize)
     : "${OUT:?run this on the device machine, where OUT is set}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -38,6 +44,18 @@ run)
         echo "== $file: exit $? (limit ${limit} s)"
         tail -n 25 "$OUT/$file"
     }
+    if [ "$1" = sanitize ]; then
+        tests='import sys, cupy, pytest
+cupy.cuda.set_allocator(None)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "cupy and not numpy",
+                      "tests/test_kernels.py", "tests/test_restraint_kernels.py",
+                      "tests/test_rsr.py::test_strategies_on_the_example"]))'
+        for tool in memcheck racecheck; do
+            step 270 "$tool.txt" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+                python3 -c "$tests"
+        done
+        exit 0
+    fi
     step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin"
     step 30 kernels.txt python3 bench/kernels.py
     step 60 restraints.txt python3 bench/restraints.py --data .shared_data --batches 1,32,256
@@ -46,7 +64,7 @@ run)
     step 80 density.txt python3 bench/density.py
     ;;
 *)
-    echo "usage: bash bench/device.sh prepare|run" >&2
+    echo "usage: bash bench/device.sh prepare|run|sanitize" >&2
     exit 2
     ;;
 esac
