@@ -11,6 +11,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -88,6 +89,12 @@ def _build_dir():
     return Path(tempfile.mkdtemp(prefix="gpu_refine_host_cuda_"))
 
 
+# HOST_CUDA_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan (the process must
+# preload libasan: see tests/test_sanitizers.py).
+_SANITIZE = (["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+              "-fno-sanitize-recover=all"] if os.environ.get("HOST_CUDA_SANITIZE") else [])
+
+
 @functools.lru_cache(maxsize=None)
 def _library(code):
     warps = "#define HOST_CUDA_WARPS\n" if "__shfl" in code else ""
@@ -96,8 +103,8 @@ def _library(code):
     src = _build_dir() / f"{key}.cpp"
     lib = src.with_suffix(".so")
     src.write_text(source)
-    cmd = [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib),
-           str(src)]
+    cmd = [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", *_SANITIZE, "-o",
+           str(lib), str(src)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"host build of a kernel failed:\n{done.stderr[-4000:]}")
