@@ -39,7 +39,7 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
     results = []
     for m in range(n_models):
         r = dict(topo.counts())
-        found = []      # (|z|, type, index) of every outlier; dicts only for those listed
+        found = []      # every outlier as (|z|, type, index, its arrays); dicts for those listed
         for name in ("bonds", "angles", "torsions", "chirals", "planes"):
             delta = terms[name][1][m]
             if name in ANGULAR:
