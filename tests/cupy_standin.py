@@ -156,13 +156,7 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
         value = getattr(self._a, name)
         if not callable(value):
             return _wrap(value)
-
-        @functools.wraps(value)
-        def method(*args, **kwargs):
-            where = f"ndarray.{name}"
-            _check_call(spec, where, args, kwargs)
-            return _wrap(value(*_unwrap(args, where), **_unwrap(kwargs, where)))
-        return method
+        return _device_function(value, f"ndarray.{name}", spec)
 
 
 def _unwrap_index(key):
