@@ -134,6 +134,7 @@ def test_rsr(example, tmp_path):
     log_text = (tmp_path / "h.log").read_text()
     assert log_text.startswith("gpu-refine ") and "command: gpu-refine rsr" in log_text
     assert "macro-cycle 1/2" in log_text
+    assert "map box" in log_text.splitlines()[2]     # held while setting up, then written
     r = json.loads((tmp_path / "h.json").read_text())
     assert len(r["models"]) == 2
     for m in r["models"]:
@@ -168,3 +169,19 @@ def test_rsr(example, tmp_path):
                      f"output.prefix={tmp_path / 'bad'}")
     _one_line_error(rc, err)
     assert not list(tmp_path.glob("bad*"))
+    # ... also when the problem is found while setting up: a residue without a dictionary, a
+    # model outside the map.
+    st = helix_structure("AAA")
+    st[0][0][1].name = "XYZ"
+    st.write_pdb(str(tmp_path / "unknown.pdb"))
+    st = helix_structure("AAA")
+    for c in st[0].all():
+        c.atom.pos = c.atom.pos + gr.model.gemmi.Position(500, 0, 0)
+    st.write_pdb(str(tmp_path / "far.pdb"))
+    for start, reason in ((tmp_path / "unknown.pdb", "no restraint dictionary for residue(s) XYZ"),
+                          (tmp_path / "far.pdb", "does not overlap")):
+        rc, _, err = cli("rsr", start, emap, "resolution=3", "backend=numpy",
+                         f"output.prefix={tmp_path / 'bad'}")
+        _one_line_error(rc, err)
+        assert reason in err
+        assert not list(tmp_path.glob("bad*"))

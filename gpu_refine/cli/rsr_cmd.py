@@ -9,6 +9,7 @@ output.pdb=true P.pdb (and P_best.pdb); rerun with
 """
 import json
 import logging
+import logging.handlers
 import os
 import time
 
@@ -17,7 +18,7 @@ from ..errors import InputError
 from ..maps import read_map
 from ..model import read_model, structures_as_models, write_model
 from ..io import output_directory, write_atomically
-from ..workflows.rsr import RSRSettings, refine_real_space
+from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,30 +86,41 @@ def _params_text(args, settings, result):
 
 
 def main(args):
-    # Parameters and inputs are checked before any output exists, so that a typo does not
-    # leave a log behind that the next run would refuse to overwrite.
+    # Parameters and inputs (the files, the dictionary for every residue, the map's overlap
+    # with the model) are checked before any output exists, so that a mistake does not leave
+    # a log behind that the next run would refuse to overwrite.  What the setup logs is held
+    # and written to the log once it has succeeded.
     settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()
     names = _outputs(args)
     model = read_model(args.model)
     map_data = read_map(args.map)
+    root = logging.getLogger("gpu_refine")
+    held = logging.handlers.BufferingHandler(capacity=1 << 20)
+    root.addHandler(held)
+    try:
+        job = RealSpaceRefinement(model, map_data, settings, backend=args.backend)
+    finally:
+        root.removeHandler(held)
     output_directory(names["log"])
     handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("gpu_refine")
     handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
                          f"command: {args.command_line}\n")
+    for record in held.buffer:
+        handler.handle(record)
+    held.close()
     root.addHandler(handler)
     try:
-        _run(args, names, settings, model, map_data)
+        _run(args, names, settings, job)
     finally:
         root.removeHandler(handler)
         handler.close()
 
 
-def _run(args, names, settings, model, map_data):
-    result = refine_real_space(model, map_data, settings=settings, backend=args.backend)
+def _run(args, names, settings, job):
+    result = job.run()
     structures = result.batch.to_structures()
     write_model(names["cif"], structures_as_models(structures), overwrite=args.overwrite)
     if "best" in names:
