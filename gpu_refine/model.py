@@ -5,7 +5,7 @@
 batch members.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gemmi
 import numpy as np
@@ -80,6 +80,18 @@ class Model:
             if not np.all(np.isfinite(getattr(self, name))):
                 raise InputError(f"the model has non-finite values in {name}")
 
+    def isotropic(self):
+        """A copy in which anisotropic atoms are isotropic with B = B_eq = 8pi² tr(U)/3, as
+        refinement of isotropic B needs (the density of an anisotropic atom ignores B)."""
+        b = np.where(self.is_aniso, b_equivalent(self.u_aniso), self.b)
+        st = self.structure.clone()
+        for i, cra in enumerate(st[0].all()):
+            if self.is_aniso[i]:
+                cra.atom.aniso = gemmi.SMat33f(0, 0, 0, 0, 0, 0)
+                cra.atom.b_iso = float(b[i])
+        return replace(self, structure=st, b=b, u_aniso=np.zeros_like(self.u_aniso),
+                       is_aniso=np.zeros_like(self.is_aniso))
+
     def to_gemmi(self, xyz=None, b=None, occ=None, u_aniso=None):
         """A copy of the structure with new per-atom values (same atoms, order, names)."""
         st = self.structure.clone()
@@ -94,6 +106,11 @@ class Model:
             if u_aniso is not None and self.is_aniso[i]:
                 at.aniso = gemmi.SMat33f(*map(float, u_aniso[i]))
         return st
+
+
+def b_equivalent(u):
+    """B_eq (...,) of U (...,6) in Å²: 8pi² times the mean of U11, U22, U33."""
+    return 8 * np.pi**2 * (u[..., 0] + u[..., 1] + u[..., 2]) / 3
 
 
 def read_model(path, model_index=0):

@@ -141,6 +141,38 @@ def test_automatic_weight_on_a_shaken_batch(helix, backend):
         assert _rms(xyz, model.xyz) < 0.1
 
 
+def test_anisotropic_atoms(helix, backend, caplog):
+    """Isotropic B refinement makes anisotropic atoms isotropic (B = B_eq) first, since their
+    density does not depend on B; sites-only refinement keeps their U.  A batch of the
+    anisotropic model is taken over the same way."""
+    caplog.set_level(logging.INFO, logger="gpu_refine")
+    model, map_data = helix
+    st = model.structure.clone()
+    u = np.array([0.5, 0.3, 0.4, 0.05, -0.02, 0.01])       # B_eq = 8pi² 0.4 = 31.6 Å²
+    for cra in list(st[0].all())[:12]:
+        cra.atom.aniso = gemmi.SMat33f(*u)
+        cra.atom.b_iso = 99.0                                # a header B that disagrees
+    start = gr.Model.from_gemmi(st)
+    iso = start.isotropic()
+    assert not iso.is_aniso.any() and np.allclose(iso.b[:12], 8 * np.pi**2 * 0.4)
+    assert np.allclose(iso.b[12:], start.b[12:]) and start.is_aniso[:12].all()
+    assert not any(c.atom.aniso.nonzero() for c in iso.structure[0].all())
+    sites = refine_real_space(start, map_data, 3.0, backend=backend, weight=5.0,
+                              strategy="minimization_global", macro_cycles=1, monlib=None)
+    out = sites.batch.to_structures()[0]
+    assert [c.atom.aniso.nonzero() for c in out[0].all()] == list(start.is_aniso)
+    for batch in (None, Batch.from_model(start, 2, backend=backend)):
+        result = refine_real_space(start, map_data, 3.0, backend=backend, weight=5.0,
+                                   strategy="minimization_global+adp", macro_cycles=1,
+                                   monlib=None, batch=batch)
+        assert result.batch.u is None and result.batch.model is not start
+        b = backend.to_numpy(result.batch.b)
+        assert np.all(np.abs(b[:, :12] - 99.0) > 20)       # refined from B_eq, map made at 30
+        out = result.batch.to_structures()[0]
+        assert not any(c.atom.aniso.nonzero() for c in out[0].all())
+    assert "ADP: 12 anisotropic atoms made isotropic (B = B_eq)" in caplog.text
+
+
 def test_altloc_occupancies_sum_to_one(helix):
     """Two conformers of one residue: the parametrisation keeps their sum at 1, and its
     gradient matches finite differences."""

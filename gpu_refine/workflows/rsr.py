@@ -21,7 +21,7 @@ from ..errors import InputError, ParameterError
 from ..mapprep import prepare_map
 from ..metrics import five_cc, molecular_mask
 from ..minimize import LBFGSSettings, minimize_lbfgs
-from ..model import Batch
+from ..model import Batch, b_equivalent
 from ..restraints.adp import ADPRestraints
 from ..restraints.geometry import GeometryRestraints
 from ..restraints.stats import geometry_statistics
@@ -177,6 +177,12 @@ class RealSpaceRefinement:
     def __init__(self, model, map_data, settings, backend=None, dtype=np.float32):
         self.settings = s = settings.check()
         self.strategy = s.parsed_strategy()
+        self.input_model = model
+        if self.strategy["adp"] and model.is_aniso.any():
+            # Isotropic B is refined; an anisotropic atom's density would not depend on it.
+            log.info("ADP: %d anisotropic atoms made isotropic (B = B_eq)",
+                     int(model.is_aniso.sum()))
+            model = model.isotropic()
         self.model = model
         self.map_data = map_data
         self.backend = bk = get_backend(backend)
@@ -412,10 +418,21 @@ class RealSpaceRefinement:
             return shaken_batch(self.model, s.nmodels, s.shake, s.seed, self.backend, self.dtype)
         return Batch.from_model(self.model, s.nmodels, backend=self.backend, dtype=self.dtype)
 
+    def _own(self, batch):
+        """The given batch on this job's model (isotropic where ADP are refined)."""
+        if batch.model is self.model:
+            return batch
+        if batch.model is not self.input_model:
+            raise InputError("the batch must be of the given model's topology")
+        xp = self.backend.xp
+        aniso = xp.asarray(self.input_model.is_aniso)
+        b = xp.where(aniso, b_equivalent(batch.u), batch.b) if batch.u is not None else batch.b
+        return Batch(self.model, batch.xyz, b, batch.occ, None, backend=self.backend)
+
     def run(self, batch=None, progress=None):
         s = self.settings
         t0 = time.perf_counter()
-        batch = batch if batch is not None else self.start_batch()
+        batch = self._own(batch) if batch is not None else self.start_batch()
         xp = self.backend.xp
         n = batch.size
         cc_start = self.map_statistics(batch)["cc_mask"]
@@ -539,7 +556,5 @@ def refine_real_space(model, map_data, resolution=None, settings=None, backend=N
         setattr(s, k, v)
     if resolution is not None:
         s.resolution = resolution
-    if batch is not None and batch.model is not model:
-        raise InputError("the batch must be of the given model's topology")
     job = RealSpaceRefinement(model, map_data, s, backend=backend, dtype=dtype)
     return job.run(batch)
