@@ -11,7 +11,8 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
-from gpu_refine.workflows.rsr import RealSpaceRefinement, RSRSettings, refine_real_space
+from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, geometry_limits,
+                                      refine_real_space)
 
 EMD = "cryoem/emd2566_3j6b_chain9"
 
@@ -259,3 +260,13 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
     else:
         extra = 0 if inside else min(abs(limit_index - (5 if limit_index > 0 else -1)) + 1, 6)
         assert all(len(call) == 1 for call in seen) and len(tried) <= 3 + extra
+
+
+def test_weight_limits_stay_above_what_restraints_alone_reach():
+    """The limits are tightened beyond 4 Å, and raised to 1.5 × the regularised start's
+    geometry where the restraints alone come near them (a library's or ligand's strain)."""
+    assert geometry_limits(3.0) == (0.01, 1.0)
+    assert geometry_limits(4.5) == pytest.approx((0.008, 0.8))
+    assert geometry_limits(3.0, floor=(0.0012, 0.61)) == (0.01, 1.0)    # EMD-2566's floor
+    assert geometry_limits(3.0, floor=(0.0012, 1.03)) == pytest.approx((0.01, 1.545))
+    assert geometry_limits(3.0, 0.005, 1.0, floor=(0.004, 0.5)) == pytest.approx((0.006, 1.0))

@@ -37,6 +37,9 @@ B_BOUNDS = (1.0, 500.0)
 # The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
 # the chosen weight sat 2^7 below the raw ratio of restraint forces at 0.05 Å noise.
 WEIGHT_SCALE = 2.0 ** -7
+# A weight-search limit is at least this factor above the geometry restraints alone reach
+# (EMD-2566, 3J6B chain 9 regularised: angles 0.56-0.61°, so 1.0° stands).
+FLOOR_MARGIN = 1.5
 
 
 @dataclass
@@ -94,11 +97,17 @@ class RSRSettings:
         return self
 
 
-def geometry_limits(resolution, bond_limit=0.01, angle_limit=1.0):
+def geometry_limits(resolution, bond_limit=0.01, angle_limit=1.0, floor=None):
     """Limits for the automatic weight: the given ones, tightened by 20 % beyond 4 Å, where the
-    map holds the geometry less and the restraints should dominate."""
+    map holds the geometry less and the restraints should dominate.  ``floor`` (bonds, angles)
+    is what the restraints alone reach (the regularised start); where a limit is within
+    FLOOR_MARGIN of it (restraints in conflict, e.g. a ligand's or a library's own strain),
+    the limit becomes FLOOR_MARGIN × floor, so that the map still gets a share."""
     f = 0.8 if resolution > 4.0 else 1.0
-    return bond_limit * f, angle_limit * f
+    limits = (bond_limit * f, angle_limit * f)
+    if floor is None:
+        return limits
+    return tuple(max(lim, FLOOR_MARGIN * low) for lim, low in zip(limits, floor))
 
 
 @dataclass
@@ -313,8 +322,9 @@ class RealSpaceRefinement:
     def geometry(self, batch):
         return geometry_statistics(self.restraints, batch.xyz, max_outliers=0)
 
-    def search_weight(self, start):
-        """Trial weights from model 1 of ``start``; returns a WeightChoice.
+    def search_weight(self, start, limits=None):
+        """Trial weights from model 1 of ``start``; returns a WeightChoice.  ``limits`` (bonds
+        Å, angles °): those of ``geometry_limits`` by default.
 
         Trial k has weight scale × 2^(k - n/2) (``_weight_scale``), k = 0 … n-1 first.  On a
         GPU every trial is a batch member and all run at once.  On a CPU each member costs as
@@ -326,7 +336,8 @@ class RealSpaceRefinement:
         s = self.settings
         n = s.weight_trials
         scale = self._weight_scale(start)
-        bond_lim, angle_lim = geometry_limits(s.resolution, s.bond_limit, s.angle_limit)
+        bond_lim, angle_lim = limits or geometry_limits(s.resolution, s.bond_limit,
+                                                        s.angle_limit)
         results, refined = {}, {}
 
         def acceptable(k):
@@ -439,14 +450,21 @@ class RealSpaceRefinement:
         log.info("%d model(s), %d atoms; start CCmask %s", n, self.model.n_atoms,
                  _range(cc_start))
         iterations = np.zeros(n, dtype=int)
-        if self.strategy["sites"]:
+        floor, done = None, []
+        if self.strategy["sites"] and s.regularize_iterations > 0:
             # Shaken or rough starts: fix the local geometry first (restraints only, cheap).
             res = self.refine_sites(batch, np.zeros(n), s.regularize_iterations)
             iterations += res.iterations
+            geo = self.geometry(batch)
+            floor = (geo[0]["rmsd_bonds"], geo[0]["rmsd_angles"])
+            done.append(f"regularised: bonds {_range([g['rmsd_bonds'] for g in geo])} Å, "
+                        f"angles {_range([g['rmsd_angles'] for g in geo], '.2f')}°")
         if self.strategy["adp"]:
             iterations += self.refine_adp(batch, s.adp_iterations).iterations
-        log.info("start prepared (regularised%s) in %.1f s", ", B refined" if
-                 self.strategy["adp"] else "", time.perf_counter() - t0)
+            done.append("B refined")
+        log.info("start prepared (%s) in %.1f s", "; ".join(done) or "as given",
+                 time.perf_counter() - t0)
+        limits = geometry_limits(s.resolution, s.bond_limit, s.angle_limit, floor)
         trials, sites_done = [], 0
         if not self.strategy["sites"]:
             weight = np.zeros(n)
@@ -457,8 +475,12 @@ class RealSpaceRefinement:
                      "each", s.weight_trials,
                      "side by side" if self.backend.is_gpu else "bisected (one at a time)",
                      s.weight_iterations)
+            if limits != geometry_limits(s.resolution, s.bond_limit, s.angle_limit):
+                log.info("restraints alone reach bonds %.4f Å, angles %.2f° (model 1): the "
+                         "weight search allows %.4f Å, %.2f° (%.1f × that where the limits "
+                         "are closer)", *floor, *limits, FLOOR_MARGIN)
             tw = time.perf_counter()
-            choice = self.search_weight(batch)
+            choice = self.search_weight(batch, limits)
             trials = choice.trials
             weight = np.full(n, choice.weight)
             # The chosen trial refined model 1 from this very start with this weight: it is
@@ -508,8 +530,7 @@ class RealSpaceRefinement:
                           "mean_b": round(float(b_np[i].mean()), 2),
                           "weight": float(weight[i]), "iterations": int(iterations[i]),
                           "time": round(elapsed / n, 3)})
-        best = _best(stats, *geometry_limits(s.resolution, 1.5 * s.bond_limit,
-                                             1.5 * s.angle_limit))
+        best = _best(stats, 1.5 * limits[0], 1.5 * limits[1])
         log.info("final CCmask %s; best model %d (CCmask %.4f, bonds %.4f Å, angles %.2f°); "
                  "%.1f s", _range(final["cc_mask"]), best + 1, stats[best]["cc_mask_final"],
                  stats[best]["rmsd_bonds"], stats[best]["rmsd_angles"], elapsed)
