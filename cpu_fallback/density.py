@@ -11,10 +11,13 @@ Where the kernel loops over the points around each atom, NumPy works on a padded
 model's grid so that every (atom, point) pair has a flat index ``base[atom] + offset[k]``; the
 squared distances come from one matrix product, and a periodic grid folds its padding back.
 
-On grids whose axes are x, y, z (cryo-EM boxes, orthogonal cells) and for isotropic atoms each
-Gaussian factorises, exp(-k d²) = exp(-k dx²) exp(-k dy²) exp(-k dz²), so the density of an
-atom's box and the sums of the adjoint are small tensor products and contractions of per-axis
-factors (``_boxes``); the same points (d² < r²) take part, so the values are the same.  The
+For isotropic atoms on a grid with one index axis a perpendicular to the other two (b, c) —
+every cell but a triclinic one: cryo-EM boxes, orthogonal, monoclinic, hexagonal cells — each
+Gaussian factorises as exp(-k d²) = exp(-k G_aa δa²) · exp(-k Q(δb, δc)), with δ the offset in
+grid steps, G the grid's metric and Q its (b, c) part; the plane factor is itself an outer
+product of per-axis factors where b and c are perpendicular too.  So the density of an atom's
+box is a product of a line and a plane factor, and the sums of the adjoint are contractions
+with them (``_boxes``); the same points (d² < r²) take part, so the values are the same.  The
 chunks of atoms of one model run on worker threads (one per core).
 """
 import functools
@@ -197,20 +200,40 @@ def _pairs(xyz_m, radius_m, geom, shape, periodic):
     return grid, chunks()
 
 
-def _axis_aligned(geom):
-    """True where the grid's index axes are x, y, z (a diagonal index-to-xyz matrix)."""
+class _Factorisation:
+    """A grid whose index axis ``perm[0]`` is perpendicular to the other two: axes in the order
+    ``perm`` (a, b, c), the metric ``gp`` (Å² per grid step², in that order), ``mp`` the xyz of
+    one step along each, and whether b and c are perpendicular too."""
+
+    def __init__(self, perm, metric, orth):
+        self.perm = perm
+        self.gp = metric[np.ix_(perm, perm)]
+        self.mp = orth[:, perm]
+        self.plane_separable = self.gp[1, 2] == 0.0
+
+
+def _factorisation(geom):
+    """The _Factorisation of the grid, or None where no index axis is perpendicular to both
+    others (a triclinic cell)."""
     orth = geom[9:18].reshape(3, 3)
-    diag = np.abs(np.diag(orth))
-    return bool(np.all(np.abs(orth - np.diag(np.diag(orth))) <= 1e-12 * diag.max()))
+    metric = orth.T @ orth
+    tiny = 1e-12 * np.abs(np.diag(metric)).max()
+    metric = np.where(np.abs(metric) <= tiny, 0.0, metric)
+    for a in range(3):
+        b, c = (x for x in range(3) if x != a)
+        if metric[a, b] == 0.0 and metric[a, c] == 0.0:
+            return _Factorisation([a, b, c], metric, orth)
+    return None
 
 
-def _boxes(xyz_m, radius_m, geom, shape, periodic):
-    """Axis-aligned grids, for one model: the padded grid and a list of chunks, each a callable
-    returning (atoms (A,), [dx, dy, dz] (A,e_axis) Å from the atom in the working precision,
-    inside (A,e0*e1*e2) bool, flat points (A,e0*e1*e2)), over the same boxes and points as
-    ``_pairs``; built when called, on the worker thread that uses it."""
-    spacing = np.diag(geom[9:18].reshape(3, 3))
+def _boxes(xyz_m, radius_m, geom, shape, periodic, fac):
+    """For one model on a factorisable grid (``fac``): the padded grid and a list of chunks, each
+    a callable returning (atoms (A,), [δa, δb, δc] (A,e_axis) offsets from the atom in grid
+    steps, axes in fac.perm's order, Q(δb, δc) (A,e_b,e_c) Å², inside (A,e_a*e_b*e_c) bool,
+    flat points (A,e_a*e_b*e_c)), the box in (a, b, c) order, over the same boxes and points
+    as ``_pairs``; built when called, on the worker thread that uses it."""
     real = _real(xyz_m)
+    perm, gp = fac.perm, fac.gp.astype(real)
     atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=2)
     if not len(atoms):
         return grid, []
@@ -223,22 +246,23 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic):
     group = group.reshape(-1)
 
     def build(sel, ext, off_lin):
-        d = [(lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]) * spacing[a]
-             for a in range(3)]
-        sq = [(x * x).astype(real) for x in d]
-        # dx² + dy² < r² - dz², without a (A,e0,e1,e2) array of d²
-        left = (r[sel] ** 2).astype(real)[:, None] - sq[2]
-        inside = ((sq[0][:, :, None] + sq[1][:, None, :])[:, :, :, None]
-                  < left[:, None, None, :]).reshape(len(sel), -1)
+        oa, ob, oc = ((lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]).astype(real)
+                      for a in perm)
+        q = (gp[1, 1] * ob * ob)[:, :, None] + (gp[2, 2] * oc * oc)[:, None, :]
+        if not fac.plane_separable:
+            q += 2 * gp[1, 2] * ob[:, :, None] * oc[:, None, :]
+        # G_aa δa² < r² - Q, without an (A,e_a,e_b,e_c) array of d²
+        left = (r[sel] ** 2).astype(real)[:, None] - q.reshape(len(sel), -1)
+        inside = ((gp[0, 0] * oa * oa)[:, :, None] < left[:, None, :]).reshape(len(sel), -1)
         points = base_lin[sel, None] + off_lin[None, :]     # whole box inside the padding
-        return atoms[sel], [x.astype(real) for x in d], inside, points
+        return atoms[sel], (oa, ob, oc), q, inside, points
 
     chunks = []
     for gi, ext in enumerate(sizes):
         members = np.nonzero(group == gi)[0]
         # In grid order, so that a chunk's points span a slab of the grid, not all of it.
         members = members[np.argsort(base_lin[members], kind="stable")]
-        off_lin = np.indices(ext).reshape(3, -1).T @ grid.strides
+        off_lin = np.indices(ext[perm]).reshape(3, -1).T @ grid.strides[perm]
         # At least one chunk per worker thread, at most _PAIRS_PER_CHUNK pairs each.
         chunk = max(1, min(_PAIRS_PER_CHUNK // len(off_lin), -(-len(members) // _WORKERS)))
         for s in range(0, len(members), chunk):
@@ -260,45 +284,52 @@ def _pool():
     return ThreadPoolExecutor(_WORKERS, thread_name_prefix="gpu_refine-density")
 
 
-def _factors(k, d):
-    """exp(-k d²) per atom, Gaussian and axis point: (A,G,e)."""
-    return np.exp(-k[:, :, None] * (d * d)[:, None, :])
+def _line_and_plane(k, d, q, fac):
+    """Per atom and Gaussian, exp(-k G_aa δa²) (A,G,e_a) and exp(-k Q) (A,G,e_b*e_c)."""
+    gp = fac.gp.astype(q.dtype)
+    oa, ob, oc = d
+    kk = k[:, :, None]
+    line = np.exp(-kk * (gp[0, 0] * oa * oa)[:, None, :])
+    if fac.plane_separable:     # outer product: e_b + e_c exponentials instead of e_b * e_c
+        plane = (np.exp(-kk * (gp[1, 1] * ob * ob)[:, None, :])[:, :, :, None]
+                 * np.exp(-kk * (gp[2, 2] * oc * oc)[:, None, :])[:, :, None, :])
+    else:
+        plane = np.exp(-kk[..., None] * q[:, None])
+    return line, plane.reshape(plane.shape[:2] + (-1,))
 
 
-def _spread_boxes(amp, k, d, inside):
-    """Density of each atom's box, sum over Gaussians of amp ex⊗ey⊗ez: (A, e0*e1*e2)."""
-    ex, ey, ez = (_factors(k, x) for x in d)
-    t = (amp[:, :, None, None] * ex[:, :, :, None] * ey[:, :, None, :])     # (A,G,e0,e1)
-    a, ng, e0, e1 = t.shape
-    box = np.matmul(t.reshape(a, ng, e0 * e1).transpose(0, 2, 1), ez)        # (A,e0*e1,e2)
-    return box.reshape(a, -1) * inside
+def _spread_boxes(amp, k, d, q, inside, fac):
+    """Density of each atom's box, sum over Gaussians of amp line⊗plane: (A, e_a*e_b*e_c)."""
+    line, plane = _line_and_plane(k, d, q, fac)
+    box = np.matmul((amp[:, :, None] * line).transpose(0, 2, 1), plane)      # (A,e_a,e_b*e_c)
+    return box.reshape(len(amp), -1) * inside
 
 
-def _adjoint_boxes(w, amp, k, bt, d):
-    """For the weights w (A,e0,e1,e2) of each atom's box (zero outside the sphere): per atom
-    sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) and sum_p w ρ (A,), from the moments
-    S[a,b,c] = sum w (dx^a ex)(dy^b ey)(dz^c ez) of each Gaussian.
+def _adjoint_boxes(w, amp, k, bt, d, q, fac):
+    """For the weights w (A,e_a,e_b*e_c) of each atom's box (zero outside the sphere): per
+    atom sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) and sum_p w ρ (A,).
 
-    The sums run one axis at a time as batched matrix products (z, then y for the three
-    z-moments at once, then x for the seven moments needed)."""
-    ex, ey, ez = (_factors(k, x) for x in d)
-    dx, dy, dz = (x[:, None, :] for x in d)
-    a, e0, e1, e2 = w.shape
-    ng = k.shape[1]
-    zs = np.stack([ez, ez * dz, ez * dz * dz], axis=2).reshape(a, 3 * ng, e2)      # (A,G·3,e2)
-    z = np.matmul(zs, w.reshape(a, e0 * e1, e2).transpose(0, 2, 1))               # (A,G·3,e0e1)
-    ys = np.stack([ey, ey * dy, ey * dy * dy], axis=3)                              # (A,G,e1,3)
-    y = np.matmul(z.reshape(a, ng, 3 * e0, e1), ys).reshape(a, ng, 3, e0, 3)       # [z^c, i, y^b]
-    y00 = y[:, :, 0, :, 0]
-    s000 = (y00 * ex).sum(-1)
-    s100 = (y00 * ex * dx).sum(-1)
-    s200 = (y00 * ex * dx * dx).sum(-1)
-    s010, s020 = (y[:, :, 0, :, 1] * ex).sum(-1), (y[:, :, 0, :, 2] * ex).sum(-1)
-    s001, s002 = (y[:, :, 1, :, 0] * ex).sum(-1), (y[:, :, 2, :, 0] * ex).sum(-1)
+    The plane moments (1, δb, δc, Q) of each Gaussian are contracted with w in one batched
+    matrix product, then the line moments (1, δa, δa²); the xyz gradient is M's steps times
+    the δ moments, and |d|² = G_aa δa² + Q."""
+    line, plane = _line_and_plane(k, d, q, fac)
+    oa, ob, oc = d
+    a, ng = k.shape
+    ob = np.broadcast_to(ob[:, :, None], q.shape).reshape(a, 1, -1)
+    oc = np.broadcast_to(oc[:, None, :], q.shape).reshape(a, 1, -1)
+    moments = np.stack([plane, plane * ob, plane * oc, plane * q.reshape(a, 1, -1)],
+                       axis=2)                                                # (A,G,4,e_bc)
+    z = np.matmul(moments.reshape(a, 4 * ng, -1), w.transpose(0, 2, 1))       # (A,G·4,e_a)
+    z = z.reshape(a, ng, 4, -1) * line[:, :, None, :]
+    oa = oa[:, None, :]
+    s0 = z[:, :, 0]
+    s00, s10, s20 = s0.sum(-1), (s0 * oa).sum(-1), (s0 * oa * oa).sum(-1)
+    s0b, s0c, s0q = (z[:, :, j].sum(-1) for j in (1, 2, 3))
     ka = 2.0 * k * amp
-    pos = np.stack([(ka * s100).sum(1), (ka * s010).sum(1), (ka * s001).sum(1)], axis=1)
-    db = (amp / bt * (k * (s200 + s020 + s002) - 1.5 * s000)).sum(1)
-    return pos, db, (amp * s000).sum(1)
+    g_steps = np.stack([(ka * s10).sum(1), (ka * s0b).sum(1), (ka * s0c).sum(1)], axis=1)
+    pos = g_steps @ fac.mp.T.astype(g_steps.dtype)
+    d2 = fac.gp[0, 0] * s20 + s0q
+    return pos, (amp / bt * (k * d2 - 1.5 * s00)).sum(1), (amp * s00).sum(1)
 
 
 def _rho_terms(shapes, m, atom, offsets, d2):
@@ -321,21 +352,21 @@ def _rho_terms(shapes, m, atom, offsets, d2):
 def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
-    separable = shapes["s"] is None and _axis_aligned(geom)
+    fac = _factorisation(geom) if shapes["s"] is None else None
     real = _real(xyz)
     for m in range(xyz.shape[0]):
         o = occ[m].astype(np.float64)
-        if separable:
-            grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic)
+        if fac is not None:
+            grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic, fac)
             size = int(np.prod(grid.shape))
             amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m, "amp", "k"))
 
             def share(chunks):
                 acc = np.zeros(size)
                 for chunk in chunks:
-                    atom, d, inside, point = chunk()
+                    atom, d, q, inside, point = chunk()
                     box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real),
-                                        k_all[atom], d, inside)
+                                        k_all[atom], d, q, inside, fac)
                     first, last = int(point.min()), int(point.max()) + 1
                     acc[first:last] += np.bincount((point - first).ravel(),
                                                    weights=box.ravel(),
@@ -366,12 +397,12 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     nm, na = xyz.shape[:2]
     gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
     gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
-    separable = shapes["s"] is None and _axis_aligned(geom)
+    fac = _factorisation(geom) if shapes["s"] is None else None
     real = _real(xyz)
     for m in range(nm):
         k_all, bt_all = _model_rows(shapes, m, "k", "bt")
-        if separable:
-            grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
+        if fac is not None:
+            grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic, fac)
             w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
             amp_all, k_r, bt_r = (a.astype(real)
                                   for a in _model_rows(shapes, m, "amp", "k", "bt"))
@@ -379,11 +410,10 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
             def share(chunks):
                 results = []
                 for chunk in chunks:
-                    atom, d, inside, point = chunk()
-                    w = (w_flat[point] * inside).reshape((len(atom),)
-                                                         + tuple(len(x[0]) for x in d))
+                    atom, d, q, inside, point = chunk()
+                    w = (w_flat[point] * inside).reshape(len(atom), d[0].shape[1], -1)
                     results.append((atom, _adjoint_boxes(w, amp_all[atom], k_r[atom],
-                                                         bt_r[atom], d)))
+                                                         bt_r[atom], d, q, fac)))
                 return results
             for part in _by_worker(share, chunks):
                 for atom, (pos, db, dn) in part:

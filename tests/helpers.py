@@ -33,6 +33,19 @@ def triclinic_spec(periodic=True):
                     start=(0, 0, 0) if periodic else (5, 6, 7), origin=(1.0, -2.0, 0.5))
 
 
+def monoclinic_spec(periodic=True):
+    """Index axis 1 (b) perpendicular to the others."""
+    shape = (20, 24, 22)
+    return GridSpec(cell=(14.0, 16.0, 15.0, 90.0, 104.0, 90.0), sampling=shape, shape=shape,
+                    start=(0, 0, 0), origin=(0.0, 0.0, 0.0))
+
+
+def hexagonal_box_spec():
+    """A box of a hexagonal cell: index axis 2 (c) perpendicular to a and b (120°)."""
+    return GridSpec(cell=(20.0, 20.0, 16.0, 90.0, 90.0, 120.0), sampling=(36, 36, 30),
+                    shape=(24, 26, 22), start=(3, 2, 4), origin=(-5.0, 10.0, 2.0))
+
+
 def ortho_box_spec():
     return GridSpec(cell=(18.0, 20.0, 16.0, 90, 90, 90), sampling=(30, 32, 28),
                     shape=(30, 32, 28), origin=(100.0, 50.0, -20.0))

@@ -5,7 +5,8 @@ import pytest
 
 import cpu_fallback
 from gpu_refine.density import cutoff_radius
-from helpers import ortho_box_spec, random_atoms, triclinic_spec
+from helpers import (hexagonal_box_spec, monoclinic_spec, ortho_box_spec, random_atoms,
+                     triclinic_spec)
 
 BLUR = 5.0
 SPECS = {"triclinic-periodic": triclinic_spec(True), "triclinic-box": triclinic_spec(False),
@@ -55,11 +56,18 @@ def test_spread_and_adjoint_parity(gpu, rng, name, dtype, rtol, aniso):
         np.testing.assert_allclose(g, r, rtol=10 * rtol, atol=10 * rtol * (np.abs(r).max() + 1e-30))
 
 
-@pytest.mark.parametrize("periodic", [False, True])
-def test_separable_numpy_path_equals_the_general_one(rng, monkeypatch, periodic):
-    """On axis-aligned grids NumPy factorises each Gaussian per axis; it must give what the
-    pair-list path (the one for any cell and for anisotropic atoms) gives."""
-    spec = ortho_box_spec()
+@pytest.mark.parametrize("name,periodic", [("ortho", False), ("ortho", True),
+                                            ("monoclinic", True), ("hexagonal-box", False)])
+def test_factorised_numpy_path_equals_the_general_one(rng, monkeypatch, name, periodic):
+    """Where one grid axis is perpendicular to the others NumPy factorises each Gaussian into a
+    line and a plane factor; it must give what the pair-list path (the one for a triclinic
+    cell and for anisotropic atoms) gives."""
+    spec = {"ortho": ortho_box_spec(), "monoclinic": monoclinic_spec(),
+            "hexagonal-box": hexagonal_box_spec()}[name]
+    fac = cpu_fallback.density._factorisation(spec.geom)
+    assert fac is not None and fac.perm[0] == {"ortho": 0, "monoclinic": 1,
+                                               "hexagonal-box": 2}[name]
+    assert fac.plane_separable == (name == "ortho")
     xyz, b, u, flag, occ, stype, coefs, radius = _inputs(rng, spec, aniso=False)
     b[0, :5] = 400.0       # a few wide atoms: boxes of several sizes
     radius = _radius(b, None, None, stype, coefs)
@@ -68,12 +76,16 @@ def test_separable_numpy_path_equals_the_general_one(rng, monkeypatch, periodic)
     dmap = rng.normal(size=shape)
     fast = (cpu_fallback.spread_density(*args, np.full(shape, np.nan)),
             *cpu_fallback.density_adjoint(*args, dmap))
-    monkeypatch.setattr(cpu_fallback.density, "_axis_aligned", lambda geom: False)
+    monkeypatch.setattr(cpu_fallback.density, "_factorisation", lambda geom: None)
     general = (cpu_fallback.spread_density(*args, np.full(shape, np.nan)),
                *cpu_fallback.density_adjoint(*args, dmap))
     for f, g in zip(fast, general):
         assert np.isfinite(f).all()
         np.testing.assert_allclose(f, g, rtol=1e-10, atol=1e-12 * (np.abs(g).max() + 1e-30))
+
+
+def test_triclinic_grids_are_not_factorised():
+    assert cpu_fallback.density._factorisation(triclinic_spec().geom) is None
 
 
 @pytest.mark.parametrize("order", [1, 3])
