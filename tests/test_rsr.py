@@ -217,6 +217,8 @@ def test_bad_input(helix):
         refine_real_space(model, map_data, 3.0, wieght=3, backend="numpy")
     with pytest.raises(gr.ParameterError, match="adp"):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, adp="tls"))
+    with pytest.raises(gr.ParameterError, match="table must be electron or xray"):
+        RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, table="neutron"))
 
 
 @pytest.mark.parametrize("limit_index", [-9, -3, -1, 0, 2, 4, 5, 7, 14])

@@ -2,7 +2,7 @@
 
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
     [weight=W] [nmodels=B shake=RMS seed=S] [macro_cycles=5] [adp=individual|group]
-    [h_distances=electron|nucleus] [output.pdb=true] [--overwrite]
+    [h_distances=electron|nucleus] [table=electron|xray] [output.pdb=true] [--overwrite]
 Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with
 output.pdb=true P.pdb (and P_best.pdb); rerun with
 ``gpu-refine rsr P.params`` (further key=value arguments override it).
@@ -28,7 +28,7 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
             "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
             "bond_limit": float, "angle_limit": float, "weight_trials": int,
             "regularize_iterations": int, "mask_radius": float, "cushion": float,
-            "monlib": str, "h_distances": str}
+            "monlib": str, "h_distances": str, "table": str}
 
 
 def add_arguments(parser):

@@ -65,7 +65,7 @@ class RSRSettings:
     mask_radius: float = 3.0
     mask_edge: float = 2.0
     cushion: float = 5.0
-    table: str = "electron"
+    table: str = "electron"            # scattering factors: electron (cryo-EM) | xray
     monlib: str = None
     dictionaries: list = field(default_factory=list)
     ignore_unknown: bool = False
@@ -86,6 +86,8 @@ class RSRSettings:
         if self.adp not in ("individual", "group"):
             raise ParameterError(f"adp must be individual or group, not {self.adp!r}")
         check_h_distances(self.h_distances)
+        if self.table not in ("electron", "xray"):
+            raise ParameterError(f"table must be electron or xray, not {self.table!r}")
         if self.target not in ("cc", "map_value"):
             raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
         if self.weight is not None and not self.weight > 0:
