@@ -6,6 +6,11 @@ adjoint ("map+grad"), in ms per model and in atom×grid-point evaluations per se
 
     python bench/density.py            # the full table (GPU rows where CuPy sees a device)
     python bench/density.py --quick    # small sizes, a minute on a laptop
+    python bench/density.py --quick --cell hexagonal   # a periodic P 1 cell of that shape
+
+``--cell box`` (default) is a cryo-EM-like box around the atoms; the others are periodic unit
+cells of the same volume with a crystal's angles (monoclinic, hexagonal: the NumPy path
+factorises each Gaussian into a line and a plane; triclinic: it cannot, and takes pairs).
 """
 import argparse
 import platform
@@ -60,6 +65,23 @@ def timed(fn, sync, repeat):
     return best
 
 
+CELL_ANGLES = {"monoclinic": (90.0, 105.0, 90.0), "hexagonal": (90.0, 90.0, 120.0),
+               "triclinic": (80.0, 95.0, 105.0)}
+
+
+def grid_for(model, d, cell):
+    """The GridSpec of the run (spacing d/3) and the unit cell gemmi's grid gets."""
+    box = gr.box_around(model.xyz, d / 3.0, 3.0)
+    if cell == "box":
+        return box, gemmi.UnitCell(*box.cell)
+    uc = gemmi.UnitCell(1, 1, 1, *CELL_ANGLES[cell])
+    edge = (np.prod(box.cell[:3]) / uc.volume) ** (1 / 3)
+    n = int(np.ceil(edge / (d / 3.0)))
+    spec = gr.GridSpec(cell=(edge, edge, edge) + CELL_ANGLES[cell], sampling=(n, n, n),
+                       shape=(n, n, n))
+    return spec, spec.unit_cell
+
+
 def pairs_per_model(model, spec, blur):
     names, stype = np.unique(model.element, return_inverse=True)
     coefs = form_factor_table(list(names), "electron")[stype]
@@ -67,19 +89,17 @@ def pairs_per_model(model, spec, blur):
     return float((4 / 3 * np.pi * r**3).sum() / abs(np.linalg.det(spec.xyz_from_index)))
 
 
-def run(sizes, batches, resolutions, numpy_max_atoms, repeat):
+def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box"):
     rows = []
     backends = available_backends()
     for d in resolutions:
         for n in sizes:
             st = random_model(n)
             model = gr.Model.from_gemmi(st)
-            spec = gr.box_around(model.xyz, d / 3.0, 3.0)
-            c = spec.cell
-            st.cell = gemmi.UnitCell(*c)
+            spec, st.cell = grid_for(model, d, cell)
             st2 = st.clone()
             for cra in st2[0].all():
-                cra.atom.pos = cra.atom.pos - gemmi.Position(*spec.origin)
+                cra.atom.pos = cra.atom.pos - gemmi.Position(*spec.origin_xyz)
             dc = gemmi.DensityCalculatorE()
             dc.grid.set_unit_cell(st.cell)
             dc.grid.set_size(*spec.shape)
@@ -126,6 +146,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cell", default="box", choices=["box"] + list(CELL_ANGLES))
     args = ap.parse_args()
     if args.quick:
         sizes, batches, res, nmax = [1000, 5000], [1, 10], [3.0], 5000
@@ -133,8 +154,8 @@ def main():
         sizes, batches, res, nmax = [1000, 5000, 20000, 100000], [1, 10, 100], [3.0, 2.0], 20000
     bk = get_backend()
     print(f"hardware: {platform.processor() or platform.machine()}, {bk.device}; "
-          f"gemmi {gemmi.__version__}, numpy {np.__version__}")
-    print(table(run(sizes, batches, res, nmax, args.repeat)))
+          f"gemmi {gemmi.__version__}, numpy {np.__version__}; grid: {args.cell}")
+    print(table(run(sizes, batches, res, nmax, args.repeat, args.cell)))
 
 
 if __name__ == "__main__":
