@@ -223,6 +223,20 @@ __device__ inline V3 smallest_eigenvector(double a00, double a11, double a22, do
     hr = fmin(1.0, fmax(-1.0, hr));
     // Smallest root of the trigonometric solution.
     lambda = q + 2.0 * p * cos(acos(hr) / 3.0 + 2.0943951023931957);
+    // Where the two smaller eigenvalues come close (hr -> 1: nearly collinear atoms) acos
+    // loses half the digits of this root, and the normal's error is that over their gap;
+    // Newton steps on det(A - lambda I) restore the digits.  A step far beyond that error
+    // means the two roots coincide (the normal is ill-defined then).
+    for (int it = 0; it < 2; ++it) {
+      double c00 = a00 - lambda, c11 = a11 - lambda, c22 = a22 - lambda;
+      double m0 = c11 * c22 - a12 * a12, m1 = c00 * c22 - a02 * a02, m2 = c00 * c11 - a01 * a01;
+      double f = c00 * m0 - a01 * (a01 * c22 - a12 * a02) + a02 * (a01 * a12 - c11 * a02);
+      double df = -(m0 + m1 + m2);
+      if (df == 0.0) break;
+      double step = f / df;
+      if (fabs(step) > 1e-6 * p) break;
+      lambda -= step;
+    }
   }
   V3 r0 = v3(a00 - lambda, a01, a02), r1 = v3(a01, a11 - lambda, a12),
      r2 = v3(a02, a12, a22 - lambda);
