@@ -103,14 +103,15 @@ def main(args):
         job = RealSpaceRefinement(model, map_data, settings, backend=args.backend)
     finally:
         root.removeHandler(held)
+        records = list(held.buffer)
+        held.close()
     output_directory(names["log"])
     handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
                          f"command: {args.command_line}\n")
-    for record in held.buffer:
+    for record in records:
         handler.handle(record)
-    held.close()
     root.addHandler(handler)
     try:
         _run(args, names, settings, job)
