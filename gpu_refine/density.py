@@ -9,12 +9,10 @@ removed again in Fourier space, symmetry mates added for crystal cells.
 import logging
 from dataclasses import dataclass
 
-import gemmi
 import numpy as np
 
 from .backend import get_backend
 from .errors import InputError, ParameterError
-from .grid import space_group_operations
 from .scattering import form_factor_table
 
 log = logging.getLogger(__name__)
@@ -73,17 +71,6 @@ def refmac_blur(spacing, b_min):
     return max(0.0, U_TO_B / 1.1 * spacing**2 - b_min)
 
 
-def _symmetry_ops(spec):
-    """Cartesian (R, t) of each space-group operation of a periodic crystal grid."""
-    sg = gemmi.SpaceGroup(spec.spacegroup or "P 1")
-    if sg.number == 1 or not spec.periodic:
-        return [(np.eye(3), np.zeros(3))]
-    cell = spec.unit_cell
-    orth = np.array(cell.orth.mat.tolist())
-    frac = np.array(cell.frac.mat.tolist())
-    return [(orth @ rot @ frac, orth @ tran) for rot, tran in space_group_operations(sg.hm)]
-
-
 @dataclass
 class DensitySettings:
     table: str = "electron"     # electron | xray
@@ -137,7 +124,7 @@ class ModelMapper:
         self.backend = get_backend(backend)
         if resolution is not None and not (0.3 <= resolution <= 100):
             raise ParameterError(f"resolution={resolution} Å is outside 0.3-100 Å")
-        self.ops = _symmetry_ops(spec)
+        self.ops = spec.cartesian_operations()
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
         self._radius = None  # (model, (cutoff, table), total B, radii) of the last call

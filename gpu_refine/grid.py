@@ -30,6 +30,16 @@ class GridSpec:
         """A periodic cell with space-group symmetry (not a P 1 box such as a cryo-EM map)."""
         return self.periodic and (self.spacegroup or "P 1").replace(" ", "") != "P1"
 
+    def cartesian_operations(self):
+        """Cartesian (R, t) of each space-group operation of a crystal grid (centring
+        included); the identity alone for any other grid."""
+        if not self.is_crystal:
+            return [(np.eye(3), np.zeros(3))]
+        orth = self.orth
+        frac = np.linalg.inv(orth)
+        return [(orth @ rot @ frac, orth @ tran)
+                for rot, tran in space_group_operations(self.spacegroup)]
+
     @property
     def unit_cell(self):
         return gemmi.UnitCell(*self.cell)

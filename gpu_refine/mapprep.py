@@ -30,13 +30,21 @@ class PreparedMap:
 
 def box_indices(spec, xyz, cushion):
     """(lo, hi) grid indices of a box covering ``xyz`` plus ``cushion`` Å, clipped to a
-    non-periodic map; sizes grown towards FFT-friendly lengths where the map allows."""
+    non-periodic map; sizes grown towards FFT-friendly lengths where the map allows.
+
+    On a periodic map an axis that needs the whole cell takes it, centred on the model so that
+    the seam lies as far from the atoms as it can; a crystal's cell is then taken whole (lo 0),
+    so that the box keeps the space group and the model's symmetry mates."""
     g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
     pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
     lo = np.floor(g.min(axis=0) - pad).astype(int)
     hi = np.ceil(g.max(axis=0) + pad).astype(int) + 1
     shape = np.asarray(spec.shape)
     if spec.periodic:
+        whole = hi - lo >= shape
+        if spec.is_crystal and whole.any():
+            return np.zeros(3, dtype=int), shape.copy()
+        lo = np.where(whole, 0, lo)
         size = np.minimum(hi - lo, shape)
     else:
         lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
@@ -61,17 +69,42 @@ def cut_box(data, spec, lo, hi):
     idx = [np.arange(lo[a], hi[a]) % spec.shape[a] for a in range(3)]
     sub = np.ascontiguousarray(data[np.ix_(*idx)], dtype=np.float32)
     start = tuple(int(s + l) for s, l in zip(spec.start, lo))
+    # A whole crystal cell keeps its symmetry; any smaller box is a P 1 box.
+    whole = sub.shape == tuple(spec.shape) and spec.is_crystal
     box = GridSpec(cell=spec.cell, sampling=spec.sampling, shape=sub.shape, start=start,
-                   origin=spec.origin, spacegroup="P 1")
+                   origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1")
     return sub, box
 
 
+def periodic_images(spec, xyz, reach):
+    """Positions of ``xyz`` and of its symmetry mates and lattice translates that lie within
+    ``reach`` Å of a periodic grid's cell (placed with its first point at origin_xyz)."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    copies = np.concatenate([xyz @ r.T + t for r, t in spec.cartesian_operations()])
+    edges = spec.xyz_from_index * np.asarray(spec.shape, dtype=np.float64)[None, :]
+    to_frac = np.linalg.inv(edges)
+    f = (copies - spec.origin_xyz) @ to_frac.T
+    f -= np.floor(f)
+    # A point within reach of an image differs from it by at most reach / height per axis.
+    margin = reach * np.sqrt((to_frac ** 2).sum(axis=1))
+    steps = [np.arange(-int(np.ceil(m)), int(np.ceil(m)) + 1) for m in margin]
+    shifts = np.stack(np.meshgrid(*steps, indexing="ij"), axis=-1).reshape(-1, 3)
+    f = (f[:, None, :] + shifts[None]).reshape(-1, 3)
+    f = f[np.all((f >= -margin) & (f <= 1 + margin), axis=1)]
+    return spec.origin_xyz + f @ edges.T
+
+
 def soft_mask(spec, xyz, radius, edge):
-    """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å."""
+    """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å.  On a
+    periodic grid (a whole cell) distances are to the nearest image of an atom: its lattice
+    translates and, in a crystal, its symmetry mates."""
     n = spec.shape
     idx = np.indices(n, dtype=np.float64).reshape(3, -1).T
     pts = spec.origin_xyz + idx @ spec.xyz_from_index.T
-    tree = cKDTree(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
+    centres = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    if spec.is_crystal:
+        centres = periodic_images(spec, centres, radius + edge)
+    tree = cKDTree(centres)
     d, _ = tree.query(pts, distance_upper_bound=radius + edge)
     t = np.clip((d - radius) / max(edge, 1e-6), 0.0, 1.0)
     w = np.where(np.isfinite(d), 0.5 * (1 + np.cos(np.pi * t)), 0.0)
@@ -95,12 +128,16 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     data, box = cut_box(map_data.data, spec, lo, hi)
     mask = soft_mask(box, xyz, mask_radius, mask_edge)
     w = mask.astype(np.float64)
+    if not w.sum() > 0:
+        raise InputError("the mask around the model covers no point of the map")
     mean = float((w * data).sum() / w.sum())
     sd = float(np.sqrt((w * (data - mean) ** 2).sum() / w.sum()))
     if not sd > 0:
         raise InputError("the map is flat where the model is")
     norm = ((data - mean) / sd).astype(np.float32)
-    log.info("map box %s points (%.1f x %.1f x %.1f Å) around the model; mask %.1f Å + %.1f Å "
-             "edge covers %d points", box.shape, *(box.voxel_size * np.asarray(box.shape)),
+    where = (f"the whole cell ({box.spacegroup}, symmetry mates included)" if box.is_crystal
+             else "around the model")
+    log.info("map box %s points (%.1f x %.1f x %.1f Å) %s; mask %.1f Å + %.1f Å edge covers "
+             "%d points", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
              mask_radius, mask_edge, int((mask > 0).sum()))
     return PreparedMap(data=norm, mask=mask, spec=box, mean=mean, sd=sd)

@@ -9,6 +9,8 @@ import pytest
 
 import gpu_refine as gr
 import gpu_refine.examples
+from gpu_refine.density import DensitySettings, ModelMapper
+from gpu_refine.grid import GridSpec
 from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, geometry_limits,
@@ -95,6 +97,26 @@ def test_emd2566_sites_only(emd2566, shared, backend):
         assert st["cc_mask_final"] >= 0.735, st
         assert st["rmsd_bonds"] <= 0.01 and st["rmsd_angles"] <= 1.5, st
     assert np.allclose(backend.to_numpy(result.batch.b), model.b)
+
+
+def test_small_crystal_cell(shared, backend):
+    """5e5z (46 atoms) in its P 1 21 1 cell of 9.6 x 9.6 x 19.0 Å, smaller than the model plus
+    its cushion: the map is the crystal's (mates included), so the box is the whole cell with
+    its symmetry, and a shaken start comes back to the map."""
+    st = gemmi.read_structure(str(shared / "xray/5e5z/5e5z.pdb"))
+    st.remove_waters()
+    st.setup_entities()
+    model = gr.Model.from_gemmi(st).isotropic()
+    spec = GridSpec(cell=tuple(st.cell.parameters), sampling=(12, 12, 24),
+                    shape=(12, 12, 24), spacegroup=st.spacegroup_hm)
+    mapper = ModelMapper(spec, 2.5, DensitySettings(), backend="numpy")
+    data = mapper.image(Batch.from_model(model, 1, backend="numpy"))[0]
+    start = shaken_batch(model, 1, 0.3, seed=0, backend=backend)
+    result = refine_real_space(model, gr.MapData(np.asarray(data, np.float32), spec), 2.5,
+                               batch=start, backend=backend, macro_cycles=2,
+                               monlib=str(shared / "monomers"))
+    assert result.stats[0]["cc_mask_final"] >= 0.99, result.stats[0]
+    assert _rms(backend.to_numpy(result.batch.xyz)[0], model.xyz) <= 0.15
 
 
 def test_strategies_on_the_example(helix, backend, caplog):
@@ -221,13 +243,14 @@ def test_bad_input(helix):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, table="neutron"))
 
 
-@pytest.mark.parametrize("limit_index", [-9, -3, -1, 0, 2, 4, 5, 7, 14])
+@pytest.mark.parametrize("limit_index", [-9, -3, -1, 0, 2, 2.5, 4, 5, 7, 7.7, 14])
 def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkeypatch,
                                                           limit_index):
     """Geometry worsens with the weight: the search returns the largest trial within the
     limits, bisecting on a CPU (3 of 6 trials) and running all trials at once on a GPU.  A
     limit outside the six trials (a scale that does not suit the map) is found by going on
-    beyond that end, by up to six more trials; past those, the end trial is used."""
+    beyond that end, by up to six more trials; past those, the end trial is used.  A limit
+    between two trials gets one more trial halfway (k + 1/2), kept where it passes."""
     model, map_data = helix
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight_trials=6,
                                                            weight_iterations=1),
@@ -243,7 +266,7 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
     def geometry(batch):
         # Trials up to ``limit_index`` keep bonds within 0.01 Å, the others do not.
         k = np.log2(seen[-1]) + 3
-        return [{"rmsd_bonds": 0.004 if kk <= limit_index else 0.02,
+        return [{"rmsd_bonds": 0.004 if kk <= limit_index + 1e-9 else 0.02,
                  "rmsd_angles": 0.5} for kk in k]
 
     monkeypatch.setattr(job, "refine_sites", refine_sites)
@@ -251,17 +274,23 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
     choice = job.search_weight(Batch.from_model(model, 1, backend=backend))
     tried = sorted(x for call in seen for x in call)
     assert tried == [t["weight"] for t in choice.trials]
-    k = int(np.clip(limit_index, -6, 11))
+    k = int(np.clip(np.floor(limit_index), -6, 11))
+    bracketed = -6 <= limit_index < 11
+    if bracketed and limit_index - k >= 0.5:
+        k += 0.5
     assert choice.weight == pytest.approx(2.0 ** (k - 3))
     # The chosen trial's model comes back (the stub moved trial k by k Å along x, y and z).
     assert np.allclose(backend.to_numpy(choice.xyz), model.xyz + k, atol=1e-4)
     assert choice.iterations == 1
     inside = 0 <= limit_index < 5
     if backend.is_gpu:
-        assert len(seen) == (1 if inside else 2) and len(tried) == 6 * len(seen)
+        full = 1 if inside else 2
+        assert len(seen) == full + bracketed and len(tried) == 6 * full + bracketed
     else:
-        extra = 0 if inside else min(abs(limit_index - (5 if limit_index > 0 else -1)) + 1, 6)
-        assert all(len(call) == 1 for call in seen) and len(tried) <= 3 + extra
+        extra = 0 if inside else min(abs(np.floor(limit_index) - (5 if limit_index > 0 else -1))
+                                     + 1, 6)
+        assert all(len(call) == 1 for call in seen)
+        assert len(tried) <= 3 + extra + bracketed
 
 
 def test_weight_limits_stay_above_what_restraints_alone_reach():

@@ -333,7 +333,8 @@ class RealSpaceRefinement:
         much as a model of its own, so the trials are bisected instead: geometry worsens as the
         weight grows, and the largest acceptable trial is found in log2(n) trials.  Where every
         trial was acceptable, or none, the scale was off for this map: the search goes on
-        beyond that end (by up to n more trials) until the limit is bracketed.
+        beyond that end (by up to n more trials) until the limit is bracketed.  A bracketed
+        limit then gets one trial between its two ends, a factor √2 from each.
         """
         s = self.settings
         n = s.weight_trials
@@ -381,6 +382,11 @@ class RealSpaceRefinement:
                         break
         ok = [k for k in results if acceptable(k)]
         best = max(ok) if ok else min(results)
+        if ok and best + 1 in results:
+            # Bracketed: one more trial halfway (a factor √2), as a factor 2 step may stop
+            # well inside the limits.
+            run([best + 0.5])
+            best = best + 0.5 if acceptable(best + 0.5) else best
         trials = [results[k] for k in sorted(results)]
         for k in sorted(results):
             t = results[k]
