@@ -29,51 +29,57 @@ class PreparedMap:
 
 
 def box_indices(spec, xyz, cushion):
-    """(lo, hi) grid indices of a box covering ``xyz`` plus ``cushion`` Å, clipped to a
-    non-periodic map; sizes grown towards FFT-friendly lengths where the map allows.
+    """(lo, hi) grid indices of a box covering ``xyz`` plus ``cushion`` Å, FFT-friendly sizes.
 
-    On a periodic map an axis that needs the whole cell takes it, centred on the model so that
-    the seam lies as far from the atoms as it can; a crystal's cell is then taken whole (lo 0),
-    so that the box keeps the space group and the model's symmetry mates."""
+    A crystal's cell (``spec.is_crystal``) is periodic: a box may wrap around it, and where it
+    would need the whole cell along some axis it takes the whole cell (lo 0), so that it keeps
+    the space group and the model's symmetry mates.  Any other map (a cryo-EM map, a P 1 cell)
+    is a box whose far side is no continuation of its near side: the box is clipped to it and
+    grown to an FFT-friendly size inside it where it has room, else beyond its edges (points
+    that ``cut_box`` fills with zeros, outside the mask)."""
     g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
     pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
     lo = np.floor(g.min(axis=0) - pad).astype(int)
     hi = np.ceil(g.max(axis=0) + pad).astype(int) + 1
     shape = np.asarray(spec.shape)
-    if spec.periodic:
-        whole = hi - lo >= shape
-        if spec.is_crystal and whole.any():
+    if spec.is_crystal:
+        if np.any(hi - lo >= shape):
             return np.zeros(3, dtype=int), shape.copy()
-        lo = np.where(whole, 0, lo)
-        size = np.minimum(hi - lo, shape)
-    else:
-        lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
-        size = hi - lo
-    if np.any(size <= 0):
+        size = np.array([sp_fft.next_fast_len(int(n), real=True) for n in hi - lo])
+        return lo, lo + np.minimum(size, shape)
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    if np.any(hi <= lo):
         raise InputError("the model does not overlap the map box")
     for a in range(3):
-        want = sp_fft.next_fast_len(int(size[a]), real=True)
-        if spec.periodic:
-            size[a] = min(want, shape[a])
+        want = sp_fft.next_fast_len(int(hi[a] - lo[a]), real=True)
+        if want > shape[a]:                  # the whole map, centred in the box
+            lo[a] = -((want - shape[a]) // 2)
         else:
-            grow = min(want - size[a], shape[a] - hi[a] + lo[a])
-            front = min(grow // 2, lo[a])
-            lo[a] -= front
-            size[a] += grow
-            lo[a] = max(0, min(lo[a], shape[a] - size[a]))
-    return lo, lo + size
+            lo[a] = min(max(lo[a] - (want - hi[a] + lo[a]) // 2, 0), shape[a] - want)
+        hi[a] = lo[a] + want
+    return lo, hi
 
 
 def cut_box(data, spec, lo, hi):
-    """The sub-array [lo, hi) (wrapping around a periodic cell) and its GridSpec."""
-    idx = [np.arange(lo[a], hi[a]) % spec.shape[a] for a in range(3)]
-    sub = np.ascontiguousarray(data[np.ix_(*idx)], dtype=np.float32)
+    """The sub-array [lo, hi) of the map, its GridSpec, and which of its points hold map
+    data: a crystal's cell wraps around, any other map is padded with zeros."""
+    if spec.is_crystal:
+        idx = [np.arange(lo[a], hi[a]) % spec.shape[a] for a in range(3)]
+        sub = np.ascontiguousarray(data[np.ix_(*idx)], dtype=np.float32)
+        covered = np.ones(sub.shape, dtype=bool)
+    else:
+        sub = np.zeros(tuple(int(h - l) for l, h in zip(lo, hi)), dtype=np.float32)
+        src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, spec.shape))
+        dst = tuple(slice(s.start - l, s.stop - l) for s, l in zip(src, lo))
+        sub[dst] = data[src]
+        covered = np.zeros(sub.shape, dtype=bool)
+        covered[dst] = True
     start = tuple(int(s + l) for s, l in zip(spec.start, lo))
     # A whole crystal cell keeps its symmetry; any smaller box is a P 1 box.
     whole = sub.shape == tuple(spec.shape) and spec.is_crystal
     box = GridSpec(cell=spec.cell, sampling=spec.sampling, shape=sub.shape, start=start,
                    origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1")
-    return sub, box
+    return sub, box, covered
 
 
 def periodic_images(spec, xyz, reach):
@@ -125,8 +131,8 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
         log.warning("%d of %d atom positions lie outside the map box", int((~inside).sum()),
                     inside.size)
     lo, hi = box_indices(spec, xyz, cushion + mask_radius + mask_edge)
-    data, box = cut_box(map_data.data, spec, lo, hi)
-    mask = soft_mask(box, xyz, mask_radius, mask_edge)
+    data, box, covered = cut_box(map_data.data, spec, lo, hi)
+    mask = soft_mask(box, xyz, mask_radius, mask_edge) * covered
     w = mask.astype(np.float64)
     if not w.sum() > 0:
         raise InputError("the mask around the model covers no point of the map")

@@ -1,6 +1,9 @@
 """Map preparation: the box around the model, the soft mask, crystal cells kept whole."""
+import dataclasses
+
 import numpy as np
 import pytest
+from scipy import fft as sp_fft
 from scipy.spatial import cKDTree
 
 import gpu_refine as gr
@@ -63,16 +66,29 @@ def test_large_crystal_cell_gets_a_box_without_symmetry(helix):
     assert prepared.mask.max() == 1.0
 
 
-def test_map_smaller_than_the_box_is_taken_as_it_is(helix):
-    """A cryo-EM map (a P 1 box) tighter than model plus cushion: the box is the map itself,
-    not wrapped around its edges, and the mask ignores periodic images (the map's far side is
-    not density near the model)."""
+@pytest.mark.parametrize("cut", [(0, 0, 0), (1, 2, 1)])
+def test_map_smaller_than_the_box_is_padded_not_wrapped(helix, cut):
+    """A cryo-EM map (a P 1 box) tighter than model plus cushion: the box holds the whole map,
+    grown to FFT-friendly sizes beyond its edges (zeros there, outside the mask), never
+    wrapped around (the map's far side is not density near the model); the mask ignores
+    periodic images.  ``cut`` trims the map to sizes that FFT badly (15 x 13 x 14)."""
     data, spec = gr.examples.simulated_map(helix, 3.0, padding=2.0)
+    data = data[cut[0]:, cut[1]:, cut[2]:]
+    spec = dataclasses.replace(spec, shape=data.shape, start=cut)
     prepared = prepare_map(gr.MapData(data, spec), helix.xyz, cushion=5.0)
-    assert prepared.spec.shape == spec.shape and prepared.spec.start == spec.start
-    np.testing.assert_allclose(prepared.data * prepared.sd + prepared.mean, data, atol=1e-4)
-    idx = np.indices(spec.shape).reshape(3, -1).T
-    d, _ = cKDTree(helix.xyz).query(spec.origin_xyz + idx @ spec.xyz_from_index.T)
+    box = prepared.spec
+    assert all(sp_fft.next_fast_len(n, real=True) == n for n in box.shape)
+    lo = np.subtract(spec.start, box.start)
+    assert np.all(lo >= 0) and np.all(lo + data.shape <= box.shape)
+    inside = tuple(slice(a, a + n) for a, n in zip(lo, data.shape))
+    np.testing.assert_allclose(prepared.data[inside] * prepared.sd + prepared.mean, data,
+                               atol=1e-4)
+    outside = np.ones(box.shape, dtype=bool)
+    outside[inside] = False
+    assert np.all(prepared.data[outside] * prepared.sd + prepared.mean == pytest.approx(0.0,
+                                                                                      abs=1e-4))
+    idx = np.indices(box.shape).reshape(3, -1).T
+    d, _ = cKDTree(helix.xyz).query(box.origin_xyz + idx @ box.xyz_from_index.T)
     t = np.clip((d - 3.0) / 2.0, 0.0, 1.0)
-    np.testing.assert_allclose(prepared.mask.reshape(-1), 0.5 * (1 + np.cos(np.pi * t)),
-                               atol=1e-6)
+    expected = (0.5 * (1 + np.cos(np.pi * t))).reshape(box.shape) * ~outside
+    np.testing.assert_allclose(prepared.mask, expected, atol=1e-6)
