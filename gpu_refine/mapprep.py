@@ -4,7 +4,8 @@ The experimental map is cut to a box covering the model plus a cushion (keeping 
 NSTART/ORIGIN placement is unchanged), normalised to zero mean and unit sd inside the mask, and
 carries a soft mask around the starting model: density of neighbouring, unmodelled molecules
 (the shared EMD-2566 box has some) must not pull atoms, but atoms must still see density a few
-Å away from where they start.
+Å away from where they start.  A crystal's map whose cell is no larger than that box along
+some axis is taken whole, with its space group: the model maps then hold the symmetry mates.
 """
 import logging
 from dataclasses import dataclass
@@ -83,8 +84,8 @@ def cut_box(data, spec, lo, hi):
 
 
 def periodic_images(spec, xyz, reach):
-    """Positions of ``xyz`` and of its symmetry mates and lattice translates that lie within
-    ``reach`` Å of a periodic grid's cell (placed with its first point at origin_xyz)."""
+    """Positions of ``xyz``, its symmetry mates and their lattice translates that lie within
+    ``reach`` Å of a crystal grid's cell (the cell whose first point is at origin_xyz)."""
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
     copies = np.concatenate([xyz @ r.T + t for r, t in spec.cartesian_operations()])
     edges = spec.xyz_from_index * np.asarray(spec.shape, dtype=np.float64)[None, :]
@@ -102,8 +103,8 @@ def periodic_images(spec, xyz, reach):
 
 def soft_mask(spec, xyz, radius, edge):
     """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å.  On a
-    periodic grid (a whole cell) distances are to the nearest image of an atom: its lattice
-    translates and, in a crystal, its symmetry mates."""
+    crystal's whole cell distances are to the nearest copy of an atom: its symmetry mates and
+    their lattice translates."""
     n = spec.shape
     idx = np.indices(n, dtype=np.float64).reshape(3, -1).T
     pts = spec.origin_xyz + idx @ spec.xyz_from_index.T
