@@ -247,10 +247,11 @@ def test_bad_input(helix):
 def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkeypatch,
                                                           limit_index):
     """Geometry worsens with the weight: the search returns the largest trial within the
-    limits, bisecting on a CPU (3 of 6 trials) and running all trials at once on a GPU.  A
-    limit outside the six trials (a scale that does not suit the map) is found by going on
-    beyond that end, by up to six more trials; past those, the end trial is used.  A limit
-    between two trials gets one more trial halfway (k + 1/2), kept where it passes."""
+    limits, stepping from the middle trial (k = 3) towards the limit one trial at a time on a
+    CPU and running all six at once on a GPU.  A limit outside the six trials (a scale that
+    does not suit the map) is found by going on beyond that end, by up to six more trials;
+    past those, the end trial is used.  A limit between two trials gets one more trial
+    halfway (k + 1/2), kept where it passes."""
     model, map_data = helix
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight_trials=6,
                                                            weight_iterations=1),
@@ -287,10 +288,10 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
         full = 1 if inside else 2
         assert len(seen) == full + bracketed and len(tried) == 6 * full + bracketed
     else:
-        extra = 0 if inside else min(abs(np.floor(limit_index) - (5 if limit_index > 0 else -1))
-                                     + 1, 6)
+        last = int(np.floor(limit_index))
+        steps = min(last + 1, 11) - 3 if limit_index >= 3 else 3 - max(last, -6)
         assert all(len(call) == 1 for call in seen)
-        assert len(tried) <= 3 + extra + bracketed
+        assert len(tried) == steps + 1 + bracketed
 
 
 def test_weight_limits_stay_above_what_restraints_alone_reach():

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 STRATEGY_WORDS = ("minimization_global", "individual_sites", "adp", "occupancy")
 B_BOUNDS = (1.0, 500.0)
 # The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
-# the chosen weight sat 2^7 below the raw ratio of restraint forces at 0.05 Å noise.
-WEIGHT_SCALE = 2.0 ** -7
+# the chosen weight sits 2^6 below the raw ratio of restraint forces at 0.05 Å noise.
+WEIGHT_SCALE = 2.0 ** -6
 # A weight-search limit is at least this factor above the geometry restraints alone reach
 # (EMD-2566, 3J6B chain 9 regularised: angles 0.56-0.61°, so 1.0° stands).
 FLOOR_MARGIN = 1.5
@@ -328,13 +328,13 @@ class RealSpaceRefinement:
         """Trial weights from model 1 of ``start``; returns a WeightChoice.  ``limits`` (bonds
         Å, angles °): those of ``geometry_limits`` by default.
 
-        Trial k has weight scale × 2^(k - n/2) (``_weight_scale``), k = 0 … n-1 first.  On a
-        GPU every trial is a batch member and all run at once.  On a CPU each member costs as
-        much as a model of its own, so the trials are bisected instead: geometry worsens as the
-        weight grows, and the largest acceptable trial is found in log2(n) trials.  Where every
-        trial was acceptable, or none, the scale was off for this map: the search goes on
-        beyond that end (by up to n more trials) until the limit is bracketed.  A bracketed
-        limit then gets one trial between its two ends, a factor √2 from each.
+        Trial k has weight scale × 2^(k - n/2) (``_weight_scale``).  On a GPU every trial is a
+        batch member: k = 0 … n-1 run at once, and where every trial was acceptable, or none,
+        the scale was off for this map and the next n beyond that end run too.  On a CPU each
+        member costs as much as a model of its own: geometry worsens as the weight grows, so the
+        trials go one at a time from the middle one (k = n/2, where the scale puts the limit)
+        up while they pass or down while they fail, to at most n beyond either end.  A
+        bracketed limit then gets one trial between its two ends, a factor √2 from each.
         """
         s = self.settings
         n = s.weight_trials
@@ -365,21 +365,16 @@ class RealSpaceRefinement:
             elif not ok:
                 run(range(-n, 0))
         else:
-            lo, hi = -1, n          # trial lo is acceptable (or none), trial hi is not
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                run([mid])
-                lo, hi = (mid, hi) if acceptable(mid) else (lo, mid)
-            if lo == n - 1:         # all acceptable up to the top: go up
-                for k in range(n, 2 * n):
-                    run([k])
-                    if not acceptable(k):
-                        break
-            elif lo == -1:          # none acceptable: go down
-                for k in range(-1, -n - 1, -1):
-                    run([k])
-                    if acceptable(k):
-                        break
+            # From the middle trial, where the scale expects the limit, step by step towards
+            # it until it is bracketed (or n trials beyond either end).
+            k = n // 2
+            run([k])
+            step = 1 if acceptable(k) else -1
+            while -n <= k + step < 2 * n:
+                k += step
+                run([k])
+                if acceptable(k) != (step == 1):
+                    break
         ok = [k for k in results if acceptable(k)]
         best = max(ok) if ok else min(results)
         if ok and best + 1 in results:
@@ -481,7 +476,7 @@ class RealSpaceRefinement:
         else:
             log.info("automatic weight: %d trial weights a factor 2 apart, %s, %d iterations "
                      "each", s.weight_trials,
-                     "side by side" if self.backend.is_gpu else "bisected (one at a time)",
+                     "side by side" if self.backend.is_gpu else "one at a time from the middle",
                      s.weight_iterations)
             if limits != geometry_limits(s.resolution, s.bond_limit, s.angle_limit):
                 log.info("restraints alone reach bonds %.4f Å, angles %.2f° (model 1): the "
