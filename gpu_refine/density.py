@@ -79,6 +79,22 @@ class DensitySettings:
     dtype: str = "float32"      # of the grids
 
 
+@dataclass
+class Copy:
+    """Atoms of the model placed again by a Cartesian operation: x' = R x + t.  ``atoms``
+    (sorted, unique) selects them; None: every atom."""
+    rot: np.ndarray
+    shift: np.ndarray
+    atoms: np.ndarray = None
+
+
+def crystal_copies(spec):
+    """Every atom's symmetry mates on a crystal's whole cell (every operation but the
+    identity); none on any other grid.  Mates past the cell fold back onto it."""
+    return [Copy(np.asarray(r), np.asarray(t)) for r, t in spec.cartesian_operations()
+            if not (np.allclose(r, np.eye(3)) and np.allclose(t, 0.0))]
+
+
 def split_on_oom(backend, n, fn, chunk=None):
     """Call fn(slice) over range(n), halving the slice length when the device runs out of
     memory.  Returns the slice length that went through."""
@@ -117,14 +133,16 @@ class ModelMapper:
     g_xyz, g_b, g_u, g_occ = mapper.image_adjoint(batch, dT_dimage)
     """
 
-    def __init__(self, spec, resolution=None, settings=None, backend=None):
+    def __init__(self, spec, resolution=None, settings=None, backend=None, copies=None):
         self.spec = spec
         self.resolution = resolution
         self.settings = settings or DensitySettings()
         self.backend = get_backend(backend)
         if resolution is not None and not (0.3 <= resolution <= 100):
             raise ParameterError(f"resolution={resolution} Å is outside 0.3-100 Å")
-        self.ops = spec.cartesian_operations()
+        # Copies of atoms that the map holds too: symmetry mates by default on a crystal's
+        # cell; those near a box cut from one when given (mapprep.mate_copies).
+        self.copies = crystal_copies(spec) if copies is None else list(copies)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
         self._radius = None  # (model, (cutoff, table), total B, radii) of the last call
@@ -149,7 +167,8 @@ class ModelMapper:
         return refmac_blur(spacing, b_min)
 
     def _inputs(self, batch, blur):
-        """Kernel inputs with symmetry mates appended: (xyz, b, u, is_aniso, occ, stype, coefs, radius)."""
+        """Kernel inputs, the copies' atoms after the model's: (xyz, b, u, is_aniso, occ,
+        stype, coefs, radius)."""
         xp = self.backend.xp
         stype, coefs = self._type_arrays(batch.model)
         aniso = batch.model.is_aniso if batch.u is not None else None
@@ -162,18 +181,27 @@ class ModelMapper:
             bmax = U_TO_B * xp.max(u[..., :3], axis=-1) + blur
             bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
         radius = self._cutoff_radius(batch.model, atom_coefs, bt)
-        xyz, u = batch.xyz, batch.u
-        if len(self.ops) > 1:
-            rs = [xp.asarray(r, dtype=batch.dtype) for r, _ in self.ops]
-            xyz = xp.concatenate([batch.xyz @ r.T + xp.asarray(t, dtype=batch.dtype)
-                                  for r, (_, t) in zip(rs, self.ops)], axis=1)
+        xyz, u, b, occ = batch.xyz, batch.u, batch.b, batch.occ
+        if not self.copies:
+            return xyz, b, u, aniso, occ, stype, coefs, radius
+        xyz_parts, u_parts, b_parts, occ_parts, r_parts = [xyz], [u], [b], [occ], [radius]
+        stype_parts, aniso_parts = [stype], [aniso]
+        for c in self.copies:
+            sel = slice(None) if c.atoms is None else xp.asarray(c.atoms)
+            rot = xp.asarray(c.rot, dtype=batch.dtype)
+            xyz_parts.append(xyz[:, sel] @ rot.T + xp.asarray(c.shift, dtype=batch.dtype))
             if u is not None:
-                u = xp.concatenate([_rotate_u(xp, u, r) for r in rs], axis=1)
-        k = len(self.ops)
-        tile = (lambda a: a if k == 1 else xp.concatenate([a] * k, axis=1))
-        stype_k = np.tile(stype, k)
-        aniso_k = None if aniso is None else np.tile(aniso, k)
-        return (xyz, tile(batch.b), u, aniso_k, tile(batch.occ), stype_k, coefs, tile(radius))
+                u_parts.append(_rotate_u(xp, u[:, sel], rot))
+            b_parts.append(b[:, sel])
+            occ_parts.append(occ[:, sel])
+            r_parts.append(radius[:, sel])
+            host = slice(None) if c.atoms is None else c.atoms
+            stype_parts.append(stype[host])
+            aniso_parts.append(None if aniso is None else aniso[host])
+        join = (lambda parts: xp.concatenate(parts, axis=1))
+        return (join(xyz_parts), join(b_parts), None if u is None else join(u_parts),
+                None if aniso is None else np.concatenate(aniso_parts), join(occ_parts),
+                np.concatenate(stype_parts), coefs, join(r_parts))
 
     def _cutoff_radius(self, model, atom_coefs, bt):
         """cutoff_radius, kept for the last model and total B: a map and its adjoint, and every
@@ -248,14 +276,21 @@ class ModelMapper:
         self.backend.ops.density_adjoint(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
                                          self.spec.periodic, dmap, out=out)
         gx, gb, gu, go = out
-        k, n = len(self.ops), batch.model.n_atoms
-        if k > 1:
-            # Mate j is R_j x + t_j: its gradient maps back through R_j^T; U through R^T U R.
-            rs = [xp.asarray(r, dtype=batch.dtype) for r, _ in self.ops]
-            gx = sum(gx[:, j * n:(j + 1) * n] @ rs[j] for j in range(k))
-            gb = gb.reshape(batch.size, k, n).sum(axis=1)
-            go = go.reshape(batch.size, k, n).sum(axis=1)
-            gu = sum(_rotate_u_gradient(xp, gu[:, j * n:(j + 1) * n], rs[j]) for j in range(k))
+        n = batch.model.n_atoms
+        if self.copies:
+            # A copy's atom is R x + t: its gradient maps back through R^T, U's through R.
+            gx, gb, gu, go = gx[:, :n].copy(), gb[:, :n].copy(), gu[:, :n].copy(), go[:, :n].copy()
+            start = n
+            for c in self.copies:
+                m = n if c.atoms is None else len(c.atoms)
+                part = slice(start, start + m)
+                sel = slice(None) if c.atoms is None else xp.asarray(c.atoms)
+                rot = xp.asarray(c.rot, dtype=batch.dtype)
+                gx[:, sel] += out[0][:, part] @ rot
+                gb[:, sel] += out[1][:, part]
+                gu[:, sel] += _rotate_u_gradient(xp, out[2][:, part], rot)
+                go[:, sel] += out[3][:, part]
+                start += m
         return gx, gb, (gu if batch.u is not None else None), go
 
 

@@ -4,20 +4,27 @@ The experimental map is cut to a box covering the model plus a cushion (keeping 
 NSTART/ORIGIN placement is unchanged), normalised to zero mean and unit sd inside the mask, and
 carries a soft mask around the starting model: density of neighbouring, unmodelled molecules
 (the shared EMD-2566 box has some) must not pull atoms, but atoms must still see density a few
-Å away from where they start.  A crystal's map whose cell is no larger than that box along
-some axis is taken whole, with its space group: the model maps then hold the symmetry mates.
+Å away from where they start.  On a crystal's map the model maps hold the symmetry mates as
+the map does: a cell no larger than the box along some axis is taken whole, with its space
+group; a box cut from a larger cell carries the mates' atoms whose density reaches the mask.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sp_fft
 from scipy.spatial import cKDTree
 
+from .density import Copy, crystal_copies
 from .errors import InputError, ParameterError
 from .grid import GridSpec
 
 log = logging.getLogger(__name__)
+
+
+# Å beyond the mask within which a symmetry mate's atom adds density to it: an atom's radius
+# at the model-map cutoff (about 3 Å for B near 30) and some movement.
+MATE_DENSITY_REACH = 4.0
 
 
 @dataclass
@@ -27,6 +34,7 @@ class PreparedMap:
     spec: GridSpec       # the box (same grid as the input map)
     mean: float          # of the input map inside the mask
     sd: float
+    copies: list = field(default_factory=list)   # density.Copy: symmetry mates in the box
 
 
 def box_indices(spec, xyz, cushion):
@@ -101,6 +109,33 @@ def periodic_images(spec, xyz, reach):
     return spec.origin_xyz + f @ edges.T
 
 
+def mate_copies(cell, xyz, reach):
+    """The symmetry mates of a crystal (``cell``, its whole-cell GridSpec) with atoms within
+    ``reach`` Å of the model's: one density.Copy per operation and lattice translation, with
+    those atoms (the model itself excluded)."""
+    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    tree = cKDTree(xyz)
+    frac = np.linalg.inv(cell.orth)
+    f_model = xyz @ frac.T
+    margin = reach * np.sqrt((frac ** 2).sum(axis=1))
+    copies = []
+    for rot, shift in cell.cartesian_operations():
+        mates = xyz @ rot.T + shift
+        f = mates @ frac.T
+        first = np.floor(f_model.min(axis=0) - margin - f.max(axis=0)).astype(int)
+        last = np.ceil(f_model.max(axis=0) + margin - f.min(axis=0)).astype(int)
+        for cells in np.ndindex(*(last - first + 1)):
+            lattice = first + np.asarray(cells)
+            if not lattice.any() and np.allclose(rot, np.eye(3)) and np.allclose(shift, 0.0):
+                continue                                        # the model itself
+            t = shift + cell.orth @ lattice
+            d, _ = tree.query(xyz @ rot.T + t, distance_upper_bound=reach)
+            near = np.nonzero(np.isfinite(d))[0]
+            if len(near):
+                copies.append(Copy(rot, t, near))
+    return copies
+
+
 def soft_mask(spec, xyz, radius, edge):
     """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å.  On a
     crystal's whole cell distances are to the nearest copy of an atom: its symmetry mates and
@@ -133,6 +168,14 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
                     inside.size)
     lo, hi = box_indices(spec, xyz, cushion + mask_radius + mask_edge)
     data, box, covered = cut_box(map_data.data, spec, lo, hi)
+    if box.is_crystal:
+        copies = crystal_copies(box)
+    elif spec.is_crystal:
+        # The mates whose density reaches the mask: atoms within the mask's reach plus a
+        # density radius (and a little room to move) of the model's.
+        copies = mate_copies(spec, xyz, mask_radius + mask_edge + MATE_DENSITY_REACH)
+    else:
+        copies = []
     mask = soft_mask(box, xyz, mask_radius, mask_edge) * covered
     w = mask.astype(np.float64)
     if not w.sum() > 0:
@@ -142,9 +185,14 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     if not sd > 0:
         raise InputError("the map is flat where the model is")
     norm = ((data - mean) / sd).astype(np.float32)
-    where = (f"the whole cell ({box.spacegroup}, symmetry mates included)" if box.is_crystal
-             else "around the model")
+    if box.is_crystal:
+        where = f"the whole cell ({box.spacegroup}, symmetry mates included)"
+    elif copies:
+        where = (f"around the model, with {sum(len(c.atoms) for c in copies)} atoms of "
+                 f"{len(copies)} symmetry mates near it")
+    else:
+        where = "around the model"
     log.info("map box %s points (%.1f x %.1f x %.1f Å) %s; mask %.1f Å + %.1f Å edge covers "
              "%d points", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
              mask_radius, mask_edge, int((mask > 0).sum()))
-    return PreparedMap(data=norm, mask=mask, spec=box, mean=mean, sd=sd)
+    return PreparedMap(data=norm, mask=mask, spec=box, mean=mean, sd=sd, copies=copies)

@@ -1,6 +1,8 @@
-"""Random inputs for kernel tests (fresh every run)."""
+"""Inputs for tests: random atoms and grids for kernel tests (fresh every run), crystal maps."""
 import numpy as np
 
+import gpu_refine as gr
+from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.grid import GridSpec
 from gpu_refine.scattering import form_factor_table
 
@@ -49,3 +51,12 @@ def hexagonal_box_spec():
 def ortho_box_spec():
     return GridSpec(cell=(18.0, 20.0, 16.0, 90, 90, 90), sampling=(30, 32, 28),
                     shape=(30, 32, 28), origin=(100.0, 50.0, -20.0))
+
+
+def crystal_map(model, cell, spacegroup, spacing=1.0):
+    """The model's map at 3 Å (its symmetry mates included) on the whole cell of a crystal."""
+    sampling = tuple(int(np.ceil(c / spacing)) for c in cell[:3])
+    spec = GridSpec(cell=cell, sampling=sampling, shape=sampling, spacegroup=spacegroup)
+    mapper = ModelMapper(spec, 3.0, DensitySettings(), backend="numpy")
+    data = mapper.image(gr.Batch.from_model(model, 1, backend="numpy"))[0]
+    return gr.MapData(np.asarray(data, dtype=np.float32), spec)

@@ -9,22 +9,13 @@ from scipy.spatial import cKDTree
 import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
-from gpu_refine.grid import GridSpec
 from gpu_refine.mapprep import prepare_map
+from helpers import crystal_map
 
 
 @pytest.fixture(scope="module")
 def helix():
     return gr.Model.from_gemmi(gr.examples.helix_structure("AEAKAEAKA"))
-
-
-def _crystal_map(model, cell, spacegroup, spacing=1.0):
-    """The model's map (with its symmetry mates) on the whole cell of a crystal."""
-    sampling = tuple(int(np.ceil(c / spacing)) for c in cell[:3])
-    spec = GridSpec(cell=cell, sampling=sampling, shape=sampling, spacegroup=spacegroup)
-    mapper = ModelMapper(spec, 3.0, DensitySettings(), backend="numpy")
-    data = mapper.image(gr.Batch.from_model(model, 1, backend="numpy"))[0]
-    return gr.MapData(np.asarray(data, dtype=np.float32), spec)
 
 
 def _reference_mask(spec, xyz, radius, edge):
@@ -46,7 +37,7 @@ def test_small_crystal_cell_is_taken_whole_with_its_mates(helix):
     space group (so the model map holds the mates), and the mask reaches across the cell's
     faces and around every mate."""
     cell = (18.0, 21.0, 24.0, 90.0, 104.0, 90.0)
-    map_data = _crystal_map(helix, cell, "P 1 21 1")
+    map_data = crystal_map(helix, cell, "P 1 21 1")
     prepared = prepare_map(map_data, helix.xyz)
     assert prepared.spec.is_crystal and prepared.spec.spacegroup == "P 1 21 1"
     assert prepared.spec.shape == map_data.spec.shape
@@ -56,14 +47,29 @@ def test_small_crystal_cell_is_taken_whole_with_its_mates(helix):
     assert (expected > 0).mean() > 0.5       # the case does test the periodic images
 
 
-def test_large_crystal_cell_gets_a_box_without_symmetry(helix):
-    """A cell larger than the model plus cushion along every axis: a P 1 box inside it."""
-    cell = (80.0, 85.0, 90.0, 90.0, 90.0, 90.0)
-    map_data = _crystal_map(helix, cell, "P 21 21 21", spacing=1.5)
+def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
+    """A cell larger than the model plus cushion along every axis: a P 1 box inside it, whose
+    model map holds the atoms of mates near the model, so that it equals the crystal's
+    density wherever the mask is."""
+    cell = (40.0, 38.0, 40.0, 90.0, 100.0, 90.0)      # a 2-fold axis by the model
+    map_data = crystal_map(helix, cell, "P 1 2 1")
     prepared = prepare_map(map_data, helix.xyz)
-    assert prepared.spec.spacegroup == "P 1" and not prepared.spec.periodic
-    assert all(n < m for n, m in zip(prepared.spec.shape, map_data.spec.shape))
-    assert prepared.mask.max() == 1.0
+    box = prepared.spec
+    assert box.spacegroup == "P 1" and not box.periodic
+    assert all(n < m for n, m in zip(box.shape, map_data.spec.shape))
+    assert prepared.copies, "the case should bring mates near the model"
+    batch = gr.Batch.from_model(helix, 1, backend="numpy", dtype=np.float64)
+    settings = DensitySettings(blur=10.0)
+    in_box = ModelMapper(box, 3.0, settings, backend="numpy",
+                         copies=prepared.copies).exact(batch)[0]
+    crystal = ModelMapper(map_data.spec, 3.0, settings, backend="numpy").exact(batch)[0]
+    idx = [np.arange(s, s + n) % m for s, n, m in zip(box.start, box.shape,
+                                                       map_data.spec.shape)]
+    crystal = crystal[np.ix_(*idx)]
+    masked = prepared.mask > 0
+    np.testing.assert_allclose(in_box[masked], crystal[masked], atol=1e-5 * crystal.max())
+    without = ModelMapper(box, 3.0, settings, backend="numpy", copies=[]).exact(batch)[0]
+    assert np.abs(without - in_box)[masked].max() > 0.05 * crystal.max()
 
 
 @pytest.mark.parametrize("cut", [(0, 0, 0), (1, 2, 1)])

@@ -11,6 +11,7 @@ from gpu_refine.backend import get_backend
 from gpu_refine.density import DensitySettings
 from gpu_refine.mapprep import prepare_map
 from gpu_refine.targets import MapValueTarget, ModelMapTarget, Target
+from helpers import crystal_map
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,17 @@ def case():
     model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAKA"))
     data, spec = gr.examples.simulated_map(model, 2.5, noise=0.2, backend="numpy", padding=6.0)
     prepared = prepare_map(gr.MapData(data, spec), model.xyz, cushion=3.0)
+    return model, prepared
+
+
+@pytest.fixture(scope="module")
+def crystal_case():
+    """The helix by the 4-fold axis of a P 4 cell larger than its box: the prepared box
+    carries the atoms of the mates near it (rotations that are not their own transpose)."""
+    model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAKAEAKA"))
+    map_data = crystal_map(model, (40.0, 40.0, 38.0, 90.0, 90.0, 90.0), "P 4")
+    prepared = prepare_map(map_data, model.xyz)
+    assert prepared.copies and not prepared.spec.periodic
     return model, prepared
 
 
@@ -68,6 +80,19 @@ def test_model_map_cc_gradient(case, backend, rng):
     _check_fd(target, batch, ("xyz", "b", "occ"), picks, 1e-4, 1e-3)
     cc = target.stats(batch)["cc_target"]
     assert cc.shape == (2,) and np.all((cc > 0.3) & (cc < 1))
+
+
+def test_model_map_cc_gradient_through_symmetry_mates(crystal_case, backend, rng):
+    """Atoms with a copy in the box: their gradient gathers the copy's, rotated back."""
+    model, prepared = crystal_case
+    settings = DensitySettings(blur=30.0, cutoff=1e-9, dtype="float64")
+    target = ModelMapTarget(prepared, 3.0, backend=backend, settings=settings)
+    batch = _batch(model, backend, rng)
+    quarter = [c for c in prepared.copies if not np.allclose(c.rot, c.rot.T)]
+    copied = quarter[0].atoms
+    picks = [("xyz", (m, int(rng.choice(copied)), k)) for m, k in ((0, 0), (1, 1), (0, 2))]
+    picks += [("b", (1, int(rng.choice(copied)))), ("occ", (0, int(rng.choice(copied))))]
+    _check_fd(target, batch, ("xyz", "b", "occ"), picks, 1e-4, 1e-3)
 
 
 def test_model_map_cc_is_highest_at_the_true_model(case):

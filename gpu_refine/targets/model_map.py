@@ -20,7 +20,8 @@ class ModelMapTarget:
         self.backend = bk = get_backend(backend)
         self.spec = prepared.spec
         self.settings = settings or DensitySettings(cutoff=1e-4)
-        self.mapper = ModelMapper(self.spec, resolution, self.settings, backend=bk)
+        self.mapper = ModelMapper(self.spec, resolution, self.settings, backend=bk,
+                                  copies=prepared.copies)
         xp = bk.xp
         w = bk.asarray(prepared.mask, dtype=xp.float64)
         y = bk.asarray(prepared.data, dtype=xp.float64)
