@@ -279,7 +279,7 @@ class ModelMapper:
         n = batch.model.n_atoms
         if self.copies:
             # A copy's atom is R x + t: its gradient maps back through R^T, U's through R.
-            gx, gb, gu, go = gx[:, :n].copy(), gb[:, :n].copy(), gu[:, :n].copy(), go[:, :n].copy()
+            gx, gb, gu, go = (a[:, :n].copy() for a in out)
             start = n
             for c in self.copies:
                 m = n if c.atoms is None else len(c.atoms)
@@ -288,8 +288,9 @@ class ModelMapper:
                 rot = xp.asarray(c.rot, dtype=batch.dtype)
                 gx[:, sel] += out[0][:, part] @ rot
                 gb[:, sel] += out[1][:, part]
-                gu[:, sel] += _rotate_u_gradient(xp, out[2][:, part], rot)
                 go[:, sel] += out[3][:, part]
+                if batch.u is not None:
+                    gu[:, sel] += _rotate_u_gradient(xp, out[2][:, part], rot)
                 start += m
         return gx, gb, (gu if batch.u is not None else None), go
 

@@ -5,15 +5,26 @@ import tempfile
 from .errors import InputError
 
 
-def check_readable(path, extensions, kind):
-    """Raise InputError if ``path`` is missing, a directory, or not one of ``extensions``."""
+EXTENSIONS = {
+    "model": (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz"),
+    "map": (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz"),
+}
+
+
+def check_readable(path, kind):
+    """Raise InputError if ``path`` is missing, a directory, or not named as a ``kind`` file
+    ("model" or "map"; one named as the other kind is said to be, as when the two are swapped
+    on a command line)."""
     if not os.path.exists(path):
         raise InputError(f"{kind} file not found: {path}")
     if os.path.isdir(path):
         raise InputError(f"{kind} path is a directory, not a file: {path}")
+    extensions = EXTENSIONS[kind]
     if not path.lower().endswith(extensions):
+        other = [k for k, ext in EXTENSIONS.items() if k != kind and path.lower().endswith(ext)]
+        hint = f"; it is named as a {other[0]} file" if other else ""
         raise InputError(f"unknown {kind} format for {path} (expected one of: "
-                         f"{', '.join(extensions)})")
+                         f"{', '.join(extensions)}){hint}")
 
 
 def output_directory(path):

@@ -13,8 +13,6 @@ from .io import check_readable, write_atomically
 
 log = logging.getLogger(__name__)
 
-MAP_EXTENSIONS = (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz")
-
 
 @dataclass
 class MapData:
@@ -26,7 +24,7 @@ class MapData:
 def read_map(path):
     """Read an MRC/CCP4 map.  The map is placed by ORIGIN when it is non-zero, else by NSTART."""
     path = os.fspath(path)
-    check_readable(path, MAP_EXTENSIONS, "map")
+    check_readable(path, "map")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -14,8 +14,6 @@ from .backend import get_backend
 from .errors import InputError, ParameterError
 from .io import check_readable, write_atomically
 
-MODEL_EXTENSIONS = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
-
 
 @dataclass
 class Model:
@@ -116,7 +114,7 @@ def b_equivalent(u):
 def read_model(path, model_index=0):
     """Read PDB or mmCIF (optionally gzipped) into a Model."""
     path = os.fspath(path)
-    check_readable(path, MODEL_EXTENSIONS, "model")
+    check_readable(path, "model")
     try:
         st = gemmi.read_structure(path, merge_chain_parts=True)
     except Exception as exc:
@@ -128,7 +126,7 @@ def read_model(path, model_index=0):
 def read_batch(path, backend=None, dtype=np.float32):
     """All models of a multi-model file as one Batch (they must share one topology)."""
     path = os.fspath(path)
-    check_readable(path, MODEL_EXTENSIONS, "model")
+    check_readable(path, "model")
     try:
         st = gemmi.read_structure(path, merge_chain_parts=True)
     except Exception as exc:

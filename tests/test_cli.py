@@ -58,6 +58,9 @@ def test_bad_inputs(example, tmp_path):
     rc, _, err = cli("validate", tmp_path / "model.xyz", emap, "resolution=3")
     _one_line_error(rc, err)
     assert "unknown model format" in err
+    rc, _, err = cli("rsr", emap, model, "resolution=3", f"output.prefix={tmp_path / 'swap'}")
+    _one_line_error(rc, err)
+    assert "unknown model format" in err and "named as a map file" in err
     (tmp_path / "empty.pdb").write_text("END\n")
     rc, _, err = cli("validate", tmp_path / "empty.pdb", emap, "resolution=3")
     _one_line_error(rc, err)
