@@ -7,7 +7,7 @@ from .errors import InputError
 
 EXTENSIONS = {
     "model": (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz"),
-    "map": (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz"),
+    "map": (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz", ".mtz"),
 }
 
 

@@ -1,13 +1,15 @@
-"""Reading and writing MRC/CCP4 maps with mrcfile, keeping axis order, NSTART, ORIGIN and cell."""
+"""Reading and writing MRC/CCP4 maps with mrcfile, keeping axis order, NSTART, ORIGIN and cell;
+map coefficients from an MTZ (gemmi) as a map on the whole cell."""
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 
+import gemmi
 import mrcfile
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ParameterError
 from .grid import GridSpec
 from .io import check_readable, write_atomically
 
@@ -21,10 +23,20 @@ class MapData:
     spec: GridSpec
 
 
-def read_map(path):
-    """Read an MRC/CCP4 map.  The map is placed by ORIGIN when it is non-zero, else by NSTART."""
+# Map coefficients of a 2mFo-DFc map as X-ray programs name them (Refmac and Servalcat; Phenix).
+MTZ_MAP_LABELS = (("FWT", "PHWT"), ("2FOFCWT", "PH2FOFCWT"))
+
+
+def read_map(path, labels=None):
+    """Read an MRC/CCP4 map, placed by ORIGIN when it is non-zero, else by NSTART; or map
+    coefficients from an MTZ, ``labels`` "F,PHI" (by default FWT,PHWT or 2FOFCWT,PH2FOFCWT),
+    as a map on the whole cell with the MTZ's space group."""
     path = os.fspath(path)
     check_readable(path, "map")
+    if path.lower().endswith(".mtz"):
+        return _read_mtz_map(path, labels)
+    if labels:
+        raise ParameterError("labels= names MTZ map coefficients; the map is not an MTZ")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,7 +75,6 @@ def read_map(path):
         start = (0, 0, 0)
     spacegroup = "P 1"
     if ispg > 1 and tuple(shape) == tuple(sampling):
-        import gemmi
         sg = gemmi.find_spacegroup_by_number(ispg)
         spacegroup = sg.hm if sg else "P 1"
     spec = GridSpec(cell=cell, sampling=tuple(sampling), shape=tuple(shape), start=start,
@@ -71,9 +82,45 @@ def read_map(path):
     return MapData(data=data, spec=spec)
 
 
+def _read_mtz_map(path, labels, sample_rate=3.0):
+    """The map of an MTZ's coefficients on the cell, sampled at d_min / ``sample_rate``."""
+    try:
+        mtz = gemmi.read_mtz_file(path)
+    except Exception as exc:
+        raise InputError(f"cannot read MTZ {path}: {exc}") from None
+    kinds = {c.label: c.type for c in mtz.columns}
+    available = ", ".join(f"{k} ({t})" for k, t in kinds.items() if t in "FP")
+    if labels:
+        pair = tuple(x.strip() for x in str(labels).split(","))
+        if len(pair) != 2 or not all(pair):
+            raise ParameterError(f"labels={labels}: give an amplitude and a phase column, F,PHI")
+        if [kinds.get(x) for x in pair] != ["F", "P"]:
+            raise InputError(f"MTZ {path} has no amplitude {pair[0]} and phase {pair[1]} "
+                             f"(amplitude and phase columns: {available or 'none'})")
+    else:
+        pair = next((p for p in MTZ_MAP_LABELS if [kinds.get(x) for x in p] == ["F", "P"]),
+                    None)
+        if pair is None:
+            raise InputError(f"MTZ {path} has no map coefficients FWT,PHWT or "
+                             f"2FOFCWT,PH2FOFCWT; name them with labels=F,PHI (amplitude and "
+                             f"phase columns: {available or 'none'})")
+    try:
+        grid = mtz.transform_f_phi_to_map(*pair, sample_rate=sample_rate)
+    except Exception as exc:
+        raise InputError(f"cannot compute a map from {path} {pair[0]},{pair[1]}: {exc}") from None
+    data = np.ascontiguousarray(np.array(grid, copy=False), dtype=np.float32)
+    if not np.all(np.isfinite(data)) or not data.std() > 0:
+        raise InputError(f"the map of {path} {pair[0]},{pair[1]} is empty or not finite")
+    spacegroup = mtz.spacegroup.hm if mtz.spacegroup else "P 1"
+    log.info("map from %s %s,%s (d_min %.2f Å): %s grid on the cell, %s", path, *pair,
+             mtz.resolution_high(), "x".join(map(str, data.shape)), spacegroup)
+    spec = GridSpec(cell=tuple(mtz.cell.parameters), sampling=data.shape, shape=data.shape,
+                    spacegroup=spacegroup)
+    return MapData(data=data, spec=spec)
+
+
 def write_map(path, data, spec, overwrite=False):
     """Write an [i, j, k]-indexed array as MRC with axes X, Y, Z, NSTART, ORIGIN and cell."""
-    import gemmi
     arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
 
     def write(tmp):

@@ -1,4 +1,5 @@
 """Inputs for tests: random atoms and grids for kernel tests (fresh every run), crystal maps."""
+import gemmi
 import numpy as np
 
 import gpu_refine as gr
@@ -60,3 +61,21 @@ def crystal_map(model, cell, spacegroup, spacing=1.0):
     mapper = ModelMapper(spec, 3.0, DensitySettings(), backend="numpy")
     data = mapper.image(gr.Batch.from_model(model, 1, backend="numpy"))[0]
     return gr.MapData(np.asarray(data, dtype=np.float32), spec)
+
+
+def write_mtz(path, map_data, d_min, columns=(("FWT", "F"), ("PHWT", "P"))):
+    """The map's structure factors to d_min as an MTZ with an amplitude and a phase column."""
+    spec = map_data.spec
+    grid = gemmi.FloatGrid(np.asfortranarray(map_data.data), gemmi.UnitCell(*spec.cell),
+                           gemmi.SpaceGroup(spec.spacegroup))
+    asu = gemmi.transform_map_to_f_phi(grid, half_l=True).prepare_asu_data(dmin=d_min)
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = gemmi.SpaceGroup(spec.spacegroup)
+    mtz.set_cell_for_all(gemmi.UnitCell(*spec.cell))
+    mtz.add_dataset("simulated")
+    for label, kind in columns:
+        mtz.add_column(label, kind)
+    values = asu.value_array
+    mtz.set_data(np.column_stack([asu.miller_array, np.abs(values),
+                                  np.degrees(np.angle(values))]).astype(np.float32))
+    mtz.write_to_file(str(path))

@@ -7,6 +7,8 @@ import pytest
 import gpu_refine as gr
 from gpu_refine.examples import helix_structure
 from gpu_refine.model import structures_as_models
+from gpu_refine.workflows import validate
+from helpers import crystal_map, write_mtz
 
 
 def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
@@ -77,3 +79,38 @@ def test_shared_em_map_is_placed_by_origin(shared):
     model = gr.read_model(shared / "cryoem/emd2566_3j6b_chain9/3J6B_9.pdb")
     assert m.spec.contains(model.xyz).all()
     assert m.data.shape == (35, 52, 47)
+
+
+def test_mtz_map_coefficients(tmp_path):
+    """FWT,PHWT of a crystal's map come back as a map on its whole cell with its space group,
+    matching the model's map; other labels by name; clear errors for missing ones."""
+    model = gr.Model.from_gemmi(helix_structure("AEAKA"))
+    original = crystal_map(model, (18.0, 21.0, 24.0, 90.0, 104.0, 90.0), "P 1 21 1")
+    write_mtz(tmp_path / "map.mtz", original, 3.0)
+    read = gr.read_map(tmp_path / "map.mtz")
+    assert read.spec.is_crystal and read.spec.spacegroup == "P 1 21 1"
+    assert read.data.flags.c_contiguous and read.data.dtype == np.float32
+    image = gr.ModelMapper(read.spec, 3.0).image(gr.Batch.from_model(model, 1,
+                                                                     backend="numpy"))[0]
+    assert np.corrcoef(np.asarray(image).ravel(), read.data.ravel())[0, 1] > 0.99
+    write_mtz(tmp_path / "named.mtz", original, 3.0, (("F2", "F"), ("PHI2", "P")))
+    with pytest.raises(gr.InputError, match="no map coefficients.*labels=F,PHI.*F2 \\(F\\)"):
+        gr.read_map(tmp_path / "named.mtz")
+    named = gr.read_map(tmp_path / "named.mtz", labels="F2,PHI2")
+    np.testing.assert_allclose(named.data, read.data)
+    with pytest.raises(gr.InputError, match="no amplitude PHI2 and phase F2"):
+        gr.read_map(tmp_path / "named.mtz", labels="PHI2,F2")
+    with pytest.raises(gr.ParameterError, match="F,PHI"):
+        gr.read_map(tmp_path / "named.mtz", labels="F2")
+    gr.write_map(tmp_path / "map.mrc", read.data, read.spec)
+    with pytest.raises(gr.ParameterError, match="not an MTZ"):
+        gr.read_map(tmp_path / "map.mrc", labels="F2,PHI2")
+
+
+def test_shared_mtz_map_fits_the_deposited_model(shared):
+    """4xof's 2mFo-DFc coefficients (FWT,PHWT, 1.15 Å): the deposited model fits its map."""
+    emap = gr.read_map(shared / "xray/4xof/4xof.mtz")
+    assert emap.spec.spacegroup == "P 21 21 21" and emap.spec.is_crystal
+    result = validate(gr.read_model(shared / "xray/4xof/4xof.pdb"), emap, 1.15,
+                      backend="numpy")
+    assert result[0]["cc_mask"] > 0.9

@@ -33,7 +33,10 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
 
 def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF)")
-    parser.add_argument("map", help="map (MRC/CCP4), placed by its ORIGIN / NSTART")
+    parser.add_argument("map", help="map (MRC/CCP4), placed by its ORIGIN / NSTART; or MTZ "
+                                    "map coefficients (see --labels)")
+    parser.add_argument("--labels", default=None,
+                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
     defaults = RSRSettings()
     for name, kind in SETTINGS.items():
         default = getattr(defaults, name)
@@ -79,6 +82,8 @@ def _params_text(args, settings, result):
             lines.append(f"# weight: automatic (chose {float(result.weight[0]):.6g})")
         elif value is not None:
             lines.append(f"{name}={value}")
+    if args.labels:
+        lines.append(f"labels={args.labels}")
     lines += [f"dictionary={d}" for d in settings.dictionaries]
     if settings.ignore_unknown:
         lines.append("ignore_unknown=true")
@@ -94,12 +99,12 @@ def main(args):
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()
     names = _outputs(args)
-    model = read_model(args.model)
-    map_data = read_map(args.map)
     root = logging.getLogger("gpu_refine")
     held = logging.handlers.BufferingHandler(capacity=1 << 20)
     root.addHandler(held)
     try:
+        model = read_model(args.model)
+        map_data = read_map(args.map, labels=args.labels)
         job = RealSpaceRefinement(model, map_data, settings, backend=args.backend)
     finally:
         root.removeHandler(held)

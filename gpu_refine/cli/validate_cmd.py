@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are a batch")
-    parser.add_argument("map", help="map (MRC/CCP4)")
+    parser.add_argument("map", help="map (MRC/CCP4), or MTZ map coefficients (see --labels)")
+    parser.add_argument("--labels", default=None,
+                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
     parser.add_argument("--resolution", type=float, help="resolution d in Å (required)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"])
@@ -28,7 +30,7 @@ def add_arguments(parser):
 
 def main(args):
     batch = read_batch(args.model, backend=args.backend)
-    map_data = read_map(args.map)
+    map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
                        atom_radius=args.atom_radius)
     log.info("%-6s %8s %8s %8s %8s", "model", "CCmask", "CCbox", "CCpeaks", "CCvolume")
