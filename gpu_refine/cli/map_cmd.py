@@ -13,7 +13,10 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF)")
-    parser.add_argument("map", nargs="?", help="map whose grid to use (MRC/CCP4); else a box")
+    parser.add_argument("map", nargs="?",
+                        help="map whose grid to use (MRC/CCP4 or MTZ); else a box")
+    parser.add_argument("--labels", default=None,
+                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
     parser.add_argument("--resolution", type=float, help="resolution d in Å (required)")
     parser.add_argument("--output", default="model_map.mrc", help="output map (MRC)")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"],
@@ -23,7 +26,7 @@ def add_arguments(parser):
 
 def main(args):
     model = read_model(args.model)
-    spec = read_map(args.map).spec if args.map else None
+    spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(model, args.resolution, spec, table=args.table,
                                    backend=args.backend)
     write_map(args.output, maps[0], spec, overwrite=args.overwrite)
