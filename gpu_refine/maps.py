@@ -108,7 +108,7 @@ def _read_mtz_map(path, labels, sample_rate=3.0):
         grid = mtz.transform_f_phi_to_map(*pair, sample_rate=sample_rate)
     except Exception as exc:
         raise InputError(f"cannot compute a map from {path} {pair[0]},{pair[1]}: {exc}") from None
-    data = np.ascontiguousarray(np.array(grid, copy=False), dtype=np.float32)
+    data = np.ascontiguousarray(np.asarray(grid), dtype=np.float32)
     if not np.all(np.isfinite(data)) or not data.std() > 0:
         raise InputError(f"the map of {path} {pair[0]},{pair[1]} is empty or not finite")
     spacegroup = mtz.spacegroup.hm if mtz.spacegroup else "P 1"
