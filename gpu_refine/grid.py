@@ -20,6 +20,7 @@ class GridSpec:
     start: tuple = (0, 0, 0)
     origin: tuple = (0.0, 0.0, 0.0)
     spacegroup: str = "P 1"
+    crystal: bool = None   # a crystal's cell; None: where the space group is not P 1
 
     @property
     def periodic(self):
@@ -27,8 +28,13 @@ class GridSpec:
 
     @property
     def is_crystal(self):
-        """A periodic cell with space-group symmetry (not a P 1 box such as a cryo-EM map)."""
-        return self.periodic and (self.spacegroup or "P 1").replace(" ", "") != "P1"
+        """A crystal's whole cell: periodic, with a space group other than P 1 or marked
+        ``crystal`` (as a P 1 crystal's map from its MTZ) — not a box such as a cryo-EM map."""
+        if not self.periodic:
+            return False
+        if self.crystal is not None:
+            return bool(self.crystal)
+        return (self.spacegroup or "P 1").replace(" ", "") != "P1"
 
     def cartesian_operations(self):
         """Cartesian (R, t) of each space-group operation of a crystal grid (centring

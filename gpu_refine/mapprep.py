@@ -87,7 +87,8 @@ def cut_box(data, spec, lo, hi):
     # A whole crystal cell keeps its symmetry; any smaller box is a P 1 box.
     whole = sub.shape == tuple(spec.shape) and spec.is_crystal
     box = GridSpec(cell=spec.cell, sampling=spec.sampling, shape=sub.shape, start=start,
-                   origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1")
+                   origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1",
+                   crystal=whole)
     return sub, box, covered
 
 
@@ -186,7 +187,8 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
         raise InputError("the map is flat where the model is")
     norm = ((data - mean) / sd).astype(np.float32)
     if box.is_crystal:
-        where = f"the whole cell ({box.spacegroup}, symmetry mates included)"
+        where = (f"the whole cell ({box.spacegroup}, symmetry mates included)" if copies
+                 else f"the whole cell ({box.spacegroup}, periodic)")
     elif copies:
         where = (f"around the model, with {sum(len(c.atoms) for c in copies)} atoms of "
                  f"{len(copies)} symmetry mates near it")

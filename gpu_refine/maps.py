@@ -115,7 +115,7 @@ def _read_mtz_map(path, labels, sample_rate=3.0):
     log.info("map from %s %s,%s (d_min %.2f Å): %s grid on the cell, %s", path, *pair,
              mtz.resolution_high(), "x".join(map(str, data.shape)), spacegroup)
     spec = GridSpec(cell=tuple(mtz.cell.parameters), sampling=data.shape, shape=data.shape,
-                    spacegroup=spacegroup)
+                    spacegroup=spacegroup, crystal=True)
     return MapData(data=data, spec=spec)
 
 

@@ -10,7 +10,7 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.mapprep import prepare_map
-from helpers import crystal_map
+from helpers import crystal_map, write_mtz
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,20 @@ def test_small_crystal_cell_is_taken_whole_with_its_mates(helix):
     expected = _reference_mask(prepared.spec, helix.xyz, 3.0, 2.0)
     np.testing.assert_allclose(prepared.mask, expected, atol=1e-6)
     assert (expected > 0).mean() > 0.5       # the case does test the periodic images
+
+
+def test_p1_crystal_from_its_mtz_is_periodic(helix, tmp_path):
+    """A P 1 crystal's map coefficients: its map is a crystal's (periodic), not a box, so a
+    small cell is taken whole and the mask reaches across its faces."""
+    cell = (18.0, 21.0, 24.0, 80.0, 104.0, 95.0)
+    write_mtz(tmp_path / "p1.mtz", crystal_map(helix, cell, "P 1"), 3.0)
+    map_data = gr.read_map(tmp_path / "p1.mtz")
+    assert map_data.spec.is_crystal and map_data.spec.spacegroup == "P 1"
+    prepared = prepare_map(map_data, helix.xyz)
+    assert prepared.spec.is_crystal and prepared.spec.shape == map_data.spec.shape
+    assert prepared.copies == []
+    np.testing.assert_allclose(prepared.mask,
+                               _reference_mask(prepared.spec, helix.xyz, 3.0, 2.0), atol=1e-6)
 
 
 def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
