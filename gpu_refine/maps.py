@@ -82,6 +82,18 @@ def read_map(path, labels=None):
     return MapData(data=data, spec=spec)
 
 
+def map_resolution(path):
+    """The d_min (Å) of an MTZ's map coefficients, as the default resolution of a job on
+    them; None for a map file, which does not state one."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".mtz") or not os.path.isfile(path):
+        return None
+    try:
+        return round(float(gemmi.read_mtz_file(path).resolution_high()), 3)
+    except Exception as exc:
+        raise InputError(f"cannot read MTZ {path}: {exc}") from None
+
+
 def _read_mtz_map(path, labels, sample_rate=3.0):
     """The map of an MTZ's coefficients on the cell, sampled at d_min / ``sample_rate``."""
     try:

@@ -193,19 +193,25 @@ def test_rsr(example, tmp_path):
 
 def test_rsr_against_mtz_map_coefficients(tmp_path):
     """An X-ray user's inputs: a model and the map coefficients of its crystal (an MTZ whose
-    columns are named with labels=); the small cell is refined whole, with its mates."""
+    columns are named with labels=; its d_min is the default resolution); the small cell is
+    refined whole, with its mates."""
     st = helix_structure("AEAKA")
     model = gr.Model.from_gemmi(st)
     map_data = crystal_map(model, (18.0, 21.0, 24.0, 90.0, 104.0, 90.0), "P 1 21 1")
     write_mtz(tmp_path / "x.mtz", map_data, 3.0, (("F2", "F"), ("PHI2", "P")))
     st.write_pdb(str(tmp_path / "x.pdb"))
     prefix = tmp_path / "x_rsr"
-    rc, out, err = cli("rsr", tmp_path / "x.pdb", tmp_path / "x.mtz", "resolution=3",
+    rc, out, err = cli("rsr", tmp_path / "x.pdb", tmp_path / "x.mtz",
                        "labels=F2,PHI2", "shake=0.3", "macro_cycles=1", "backend=numpy",
                        f"output.prefix={prefix}")
     assert rc == 0, err
     assert "F2,PHI2" in out and "the whole cell (P 1 21 1, symmetry mates included)" in out
     r = json.loads((tmp_path / "x_rsr.json").read_text())
     assert r["models"][0]["cc_mask_final"] > 0.95
-    assert "labels=F2,PHI2" in (tmp_path / "x_rsr.params").read_text()
+    params = (tmp_path / "x_rsr.params").read_text()
+    assert "labels=F2,PHI2" in params
+    assert float(params.split("resolution=")[1].split()[0]) == pytest.approx(3.0, abs=0.01)
+    rc, out, err = cli("validate", tmp_path / "x.pdb", tmp_path / "x.mtz", "labels=F2,PHI2",
+                       "backend=numpy")
+    assert rc == 0, err
     assert "map from" in (tmp_path / "x_rsr.log").read_text().splitlines()[2]

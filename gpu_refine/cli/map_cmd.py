@@ -4,7 +4,7 @@ gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray]
 """
 import logging
 
-from ..maps import read_map, write_map
+from ..maps import map_resolution, read_map, write_map
 from ..model import read_model
 from ..workflows import compute_model_map
 
@@ -17,7 +17,8 @@ def add_arguments(parser):
                         help="map whose grid to use (MRC/CCP4 or MTZ); else a box")
     parser.add_argument("--labels", default=None,
                         help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
-    parser.add_argument("--resolution", type=float, help="resolution d in Å (required)")
+    parser.add_argument("--resolution", type=float,
+                        help="resolution d in Å (required; an MTZ's d_min by default)")
     parser.add_argument("--output", default="model_map.mrc", help="output map (MRC)")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"],
                         help="scattering table")
@@ -25,6 +26,8 @@ def add_arguments(parser):
 
 
 def main(args):
+    if args.resolution is None and args.map:      # map coefficients state theirs
+        args.resolution = map_resolution(args.map)
     model = read_model(args.model)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(model, args.resolution, spec, table=args.table,

@@ -15,7 +15,7 @@ import time
 
 from .. import __version__
 from ..errors import InputError
-from ..maps import read_map
+from ..maps import map_resolution, read_map
 from ..model import read_model, structures_as_models, write_model
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
@@ -95,6 +95,8 @@ def main(args):
     # with the model) are checked before any output exists, so that a mistake does not leave
     # a log behind that the next run would refuse to overwrite.  What the setup logs is held
     # and written to the log once it has succeeded.
+    if args.resolution is None:      # map coefficients state theirs
+        args.resolution = map_resolution(args.map)
     settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from ..io import write_atomically
-from ..maps import read_map
+from ..maps import map_resolution, read_map
 from ..model import read_batch
 from ..workflows import validate
 
@@ -20,7 +20,8 @@ def add_arguments(parser):
     parser.add_argument("map", help="map (MRC/CCP4), or MTZ map coefficients (see --labels)")
     parser.add_argument("--labels", default=None,
                         help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
-    parser.add_argument("--resolution", type=float, help="resolution d in Å (required)")
+    parser.add_argument("--resolution", type=float,
+                        help="resolution d in Å (required; an MTZ's d_min by default)")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"])
     parser.add_argument("--atom-radius", type=float, default=None,
@@ -29,6 +30,8 @@ def add_arguments(parser):
 
 
 def main(args):
+    if args.resolution is None:      # map coefficients state theirs
+        args.resolution = map_resolution(args.map)
     batch = read_batch(args.model, backend=args.backend)
     map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
