@@ -13,6 +13,7 @@ import numpy as np
 
 from .backend import get_backend
 from .errors import InputError, ParameterError
+from .grid import is_identity
 from .scattering import form_factor_table
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def crystal_copies(spec):
     """Every atom's symmetry mates on a crystal's whole cell (every operation but the
     identity); none on any other grid.  Mates past the cell fold back onto it."""
     return [Copy(np.asarray(r), np.asarray(t)) for r, t in spec.cartesian_operations()
-            if not (np.allclose(r, np.eye(3)) and np.allclose(t, 0.0))]
+            if not is_identity(r, t)]
 
 
 def split_on_oom(backend, n, fn, chunk=None):

@@ -105,6 +105,11 @@ class GridSpec:
         return (s * s).sum(axis=-1)
 
 
+def is_identity(rot, shift):
+    """Whether the Cartesian operation (R, t) leaves every position where it is."""
+    return bool(np.allclose(rot, np.eye(3)) and np.allclose(shift, 0.0))
+
+
 def space_group_operations(spacegroup):
     """Fractional (R, t) of every operation of a space group (centring included)."""
     return [(np.array(op.rot, dtype=np.float64) / op.DEN,

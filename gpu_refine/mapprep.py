@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 
 from .density import Copy, crystal_copies
 from .errors import InputError, ParameterError
-from .grid import GridSpec
+from .grid import GridSpec, is_identity
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def mate_copies(cell, xyz, reach):
         last = np.ceil(f_model.max(axis=0) + margin - f.min(axis=0)).astype(int)
         for cells in np.ndindex(*(last - first + 1)):
             lattice = first + np.asarray(cells)
-            if not lattice.any() and np.allclose(rot, np.eye(3)) and np.allclose(shift, 0.0):
-                continue                                        # the model itself
             t = shift + cell.orth @ lattice
+            if is_identity(rot, t):
+                continue                                        # the model itself
             d, _ = tree.query(xyz @ rot.T + t, distance_upper_bound=reach)
             near = np.nonzero(np.isfinite(d))[0]
             if len(near):

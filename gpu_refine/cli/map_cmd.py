@@ -1,12 +1,13 @@
 """Model map: the Fourier image of a model at a resolution, on a map's grid or a box.
 
-gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray]
+gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray] [labels=F,PHI]
 """
 import logging
 
-from ..maps import map_resolution, read_map, write_map
+from ..maps import read_map, write_map
 from ..model import read_model
 from ..workflows import compute_model_map
+from .map_input import add_labels_argument, add_resolution_argument, default_resolution
 
 log = logging.getLogger(__name__)
 
@@ -15,10 +16,8 @@ def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF)")
     parser.add_argument("map", nargs="?",
                         help="map whose grid to use (MRC/CCP4 or MTZ); else a box")
-    parser.add_argument("--labels", default=None,
-                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
-    parser.add_argument("--resolution", type=float,
-                        help="resolution d in Å (required; an MTZ's d_min by default)")
+    add_labels_argument(parser)
+    add_resolution_argument(parser)
     parser.add_argument("--output", default="model_map.mrc", help="output map (MRC)")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"],
                         help="scattering table")
@@ -26,8 +25,7 @@ def add_arguments(parser):
 
 
 def main(args):
-    if args.resolution is None and args.map:      # map coefficients state theirs
-        args.resolution = map_resolution(args.map)
+    default_resolution(args)
     model = read_model(args.model)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(model, args.resolution, spec, table=args.table,

@@ -2,7 +2,8 @@
 
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
     [weight=W] [nmodels=B shake=RMS seed=S] [macro_cycles=5] [adp=individual|group]
-    [h_distances=electron|nucleus] [table=electron|xray] [output.pdb=true] [--overwrite]
+    [h_distances=electron|nucleus] [table=electron|xray] [labels=F,PHI] [output.pdb=true]
+    [--overwrite]
 Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with
 output.pdb=true P.pdb (and P_best.pdb); rerun with
 ``gpu-refine rsr P.params`` (further key=value arguments override it).
@@ -15,10 +16,11 @@ import time
 
 from .. import __version__
 from ..errors import InputError
-from ..maps import map_resolution, read_map
+from ..maps import read_map
 from ..model import read_model, structures_as_models, write_model
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
+from .map_input import add_labels_argument, default_resolution
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,7 @@ def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF)")
     parser.add_argument("map", help="map (MRC/CCP4), placed by its ORIGIN / NSTART; or MTZ "
                                     "map coefficients (see --labels)")
-    parser.add_argument("--labels", default=None,
-                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
+    add_labels_argument(parser)
     defaults = RSRSettings()
     for name, kind in SETTINGS.items():
         default = getattr(defaults, name)
@@ -95,8 +96,7 @@ def main(args):
     # with the model) are checked before any output exists, so that a mistake does not leave
     # a log behind that the next run would refuse to overwrite.  What the setup logs is held
     # and written to the log once it has succeeded.
-    if args.resolution is None:      # map coefficients state theirs
-        args.resolution = map_resolution(args.map)
+    default_resolution(args)
     settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()

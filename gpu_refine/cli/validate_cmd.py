@@ -1,6 +1,6 @@
 """Validate a model against a map: CCmask, CCbox, CCpeaks, CCvolume and per-residue CC.
 
-gpu-refine validate MODEL MAP resolution=D [json=OUT.json] [table=electron|xray]
+gpu-refine validate MODEL MAP resolution=D [json=OUT.json] [table=electron|xray] [labels=F,PHI]
 """
 import json
 import logging
@@ -8,9 +8,10 @@ import logging
 import numpy as np
 
 from ..io import write_atomically
-from ..maps import map_resolution, read_map
+from ..maps import read_map
 from ..model import read_batch
 from ..workflows import validate
+from .map_input import add_labels_argument, add_resolution_argument, default_resolution
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +19,8 @@ log = logging.getLogger(__name__)
 def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are a batch")
     parser.add_argument("map", help="map (MRC/CCP4), or MTZ map coefficients (see --labels)")
-    parser.add_argument("--labels", default=None,
-                        help="MTZ map coefficients F,PHI (default FWT,PHWT or 2FOFCWT,PH2FOFCWT)")
-    parser.add_argument("--resolution", type=float,
-                        help="resolution d in Å (required; an MTZ's d_min by default)")
+    add_labels_argument(parser)
+    add_resolution_argument(parser)
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"])
     parser.add_argument("--atom-radius", type=float, default=None,
@@ -30,8 +29,7 @@ def add_arguments(parser):
 
 
 def main(args):
-    if args.resolution is None:      # map coefficients state theirs
-        args.resolution = map_resolution(args.map)
+    default_resolution(args)
     batch = read_batch(args.model, backend=args.backend)
     map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
