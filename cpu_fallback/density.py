@@ -5,7 +5,8 @@ Arguments shared by both functions (B models, N atoms, T scattering types, G = 5
 xyz (B,N,3), b (B,N), u (B,N,6) or None, is_aniso (N,) bool or None, occ (B,N),
 stype (N,) int, coefs (T,2,G) float64 [a; b], radius (B,N) in Å,
 geom (21,) float64: index_from_xyz (3x3), xyz_from_index (3x3), origin (3),
-blur (Å²), periodic (bool).
+blur (Å²), periodic: one bool for every axis or one per axis (3,) — where the grid wraps
+around (the kernels take it as a bit mask).
 
 Where the kernel loops over the points around each atom, NumPy works on a padded copy of each
 model's grid so that every (atom, point) pair has a flat index ``base[atom] + offset[k]``; the
@@ -75,6 +76,12 @@ def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
     return shapes
 
 
+def periodic_axes(periodic):
+    """``periodic`` (one bool, or one per grid axis) as a (3,) bool array."""
+    axes = np.broadcast_to(np.asarray(periodic, dtype=bool), (3,))
+    return axes.copy()
+
+
 def _real(xyz):
     """The working precision of the kernels: that of the coordinates (float32 or float64)."""
     return np.float32 if xyz.dtype == np.float32 else np.float64
@@ -98,7 +105,8 @@ def _wrap_runs(length, n, pad):
 
 
 class _PaddedGrid:
-    """One model's grid padded so that every atom's bounding box lies inside it."""
+    """One model's grid padded so that every atom's bounding box lies inside it; ``periodic``
+    (3,) says which axes fold their padding back."""
 
     def __init__(self, shape, pad, periodic):
         self.n = np.asarray(shape, dtype=np.int64)
@@ -110,12 +118,13 @@ class _PaddedGrid:
     def fold(self, acc):
         """Sum the padded accumulator back onto the stored grid."""
         acc = acc.reshape(self.shape)
-        if not self.periodic:
-            p = self.pad
-            return acc[p[0]:p[0] + self.n[0], p[1]:p[1] + self.n[1], p[2]:p[2] + self.n[2]]
+        n, p = [int(x) for x in self.n], [int(x) for x in self.pad]
+        if not self.periodic.any():
+            return acc[p[0]:p[0] + n[0], p[1]:p[1] + n[1], p[2]:p[2] + n[2]]
         # One pass: every block of the padded grid that maps onto one contiguous block.
-        out = np.zeros(tuple(int(x) for x in self.n))
-        runs = [_wrap_runs(acc.shape[a], int(self.n[a]), int(self.pad[a])) for a in range(3)]
+        out = np.zeros(tuple(n))
+        runs = [_wrap_runs(acc.shape[a], n[a], p[a]) if self.periodic[a]
+                else [(slice(p[a], p[a] + n[a]), slice(0, n[a]))] for a in range(3)]
         for s0, d0 in runs[0]:
             for s1, d1 in runs[1]:
                 for s2, d2 in runs[2]:
@@ -123,9 +132,11 @@ class _PaddedGrid:
         return out
 
     def expand(self, grid):
-        """The padded copy of a stored grid (wrapped if periodic, zeros outside a box)."""
-        widths = [(int(p), int(p)) for p in self.pad]
-        return np.pad(grid, widths, mode="wrap" if self.periodic else "constant")
+        """The padded copy of a stored grid (wrapped along periodic axes, zeros past a box's
+        faces)."""
+        wrap = [(int(p), int(p)) if w else (0, 0) for p, w in zip(self.pad, self.periodic)]
+        zero = [(0, 0) if w else (int(p), int(p)) for p, w in zip(self.pad, self.periodic)]
+        return np.pad(np.pad(grid, wrap, mode="wrap"), zero, mode="constant")
 
 
 class _Offsets:
@@ -144,8 +155,9 @@ class _Offsets:
 
 
 def _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=1):
-    """Grid coordinates g and box corners lo of the atoms whose sphere touches the grid (all of
-    them on a periodic grid), their radii, index steps per Å along each axis, padded grid.
+    """Grid coordinates g and box corners lo of the atoms whose sphere touches the grid (along
+    its periodic axes every atom does), their radii, index steps per Å along each axis, padded
+    grid.
 
     The padding covers ``reach`` radii beyond the grid (plus one point each): 1 holds every
     point of an atom's sphere, 2 every point of its whole box."""
@@ -153,18 +165,18 @@ def _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=1):
     n = np.asarray(shape, dtype=np.int64)
     r = radius_m.astype(np.float64)
     g = (xyz_m.astype(np.float64) - geom[18:21]) @ frac_m.T
-    if periodic:
-        g = g - np.floor(g / n) * n        # the same point of the periodic lattice
+    wrap = periodic_axes(periodic)
+    g = np.where(wrap, g - np.floor(g / n) * n, g)   # the same point of the periodic lattice
     rn = np.sqrt((frac_m**2).sum(axis=1))
     half = r[:, None] * rn[None, :]
     lo = np.ceil(g - half).astype(np.int64)
     hi = np.floor(g + half).astype(np.int64)
     atoms = np.arange(len(g))
-    if not periodic:
-        touches = np.all((hi >= 0) & (lo < n), axis=1)
+    if not wrap.all():
+        touches = np.all(((hi >= 0) & (lo < n)) | wrap, axis=1)
         atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
     rmax = float(r.max()) if len(r) else 0.0
-    grid = _PaddedGrid(shape, np.ceil(reach * rmax * rn).astype(np.int64) + reach, periodic)
+    grid = _PaddedGrid(shape, np.ceil(reach * rmax * rn).astype(np.int64) + reach, wrap)
     return atoms, g, lo, r, rn, grid
 
 

@@ -1,6 +1,8 @@
 """Map values and Cartesian gradients at atom positions (twin of ``kernels/interpolate.cu``)."""
 import numpy as np
 
+from .density import periodic_axes
+
 
 def _weights(u, order):
     """Interpolation weights and their derivatives for the 4 points base-1 .. base+2."""
@@ -20,7 +22,8 @@ def _weights(u, order):
 def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     """Values (B,N) and d value / d xyz (B,N,3) of map ``map_index[m]`` at the atoms of model m.
 
-    maps (M,n0,n1,n2); map_index (B,) int; xyz (B,N,3); geom (21,) as for spread_density;
+    maps (M,n0,n1,n2); map_index (B,) int; xyz (B,N,3); geom (21,) and periodic as for
+    spread_density;
     order 1 (trilinear) or 3 (Catmull-Rom tricubic); out: optional (values, grad) to fill.
     """
     frac_m = geom[:9].reshape(3, 3)
@@ -29,10 +32,8 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     w, dw = _weights(g - base, order)                                   # (B,N,3,4)
     n = np.asarray(maps.shape[1:])
     idx = base.astype(np.int64)[..., None] + np.arange(-1, 3)          # (B,N,3,4)
-    if periodic:
-        idx = idx % n[:, None]
-    else:
-        idx = np.clip(idx, 0, (n - 1)[:, None])
+    wrap = periodic_axes(periodic)[:, None]
+    idx = np.where(wrap, idx % n[:, None], np.clip(idx, 0, (n - 1)[:, None]))
     m = np.asarray(map_index)[:, None, None, None, None]
     vals = maps[m, idx[..., 0, :, None, None], idx[..., 1, None, :, None],
                 idx[..., 2, None, None, :]].astype(np.float64)          # (B,N,4,4,4)

@@ -34,6 +34,12 @@ def _launch(kernel, n_threads, args):
         kernel(((n_threads + _BLOCK - 1) // _BLOCK,), (_BLOCK,), args)
 
 
+def _periodic_mask(periodic):
+    """The kernels' bit mask (bit a: axis a wraps) from one bool or one per axis."""
+    axes = np.broadcast_to(np.asarray(periodic, dtype=bool), (3,))
+    return np.int32(sum(1 << a for a in range(3) if axes[a]))
+
+
 def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
     n_models, n_atoms = xyz.shape[:2]
     has_aniso = u is not None and is_aniso is not None
@@ -60,7 +66,7 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
     n0, n1, n2 = out.shape[1:]
     kernel = "spread_density_kernel" if has_aniso else "spread_density_iso_kernel"
     _launch(get_kernel("density", kernel, dtype), nm * na * ns,
-            args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
+            args + (np.float64(blur), _periodic_mask(periodic), np.int32(has_aniso),
                     np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
                     np.int32(n2), out))
     return out
@@ -80,7 +86,7 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     n0, n1, n2 = dmap.shape[1:]
     kernel = "density_adjoint_kernel" if has_aniso else "density_adjoint_iso_kernel"
     _launch(get_kernel("density", kernel, dtype), nm * na * ns,
-            args + (np.float64(blur), np.int32(bool(periodic)), np.int32(has_aniso),
+            args + (np.float64(blur), _periodic_mask(periodic), np.int32(has_aniso),
                     np.int64(nm), np.int64(na), np.int32(ns), np.int32(n0), np.int32(n1),
                     np.int32(n2), _c(dmap, dtype)) + tuple(out))
     return out
@@ -96,7 +102,7 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
     _launch(get_kernel("interpolate", "interpolate_at_atoms_kernel", dtype), nm * na,
             (_c(maps, dtype), _c(map_index, cp.int32), _c(xyz, dtype), cp.asarray(geom_np),
-             np.int32(bool(periodic)), np.int32(order), np.int64(nm), np.int64(na),
+             _periodic_mask(periodic), np.int32(order), np.int64(nm), np.int64(na),
              np.int32(n0), np.int32(n1), np.int32(n2)) + tuple(out))
     return out
 

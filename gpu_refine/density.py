@@ -229,7 +229,7 @@ class ModelMapper:
 
         xyz, b, u, aniso, occ, stype, coefs, radius = inputs
         self.backend.ops.spread_density(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
-                                        self.spec.periodic, out)
+                                        self.spec.periodic_axes, out)
         return out
 
     def fourier_filter(self, blur):
@@ -275,7 +275,7 @@ class ModelMapper:
         geom = self.spec.geom
 
         self.backend.ops.density_adjoint(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
-                                         self.spec.periodic, dmap, out=out)
+                                         self.spec.periodic_axes, dmap, out=out)
         gx, gb, gu, go = out
         n = batch.model.n_atoms
         if self.copies:

@@ -3,7 +3,8 @@
 Arrays are indexed [i, j, k] along the cell axes a, b, c (gemmi's order).  Point (i, j, k) is at
 ``origin + orth · ((start + (i, j, k)) / sampling)``, where ``sampling`` is the number of grid
 points per cell edge (MRC MX, MY, MZ), ``start`` the index of the first stored point (MRC NSTART)
-and ``origin`` a Cartesian shift in Å (MRC ORIGIN).  A grid that covers the whole cell is periodic.
+and ``origin`` a Cartesian shift in Å (MRC ORIGIN).  A grid that covers the whole cell is periodic;
+a box cut from a map says along which axes it wraps around (``wrap``).
 """
 from dataclasses import dataclass
 
@@ -21,10 +22,19 @@ class GridSpec:
     origin: tuple = (0.0, 0.0, 0.0)
     spacegroup: str = "P 1"
     crystal: bool = None   # a crystal's cell; None: where the space group is not P 1
+    wrap: tuple = None     # per axis, whether index n is index 0 again; None: ``periodic``
 
     @property
     def periodic(self):
         return tuple(self.shape) == tuple(self.sampling)
+
+    @property
+    def periodic_axes(self):
+        """Per axis, whether density and interpolation wrap around the grid's faces: where
+        the grid holds a whole period of a crystal along that axis."""
+        if self.wrap is not None:
+            return tuple(bool(w) for w in self.wrap)
+        return (self.periodic,) * 3
 
     @property
     def is_crystal(self):

@@ -40,21 +40,24 @@ class PreparedMap:
 def box_indices(spec, xyz, cushion):
     """(lo, hi) grid indices of a box covering ``xyz`` plus ``cushion`` Å, FFT-friendly sizes.
 
-    A crystal's cell (``spec.is_crystal``) is periodic: a box may wrap around it, and where it
-    would need the whole cell along some axis it takes the whole cell (lo 0), so that it keeps
-    the space group and the model's symmetry mates.  Any other map (a cryo-EM map, a P 1 cell)
-    is a box whose far side is no continuation of its near side: the box is clipped to it and
-    grown to an FFT-friendly size inside it where it has room, else beyond its edges (points
-    that ``cut_box`` fills with zeros, outside the mask)."""
+    A crystal's cell (``spec.is_crystal``) is periodic: a box may wrap around it, and along an
+    axis where it would need the whole cell it takes one whole period (which ``cut_box`` makes
+    a periodic axis of the box); needing it along every axis, it is the whole cell (lo 0), so
+    that it keeps the space group and the model's symmetry mates.  Any other map (a cryo-EM
+    map, a P 1 cell) is a box whose far side is no continuation of its near side: the box is
+    clipped to it and grown to an FFT-friendly size inside it where it has room, else beyond
+    its edges (points that ``cut_box`` fills with zeros, outside the mask)."""
     g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
     pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
     lo = np.floor(g.min(axis=0) - pad).astype(int)
     hi = np.ceil(g.max(axis=0) + pad).astype(int) + 1
     shape = np.asarray(spec.shape)
     if spec.is_crystal:
-        if np.any(hi - lo >= shape):
+        whole = hi - lo >= shape
+        if whole.all():
             return np.zeros(3, dtype=int), shape.copy()
         size = np.array([sp_fft.next_fast_len(int(n), real=True) for n in hi - lo])
+        lo = np.where(whole, 0, lo)
         return lo, lo + np.minimum(size, shape)
     lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
     if np.any(hi <= lo):
@@ -71,11 +74,13 @@ def box_indices(spec, xyz, cushion):
 
 def cut_box(data, spec, lo, hi):
     """The sub-array [lo, hi) of the map, its GridSpec, and which of its points hold map
-    data: a crystal's cell wraps around, any other map is padded with zeros."""
+    data: a crystal's cell wraps around (the box is periodic along the axes where it holds a
+    whole period), any other map is padded with zeros and never periodic."""
     if spec.is_crystal:
         idx = [np.arange(lo[a], hi[a]) % spec.shape[a] for a in range(3)]
         sub = np.ascontiguousarray(data[np.ix_(*idx)], dtype=np.float32)
         covered = np.ones(sub.shape, dtype=bool)
+        wrap = tuple(bool(h - l == n) for l, h, n in zip(lo, hi, spec.shape))
     else:
         sub = np.zeros(tuple(int(h - l) for l, h in zip(lo, hi)), dtype=np.float32)
         src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, spec.shape))
@@ -83,69 +88,81 @@ def cut_box(data, spec, lo, hi):
         sub[dst] = data[src]
         covered = np.zeros(sub.shape, dtype=bool)
         covered[dst] = True
+        wrap = (False, False, False)
     start = tuple(int(s + l) for s, l in zip(spec.start, lo))
     # A whole crystal cell keeps its symmetry; any smaller box is a P 1 box.
-    whole = sub.shape == tuple(spec.shape) and spec.is_crystal
+    whole = all(wrap) and sub.shape == tuple(spec.shape)
     box = GridSpec(cell=spec.cell, sampling=spec.sampling, shape=sub.shape, start=start,
                    origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1",
-                   crystal=whole)
+                   crystal=whole, wrap=wrap)
     return sub, box, covered
 
 
 def periodic_images(spec, xyz, reach):
-    """Positions of ``xyz``, its symmetry mates and their lattice translates that lie within
-    ``reach`` Å of a crystal grid's cell (the cell whose first point is at origin_xyz)."""
+    """Positions of ``xyz``, its symmetry mates (on a crystal's whole cell) and their
+    translates along the grid's periodic axes that lie within ``reach`` Å of the grid (the
+    period whose first point is at origin_xyz along those axes)."""
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    wrap = np.asarray(spec.periodic_axes)
     copies = np.concatenate([xyz @ r.T + t for r, t in spec.cartesian_operations()])
     edges = spec.xyz_from_index * np.asarray(spec.shape, dtype=np.float64)[None, :]
     to_frac = np.linalg.inv(edges)
     f = (copies - spec.origin_xyz) @ to_frac.T
-    f -= np.floor(f)
+    f = np.where(wrap, f - np.floor(f), f)
     # A point within reach of an image differs from it by at most reach / height per axis.
     margin = reach * np.sqrt((to_frac ** 2).sum(axis=1))
-    steps = [np.arange(-int(np.ceil(m)), int(np.ceil(m)) + 1) for m in margin]
+    steps = [np.arange(-int(np.ceil(m)), int(np.ceil(m)) + 1) if w else np.zeros(1, dtype=int)
+             for m, w in zip(margin, wrap)]
     shifts = np.stack(np.meshgrid(*steps, indexing="ij"), axis=-1).reshape(-1, 3)
     f = (f[:, None, :] + shifts[None]).reshape(-1, 3)
-    f = f[np.all((f >= -margin) & (f <= 1 + margin), axis=1)]
+    f = f[np.all(((f >= -margin) & (f <= 1 + margin)) | ~wrap, axis=1)]
     return spec.origin_xyz + f @ edges.T
 
 
-def mate_copies(cell, xyz, reach):
+def mate_copies(cell, xyz, reach, wrap=(False, False, False)):
     """The symmetry mates of a crystal (``cell``, its whole-cell GridSpec) with atoms within
     ``reach`` Å of the model's: one density.Copy per operation and lattice translation, with
-    those atoms (the model itself excluded)."""
+    those atoms (the model itself excluded).  Along the axes ``wrap`` of a box that holds a
+    whole period the box adds every lattice translate itself: translates are one copy there
+    (the union of their atoms), and the model's own are none."""
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    wrap = np.asarray(wrap, dtype=bool)
     tree = cKDTree(xyz)
     frac = np.linalg.inv(cell.orth)
     f_model = xyz @ frac.T
     margin = reach * np.sqrt((frac ** 2).sum(axis=1))
-    copies = []
-    for rot, shift in cell.cartesian_operations():
+    found = {}
+    for op, (rot, shift) in enumerate(cell.cartesian_operations()):
         mates = xyz @ rot.T + shift
         f = mates @ frac.T
         first = np.floor(f_model.min(axis=0) - margin - f.max(axis=0)).astype(int)
         last = np.ceil(f_model.max(axis=0) + margin - f.min(axis=0)).astype(int)
         for cells in np.ndindex(*(last - first + 1)):
             lattice = first + np.asarray(cells)
-            t = shift + cell.orth @ lattice
+            kept = np.where(wrap, 0, lattice)          # the translate that stands for them all
+            t = shift + cell.orth @ kept
             if is_identity(rot, t):
                 continue                                        # the model itself
-            d, _ = tree.query(xyz @ rot.T + t, distance_upper_bound=reach)
+            d, _ = tree.query(mates + cell.orth @ lattice, distance_upper_bound=reach)
             near = np.nonzero(np.isfinite(d))[0]
             if len(near):
-                copies.append(Copy(rot, t, near))
-    return copies
+                key = (op,) + tuple(kept)
+                if key in found:
+                    near = np.union1d(found[key].atoms, near)
+                found[key] = Copy(rot, t, near)
+    return list(found.values())
 
 
 def soft_mask(spec, xyz, radius, edge):
     """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å.  On a
     crystal's whole cell distances are to the nearest copy of an atom: its symmetry mates and
-    their lattice translates."""
+    their lattice translates; on a box periodic along some axes, to its translates along
+    those."""
     n = spec.shape
     idx = np.indices(n, dtype=np.float64).reshape(3, -1).T
     pts = spec.origin_xyz + idx @ spec.xyz_from_index.T
     centres = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-    if spec.is_crystal:
+    if any(spec.periodic_axes):
         centres = periodic_images(spec, centres, radius + edge)
     tree = cKDTree(centres)
     d, _ = tree.query(pts, distance_upper_bound=radius + edge)
@@ -174,7 +191,8 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     elif spec.is_crystal:
         # The mates whose density reaches the mask: atoms within the mask's reach plus a
         # density radius (and a little room to move) of the model's.
-        copies = mate_copies(spec, xyz, mask_radius + mask_edge + MATE_DENSITY_REACH)
+        copies = mate_copies(spec, xyz, mask_radius + mask_edge + MATE_DENSITY_REACH,
+                             box.periodic_axes)
     else:
         copies = []
     mask = soft_mask(box, xyz, mask_radius, mask_edge) * covered
@@ -189,11 +207,14 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     if box.is_crystal:
         where = (f"the whole cell ({box.spacegroup}, symmetry mates included)" if copies
                  else f"the whole cell ({box.spacegroup}, periodic)")
-    elif copies:
-        where = (f"around the model, with {sum(len(c.atoms) for c in copies)} atoms of "
-                 f"{len(copies)} symmetry mates near it")
     else:
         where = "around the model"
+        if any(box.periodic_axes):
+            where += ", periodic along " + "".join(
+                "abc"[a] for a in range(3) if box.periodic_axes[a])
+        if copies:
+            where += (f", with {sum(len(c.atoms) for c in copies)} atoms of {len(copies)} "
+                      "symmetry mates near it")
     log.info("map box %s points (%.1f x %.1f x %.1f Å) %s; mask %.1f Å + %.1f Å edge covers "
              "%d points", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
              mask_radius, mask_edge, int((mask > 0).sum()))

@@ -13,7 +13,7 @@
 // so that a small batch still fills the device.
 //
 // Geometry block `geom` (double[21]): index_from_xyz (3x3 row-major), xyz_from_index (3x3),
-// origin (3).
+// origin (3).  `periodic` is a bit mask: bit a set where grid axis a wraps around.
 //
 // Each kernel comes twice with the same parameters: the general one (anisotropic atoms where
 // is_aniso says so) and "_iso", for launches with no anisotropic atom (has_aniso = 0), whose
@@ -45,6 +45,7 @@ __device__ inline void atom_frame(const double* geom, const real_t* x, double ra
   }
 }
 
+// Index i along an axis of n points; `periodic` is this axis' flag, not the mask.
 __device__ inline bool wrap_index(int i, int n, int periodic, int& out) {
   if (periodic) {
     out = ((i % n) + n) % n;
@@ -122,7 +123,7 @@ __device__ inline bool work_item(long long tid, const real_t* xyz, const real_t*
   w.r = (double)radius[w.ma];
   atom_frame(geom, xyz + 3 * w.ma, w.r, w.f);
   w.i = w.f.lo[0] + slab;
-  if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic, w.iw)) return false;
+  if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic & 1, w.iw)) return false;
   bool aniso = ALLOW_ANISO && has_aniso && is_aniso[atom];
   atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[w.ma],
              has_aniso ? uaniso + 6 * w.ma : nullptr, aniso, blur, w.sh);
@@ -155,11 +156,11 @@ __device__ inline void spread_density(
   real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
     int jw;
-    if (!wrap_index(j, n1, periodic, jw)) continue;
+    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
     double fj = j - f.g[1];
     for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
       int kw;
-      if (!wrap_index(k, n2, periodic, kw)) continue;
+      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
       double fk = k - f.g[2];
       double dx = M[0] * fi + M[1] * fj + M[2] * fk;
       double dy = M[3] * fi + M[4] * fj + M[5] * fk;
@@ -208,11 +209,11 @@ __device__ inline void density_adjoint(
   double su[6] = {0, 0, 0, 0, 0, 0};
   for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
     int jw;
-    if (!wrap_index(j, n1, periodic, jw)) continue;
+    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
     double fj = j - f.g[1];
     for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
       int kw;
-      if (!wrap_index(k, n2, periodic, kw)) continue;
+      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
       double fk = k - f.g[2];
       double dx = M[0] * fi + M[1] * fj + M[2] * fk;
       double dy = M[3] * fi + M[4] * fj + M[5] * fk;

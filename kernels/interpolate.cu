@@ -6,8 +6,9 @@
 //
 // order 1: trilinear; order 3: Catmull-Rom tricubic (the cubic convolution gemmi's
 // Grid.tricubic_interpolation uses).  Model m reads map map_index[m], so one map can serve many
-// models (ensembles) or each model can have its own.  Periodic grids wrap; boxed grids clamp
-// indices to the box edge (atoms outside a box are rejected on the host).
+// models (ensembles) or each model can have its own.  `periodic` is a bit mask: bit a set where
+// grid axis a wraps around; along any other axis indices clamp to the box edge (atoms outside a
+// box are rejected on the host).
 
 #ifndef REAL
 #define REAL float
@@ -64,7 +65,7 @@ extern "C" __global__ void interpolate_at_atoms_kernel(
   int n[3] = {n0, n1, n2};
   int idx[3][4];
   for (int a = 0; a < 3; ++a)
-    for (int t = 0; t < 4; ++t) idx[a][t] = grid_index(base[a] + t - 1, n[a], periodic);
+    for (int t = 0; t < 4; ++t) idx[a][t] = grid_index(base[a] + t - 1, n[a], (periodic >> a) & 1);
   int t0 = order == 3 ? 0 : 1, t1 = order == 3 ? 4 : 3;
   double v = 0, gi = 0, gj = 0, gk = 0;
   for (int a = t0; a < t1; ++a) {

@@ -36,6 +36,13 @@ def triclinic_spec(periodic=True):
                     start=(0, 0, 0) if periodic else (5, 6, 7), origin=(1.0, -2.0, 0.5))
 
 
+def triclinic_slab_spec():
+    """A box of a triclinic cell that holds whole periods along a and c only: it wraps there."""
+    return GridSpec(cell=(14.0, 16.0, 15.0, 80.0, 95.0, 105.0), sampling=(20, 48, 22),
+                    shape=(20, 24, 22), start=(0, 6, 0), origin=(1.0, -2.0, 0.5),
+                    wrap=(True, False, True))
+
+
 def monoclinic_spec(periodic=True):
     """Index axis 1 (b) perpendicular to the others."""
     shape = (20, 24, 22)

@@ -1,16 +1,18 @@
 """The kernel set: GPU vs NumPy parity (fresh random inputs, poisoned outputs) and
 finite-difference checks of every gradient, on both backends."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 import cpu_fallback
 from gpu_refine.density import cutoff_radius
 from helpers import (hexagonal_box_spec, monoclinic_spec, ortho_box_spec, random_atoms,
-                     triclinic_spec)
+                     triclinic_slab_spec, triclinic_spec)
 
 BLUR = 5.0
 SPECS = {"triclinic-periodic": triclinic_spec(True), "triclinic-box": triclinic_spec(False),
-         "ortho-box": ortho_box_spec()}
+         "triclinic-slab": triclinic_slab_spec(), "ortho-box": ortho_box_spec()}
 
 
 def _radius(b, u, flag, stype, coefs):
@@ -36,12 +38,12 @@ def _to(bk, arrays):
 def test_spread_and_adjoint_parity(gpu, rng, name, dtype, rtol, aniso):
     spec = SPECS[name]
     xyz, b, u, flag, occ, stype, coefs, radius = _inputs(rng, spec, aniso=aniso, dtype=dtype)
-    args = (xyz, b, u, flag, occ, stype, coefs, radius, spec.geom, BLUR, spec.periodic)
+    args = (xyz, b, u, flag, occ, stype, coefs, radius, spec.geom, BLUR, spec.periodic_axes)
     shape = (xyz.shape[0],) + spec.shape
     ref = cpu_fallback.spread_density(*args, np.full(shape, np.nan, dtype))
     out = gpu.xp.full(shape, np.nan, dtype)
     gpu_args = (gpu.asarray(xyz), gpu.asarray(b), gpu.asarray(u), flag, gpu.asarray(occ), stype,
-                coefs, gpu.asarray(radius), spec.geom, BLUR, spec.periodic)
+                coefs, gpu.asarray(radius), spec.geom, BLUR, spec.periodic_axes)
     got = gpu.to_numpy(gpu.ops.spread_density(*gpu_args, out))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
@@ -57,7 +59,9 @@ def test_spread_and_adjoint_parity(gpu, rng, name, dtype, rtol, aniso):
 
 
 @pytest.mark.parametrize("name,periodic", [("ortho", False), ("ortho", True),
-                                            ("monoclinic", True), ("hexagonal-box", False)])
+                                            ("ortho", (True, False, True)), ("monoclinic", True),
+                                            ("monoclinic", (False, True, True)),
+                                            ("hexagonal-box", False)])
 def test_factorised_numpy_path_equals_the_general_one(rng, monkeypatch, name, periodic):
     """Where one grid axis is perpendicular to the others NumPy factorises each Gaussian into a
     line and a plane factor; it must give what the pair-list path (the one for a triclinic
@@ -84,6 +88,40 @@ def test_factorised_numpy_path_equals_the_general_one(rng, monkeypatch, name, pe
         np.testing.assert_allclose(f, g, rtol=1e-10, atol=1e-12 * (np.abs(g).max() + 1e-30))
 
 
+def test_a_grid_periodic_along_some_axes_is_a_slab_of_the_whole_cell(backend, rng):
+    """A box that holds whole periods along a and c wraps there: its density and adjoint are
+    those of the whole (periodic) cell at the same points.  Atoms lie anywhere along a and c
+    (across the faces) and in the middle of the cell along b, so the cell's wrap along b
+    does not reach the slab."""
+    cell = triclinic_spec(True)
+    slab = dataclasses.replace(cell, shape=(20, 12, 22), start=(0, 6, 0), wrap=(True, False, True))
+    xyz, b, u, flag, occ, stype, coefs = random_atoms(rng, 2, 30, cell)
+    frac = rng.random((2, 30, 3)) * [1.4, 0.2, 1.4] + [-0.2, 0.4, -0.2]
+    xyz = cell.origin_xyz + frac @ (cell.xyz_from_index * np.asarray(cell.shape)).T
+    radius = _radius(b, None, None, stype, coefs)
+    bk = backend
+    dmap_cell = rng.normal(size=(2,) + cell.shape)
+    part = (slice(None), slice(None), slice(6, 18), slice(None))
+    results = []
+    for spec, dmap in ((cell, dmap_cell), (slab, dmap_cell[part])):
+        args = (bk.asarray(xyz), bk.asarray(b), None, None, bk.asarray(occ), stype, coefs,
+                bk.asarray(radius), spec.geom, BLUR, spec.periodic_axes)
+        rho = bk.ops.spread_density(*args, bk.xp.full((2,) + spec.shape, np.nan))
+        grads = bk.ops.density_adjoint(*args, bk.asarray(np.ascontiguousarray(dmap)))
+        results.append([bk.to_numpy(rho)] + [bk.to_numpy(g) for g in grads])
+    assert slab.periodic_axes == (True, False, True) and not slab.periodic
+    whole, cut = results
+    np.testing.assert_allclose(cut[0], whole[0][part], rtol=1e-9, atol=1e-12 * whole[0].max())
+    assert whole[0][part].max() > 0.1 * whole[0].max()
+    # The adjoint sees only the slab's points: compare against the cell's with w = 0 elsewhere.
+    dmap_zero = np.zeros_like(dmap_cell)
+    dmap_zero[part] = dmap_cell[part]
+    args = (xyz, b, None, None, occ, stype, coefs, radius, cell.geom, BLUR, True)
+    ref = cpu_fallback.density_adjoint(*args, dmap_zero)
+    for r, g in zip(ref, cut[1:]):
+        np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-10 * (np.abs(r).max() + 1e-30))
+
+
 def test_triclinic_grids_are_not_factorised():
     assert cpu_fallback.density._factorisation(triclinic_spec().geom) is None
 
@@ -96,10 +134,10 @@ def test_interpolation_parity(gpu, rng, name, order, dtype, rtol):
     maps = rng.normal(size=(2,) + spec.shape).astype(dtype)
     xyz = random_atoms(rng, 5, 30, spec, dtype=dtype)[0]
     map_index = rng.integers(0, 2, 5).astype(np.int32)
-    ref = cpu_fallback.interpolate_at_atoms(maps, map_index, xyz, spec.geom, spec.periodic, order)
+    ref = cpu_fallback.interpolate_at_atoms(maps, map_index, xyz, spec.geom, spec.periodic_axes, order)
     poisoned = (gpu.xp.full((5, 30), np.nan, dtype), gpu.xp.full((5, 30, 3), np.nan, dtype))
     got = gpu.ops.interpolate_at_atoms(gpu.asarray(maps), map_index, gpu.asarray(xyz), spec.geom,
-                                       spec.periodic, order, out=poisoned)
+                                       spec.periodic_axes, order, out=poisoned)
     for r, g in zip(ref, got):
         g = gpu.to_numpy(g)
         assert np.isfinite(g).all()
@@ -113,7 +151,7 @@ def _fd(f, x, idx, h):
     return (f(xp_) - f(xm)) / (2 * h)
 
 
-@pytest.mark.parametrize("name", ["triclinic-periodic", "ortho-box"])
+@pytest.mark.parametrize("name", ["triclinic-periodic", "triclinic-slab", "ortho-box"])
 def test_density_adjoint_matches_finite_differences(backend, rng, name):
     """T = sum(w * rho): analytic gradients vs central differences (radius held fixed)."""
     spec = SPECS[name]
@@ -127,12 +165,12 @@ def test_density_adjoint_matches_finite_differences(backend, rng, name):
         out = bk.xp.zeros((2,) + spec.shape)
         bk.ops.spread_density(bk.asarray(xyz_), bk.asarray(b_), bk.asarray(u_), flag,
                               bk.asarray(occ_), stype, coefs, bk.asarray(radius), spec.geom,
-                              BLUR, spec.periodic, out)
+                              BLUR, spec.periodic_axes, out)
         return float((bk.to_numpy(out) * w).sum())
 
     g = bk.ops.density_adjoint(bk.asarray(xyz), bk.asarray(b), bk.asarray(u), flag,
                                bk.asarray(occ), stype, coefs, bk.asarray(radius), spec.geom, BLUR,
-                               spec.periodic, bk.asarray(w))
+                               spec.periodic_axes, bk.asarray(w))
     gx, gb, gu, go = (bk.to_numpy(a) for a in g)
     iso = int(np.nonzero(~flag)[0][0])
     ani = int(np.nonzero(flag)[0][0])

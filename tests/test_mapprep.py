@@ -86,6 +86,42 @@ def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
     assert np.abs(without - in_box)[masked].max() > 0.05 * crystal.max()
 
 
+def test_crystal_box_whole_along_one_axis_wraps_there_only(helix, backend):
+    """A cell shorter than the model plus cushion along c only: the box holds one period along
+    c (and is periodic there) and a P 1 box along a and b; with the mates near the model its
+    model map equals the crystal's wherever the mask is, on either backend, and the mask
+    reaches across the c faces to the model's translates."""
+    cell = (40.0, 38.0, 16.0, 90.0, 100.0, 90.0)
+    map_data = crystal_map(helix, cell, "P 1 2 1")
+    prepared = prepare_map(map_data, helix.xyz)
+    box = prepared.spec
+    assert box.periodic_axes == (False, False, True) and box.spacegroup == "P 1"
+    assert box.shape[2] == map_data.spec.shape[2]
+    assert all(n < m for n, m in zip(box.shape[:2], map_data.spec.shape[:2]))
+    # One copy per operation and a/b translation: c translates are the box's own wrap.
+    keys = [(tuple(np.round(c.rot, 6).ravel()), tuple(np.round(c.shift[:2], 6)))
+            for c in prepared.copies]
+    assert prepared.copies and len(set(keys)) == len(keys)
+    batch = gr.Batch.from_model(helix, 1, backend=backend, dtype=np.float64)
+    settings = DensitySettings(blur=10.0)
+    in_box = backend.to_numpy(ModelMapper(box, 3.0, settings, backend=backend,
+                                          copies=prepared.copies).exact(batch))[0]
+    crystal = ModelMapper(map_data.spec, 3.0, settings, backend="numpy").exact(
+        gr.Batch.from_model(helix, 1, backend="numpy", dtype=np.float64))[0]
+    idx = [np.arange(s, s + n) % m for s, n, m in zip(box.start, box.shape,
+                                                       map_data.spec.shape)]
+    crystal = crystal[np.ix_(*idx)]
+    masked = prepared.mask > 0
+    np.testing.assert_allclose(in_box[masked], crystal[masked], atol=1e-5 * crystal.max())
+    lattice = np.arange(-2, 3)[:, None] * (box.xyz_from_index[:, 2] * box.shape[2])[None]
+    centres = (helix.xyz[:, None, :] + lattice[None]).reshape(-1, 3)
+    pts = box.origin_xyz + np.indices(box.shape).reshape(3, -1).T @ box.xyz_from_index.T
+    d, _ = cKDTree(centres).query(pts)
+    t = np.clip((d - 3.0) / 2.0, 0.0, 1.0)
+    expected = (0.5 * (1 + np.cos(np.pi * t))).reshape(box.shape)
+    np.testing.assert_allclose(prepared.mask, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("cut", [(0, 0, 0), (1, 2, 1)])
 def test_map_smaller_than_the_box_is_padded_not_wrapped(helix, cut):
     """A cryo-EM map (a P 1 box) tighter than model plus cushion: the box holds the whole map,
@@ -97,6 +133,7 @@ def test_map_smaller_than_the_box_is_padded_not_wrapped(helix, cut):
     spec = dataclasses.replace(spec, shape=data.shape, start=cut)
     prepared = prepare_map(gr.MapData(data, spec), helix.xyz, cushion=5.0)
     box = prepared.spec
+    assert box.periodic_axes == (False, False, False)
     assert all(sp_fft.next_fast_len(n, real=True) == n for n in box.shape)
     lo = np.subtract(spec.start, box.start)
     assert np.all(lo >= 0) and np.all(lo + data.shape <= box.shape)

@@ -32,7 +32,7 @@ class MapValueTarget:
         index = xp.zeros(batch.size, dtype=xp.int32)
         maps = self.maps.astype(batch.dtype, copy=False)
         return bk.ops.interpolate_at_atoms(maps, index, batch.xyz, self.spec.geom,
-                                           self.spec.periodic, self.order)
+                                           self.spec.periodic_axes, self.order)
 
     def _weights(self, batch):
         return self.strength.astype(batch.dtype)[None] * batch.occ
