@@ -4,7 +4,8 @@ and the adjoint that turns a gradient map into per-atom gradients.
 Written once for any array module; the per-atom work is done by the backend's kernel set
 (``spread_density`` / ``density_adjoint``).  Settings follow gemmi's DensityCalculator: a
 per-atom cutoff radius where the atom's density falls to ``cutoff``, an optional blur that is
-removed again in Fourier space, symmetry mates added for crystal cells.
+removed again in Fourier space, symmetry mates added for crystal cells (the map summed over
+the space group on the grid, as gemmi's symmetrize_sum, where the sampling allows).
 """
 import logging
 from dataclasses import dataclass
@@ -141,9 +142,18 @@ class ModelMapper:
         self.backend = get_backend(backend)
         if resolution is not None and not (0.3 <= resolution <= 100):
             raise ParameterError(f"resolution={resolution} Å is outside 0.3-100 Å")
-        # Copies of atoms that the map holds too: symmetry mates by default on a crystal's
-        # cell; those near a box cut from one when given (mapprep.mate_copies).
-        self.copies = crystal_copies(spec) if copies is None else list(copies)
+        # What the map holds besides the model.  By default, on a crystal's cell, the symmetry
+        # mates: a sum of the model's map over the space group on the grid (one gather per
+        # operation instead of every atom again), or copies of the atoms where the sampling
+        # does not suit the group.  Given: copies of atoms (mates near a box cut from a cell,
+        # mapprep.mate_copies).
+        self._symmetry = None
+        if copies is None:
+            sources = spec.symmetry_sources()
+            if sources is not None:
+                self._symmetry = [self.backend.asarray(src) for src in sources]
+            copies = crystal_copies(spec) if sources is None else []
+        self.copies = list(copies)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
         self._radius = None  # (model, (cutoff, table), total B, radii) of the last call
@@ -230,7 +240,20 @@ class ModelMapper:
         xyz, b, u, aniso, occ, stype, coefs, radius = inputs
         self.backend.ops.spread_density(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
                                         self.spec.periodic_axes, out)
-        return out
+        return self.symmetrize(out)
+
+    def symmetrize(self, maps):
+        """Sum of maps (B, n0, n1, n2) over the crystal's space group where the mapper does
+        the mates on the grid; the maps themselves otherwise.  The sum over a group is its
+        own adjoint (the inverse of every operation is in the group), so gradients go
+        through the same call."""
+        if not self._symmetry:
+            return maps
+        flat = maps.reshape(maps.shape[0], -1)
+        total = flat.copy()
+        for src in self._symmetry:
+            total += flat[:, src]
+        return total.reshape(maps.shape)
 
     def fourier_filter(self, blur):
         """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else 0.
@@ -268,7 +291,7 @@ class ModelMapper:
         blur = self.blur_for(batch) if blur is None else blur
         xp = self.backend.xp
         xyz, b, u, aniso, occ, stype, coefs, radius = self._inputs(batch, blur)
-        dmap = self.backend.asarray(dmap, dtype=batch.dtype)
+        dmap = self.symmetrize(self.backend.asarray(dmap, dtype=batch.dtype))
         n_all = xyz.shape[1]
         out = (xp.empty((batch.size, n_all, 3), batch.dtype), xp.empty((batch.size, n_all), batch.dtype),
                xp.empty((batch.size, n_all, 6), batch.dtype), xp.empty((batch.size, n_all), batch.dtype))

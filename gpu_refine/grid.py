@@ -56,6 +56,43 @@ class GridSpec:
         return [(orth @ rot @ frac, orth @ tran)
                 for rot, tran in space_group_operations(self.spacegroup)]
 
+    def grid_operations(self):
+        """Each space-group operation but the identity as integer (M, s) acting on cell grid
+        indices, c' = M c + s (mod sampling), for a crystal grid whose sampling suits its
+        space group; None where an operation takes grid points off the grid, or for any other
+        grid."""
+        if not self.is_crystal:
+            return None
+        n = np.asarray(self.sampling, dtype=np.float64)
+        ops = []
+        for rot, tran in space_group_operations(self.spacegroup):
+            if is_identity(rot, tran):
+                continue
+            # c' = N (R c/N + t): integral for every c only if R_ab N_a/N_b and N_a t_a are.
+            m = rot * n[:, None] / n[None, :]
+            shift = tran * n
+            if not (np.allclose(m, np.round(m)) and np.allclose(shift, np.round(shift))):
+                return None
+            ops.append((np.round(m).astype(np.int64), np.round(shift).astype(np.int64)))
+        return ops
+
+    def symmetry_sources(self):
+        """For each operation g of ``grid_operations``, the flat index of g(p) for every
+        stored point p of a crystal's whole cell, so that the sum of a map over the space
+        group is a gather per operation; None where ``grid_operations`` is None."""
+        ops = self.grid_operations()
+        if ops is None:
+            return None
+        n = np.asarray(self.shape, dtype=np.int64)
+        start = np.asarray(self.start, dtype=np.int64)[:, None]
+        cell_index = np.indices(self.shape).reshape(3, -1) + start
+        dtype = np.int32 if n.prod() < 2**31 else np.int64
+        sources = []
+        for m, shift in ops:
+            c = (m @ cell_index + shift[:, None] - start) % n[:, None]
+            sources.append(((c[0] * n[1] + c[1]) * n[2] + c[2]).astype(dtype))
+        return sources
+
     @property
     def unit_cell(self):
         return gemmi.UnitCell(*self.cell)

@@ -5,8 +5,9 @@ NSTART/ORIGIN placement is unchanged), normalised to zero mean and unit sd insid
 carries a soft mask around the starting model: density of neighbouring, unmodelled molecules
 (the shared EMD-2566 box has some) must not pull atoms, but atoms must still see density a few
 Å away from where they start.  On a crystal's map the model maps hold the symmetry mates as
-the map does: a cell no larger than the box along some axis is taken whole, with its space
-group; a box cut from a larger cell carries the mates' atoms whose density reaches the mask.
+the map does: a cell no larger than the box along every axis (or mostly covered by it) is
+taken whole, with its space group; a box cut from a larger cell carries the mates' atoms whose
+density reaches the mask, and wraps around along the axes where it holds a whole period.
 """
 import logging
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy.spatial import cKDTree
 
-from .density import Copy, crystal_copies
+from .density import Copy
 from .errors import InputError, ParameterError
 from .grid import GridSpec, is_identity
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 # at the model-map cutoff (about 3 Å for B near 30) and some movement.
 MATE_DENSITY_REACH = 4.0
 
+# A box cut from a crystal's cell that would hold this fraction of the cell's points or more
+# is the whole cell, where its sampling lets the mates be summed on the grid: about as fast,
+# and its model maps are the cell's own (no box edges in the Fourier image).
+WHOLE_CELL_FRACTION = 0.75
+
 
 @dataclass
 class PreparedMap:
@@ -34,7 +40,8 @@ class PreparedMap:
     spec: GridSpec       # the box (same grid as the input map)
     mean: float          # of the input map inside the mask
     sd: float
-    copies: list = field(default_factory=list)   # density.Copy: symmetry mates in the box
+    # density.Copy: symmetry mates in the box; None: the whole cell's space group holds them
+    copies: list = field(default_factory=list)
 
 
 def box_indices(spec, xyz, cushion):
@@ -54,11 +61,15 @@ def box_indices(spec, xyz, cushion):
     shape = np.asarray(spec.shape)
     if spec.is_crystal:
         whole = hi - lo >= shape
-        if whole.all():
-            return np.zeros(3, dtype=int), shape.copy()
         size = np.array([sp_fft.next_fast_len(int(n), real=True) for n in hi - lo])
+        size = np.where(whole, shape, np.minimum(size, shape))
+        # The whole cell where the box would need it along every axis, or where the box would
+        # be most of it and the mates can be summed on the grid (no atom placed twice).
+        if whole.all() or (size.prod() >= WHOLE_CELL_FRACTION * shape.prod()
+                           and spec.grid_operations() is not None):
+            return np.zeros(3, dtype=int), shape.copy()
         lo = np.where(whole, 0, lo)
-        return lo, lo + np.minimum(size, shape)
+        return lo, lo + size
     lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
     if np.any(hi <= lo):
         raise InputError("the model does not overlap the map box")
@@ -187,7 +198,7 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     lo, hi = box_indices(spec, xyz, cushion + mask_radius + mask_edge)
     data, box, covered = cut_box(map_data.data, spec, lo, hi)
     if box.is_crystal:
-        copies = crystal_copies(box)
+        copies = None
     elif spec.is_crystal:
         # The mates whose density reaches the mask: atoms within the mask's reach plus a
         # density radius (and a little room to move) of the model's.
@@ -205,7 +216,8 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
         raise InputError("the map is flat where the model is")
     norm = ((data - mean) / sd).astype(np.float32)
     if box.is_crystal:
-        where = (f"the whole cell ({box.spacegroup}, symmetry mates included)" if copies
+        where = (f"the whole cell ({box.spacegroup}, symmetry mates included)"
+                 if len(box.cartesian_operations()) > 1
                  else f"the whole cell ({box.spacegroup}, periodic)")
     else:
         where = "around the model"

@@ -85,3 +85,40 @@ def test_radii_follow_b_changed_in_place(backend):
     fresh = ModelMapper(spec, 2.5, DensitySettings(blur=20.0), backend=backend)
     assert np.array_equal(after, backend.to_numpy(fresh.exact(batch, 20.0)))
     assert np.array_equal(after[0], before[0]) and not np.allclose(after[1], before[1])
+
+
+@pytest.mark.parametrize("cell,spacegroup,sampling", [
+    ((30.0, 30.0, 36.0, 90, 90, 90), "P 43", (30, 30, 36)),
+    ((44.0, 22.0, 26.0, 90, 104, 90), "C 1 2 1", (44, 22, 26)),
+    ((34.0, 34.0, 42.0, 90, 90, 120), "P 65 2 2", (36, 36, 42))])
+def test_mates_summed_on_the_grid_equal_copies_of_the_atoms(backend, rng, cell, spacegroup,
+                                                            sampling):
+    """On a crystal's cell whose sampling suits its space group the mates are a sum over the
+    group on the grid; map and gradients equal those of the mates' atoms placed again."""
+    from gpu_refine.density import crystal_copies
+    spec = gr.GridSpec(cell=cell, sampling=sampling, shape=sampling, start=(3, -2, 5),
+                       spacegroup=spacegroup)
+    assert spec.symmetry_sources() is not None
+    model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAKAEA"))
+    batch = gr.Batch.from_model(model, 2, backend=backend, dtype=np.float64)
+    batch.xyz += backend.asarray(rng.normal(scale=0.3, size=batch.xyz.shape))
+    batch.b += backend.asarray(rng.uniform(-10, 20, size=batch.b.shape))
+    settings = DensitySettings(blur=10.0, dtype="float64")
+    on_grid = ModelMapper(spec, 3.0, settings, backend=backend)
+    as_atoms = ModelMapper(spec, 3.0, settings, backend=backend, copies=crystal_copies(spec))
+    assert as_atoms.copies and not on_grid.copies
+    a, b = (backend.to_numpy(m.image(batch)) for m in (on_grid, as_atoms))
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
+    w = backend.asarray(rng.normal(size=a.shape))
+    grads = zip(on_grid.image_adjoint(batch, w), as_atoms.image_adjoint(batch, w))
+    for ga, gb in ((ga, gb) for ga, gb in grads if gb is not None):
+        ga, gb = backend.to_numpy(ga), backend.to_numpy(gb)
+        np.testing.assert_allclose(ga, gb, rtol=1e-8, atol=1e-8 * np.abs(gb).max())
+
+
+def test_a_sampling_that_does_not_suit_the_space_group_places_the_atoms_again():
+    spec = gr.GridSpec(cell=(20.0, 21.0, 24.0, 90, 101, 90), sampling=(20, 21, 24),
+                       shape=(20, 21, 24), spacegroup="P 1 21 1")
+    assert spec.symmetry_sources() is None        # 21 points along the 2_1 axis
+    mapper = ModelMapper(spec, 3.0, backend="numpy")
+    assert len(mapper.copies) == 1

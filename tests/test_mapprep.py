@@ -9,6 +9,7 @@ from scipy.spatial import cKDTree
 import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
+from gpu_refine import mapprep
 from gpu_refine.mapprep import prepare_map
 from helpers import crystal_map, write_mtz
 
@@ -56,7 +57,7 @@ def test_p1_crystal_from_its_mtz_is_periodic(helix, tmp_path):
     assert map_data.spec.is_crystal and map_data.spec.spacegroup == "P 1"
     prepared = prepare_map(map_data, helix.xyz)
     assert prepared.spec.is_crystal and prepared.spec.shape == map_data.spec.shape
-    assert prepared.copies == []
+    assert prepared.copies is None      # the cell's space group (P 1: none)
     np.testing.assert_allclose(prepared.mask,
                                _reference_mask(prepared.spec, helix.xyz, 3.0, 2.0), atol=1e-6)
 
@@ -65,7 +66,7 @@ def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
     """A cell larger than the model plus cushion along every axis: a P 1 box inside it, whose
     model map holds the atoms of mates near the model, so that it equals the crystal's
     density wherever the mask is."""
-    cell = (40.0, 38.0, 40.0, 90.0, 100.0, 90.0)      # a 2-fold axis by the model
+    cell = (50.0, 48.0, 50.0, 90.0, 100.0, 90.0)      # a 2-fold axis by the model
     map_data = crystal_map(helix, cell, "P 1 2 1")
     prepared = prepare_map(map_data, helix.xyz)
     box = prepared.spec
@@ -86,12 +87,27 @@ def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
     assert np.abs(without - in_box)[masked].max() > 0.05 * crystal.max()
 
 
+@pytest.mark.parametrize("sampling,whole", [((38, 34, 38), True), ((38, 35, 38), False)])
+def test_box_that_would_be_most_of_the_cell_is_the_whole_cell(helix, sampling, whole):
+    """A box that would hold most of a cell's points is the whole cell where the sampling
+    suits the space group (mates summed on the grid), else a box with the mates' atoms."""
+    cell = (38.0, 34.0, 38.0, 90.0, 100.0, 90.0)
+    map_data = crystal_map(helix, cell, "P 1 21 1")
+    spec = dataclasses.replace(map_data.spec, sampling=sampling, shape=sampling)
+    data = np.zeros(sampling, dtype=np.float32)
+    data[:38, :34, :38] = map_data.data
+    prepared = prepare_map(gr.MapData(data, spec), helix.xyz)
+    assert prepared.spec.is_crystal == whole
+    assert (prepared.copies is None) == whole
+    assert np.prod(prepared.spec.shape) >= mapprep.WHOLE_CELL_FRACTION * np.prod(sampling)
+
+
 def test_crystal_box_whole_along_one_axis_wraps_there_only(helix, backend):
     """A cell shorter than the model plus cushion along c only: the box holds one period along
     c (and is periodic there) and a P 1 box along a and b; with the mates near the model its
     model map equals the crystal's wherever the mask is, on either backend, and the mask
     reaches across the c faces to the model's translates."""
-    cell = (40.0, 38.0, 16.0, 90.0, 100.0, 90.0)
+    cell = (60.0, 56.0, 16.0, 90.0, 100.0, 90.0)
     map_data = crystal_map(helix, cell, "P 1 2 1")
     prepared = prepare_map(map_data, helix.xyz)
     box = prepared.spec

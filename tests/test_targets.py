@@ -28,7 +28,7 @@ def crystal_case():
     """The helix by the 4-fold axis of a P 4 cell larger than its box: the prepared box
     carries the atoms of the mates near it (rotations that are not their own transpose)."""
     model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAKAEAKA"))
-    map_data = crystal_map(model, (40.0, 40.0, 38.0, 90.0, 90.0, 90.0), "P 4")
+    map_data = crystal_map(model, (56.0, 56.0, 50.0, 90.0, 90.0, 90.0), "P 4")
     prepared = prepare_map(map_data, model.xyz)
     assert prepared.copies and not prepared.spec.periodic
     return model, prepared
