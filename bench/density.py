@@ -7,10 +7,15 @@ adjoint ("map+grad"), in ms per model and in atom×grid-point evaluations per se
     python bench/density.py            # the full table (GPU rows where CuPy sees a device)
     python bench/density.py --quick    # small sizes, a minute on a laptop
     python bench/density.py --quick --cell hexagonal   # a periodic P 1 cell of that shape
+    python bench/density.py --quick --cell orthorhombic --spacegroup "P 21 21 21"
 
 ``--cell box`` (default) is a cryo-EM-like box around the atoms; the others are periodic unit
 cells of the same volume with a crystal's angles (monoclinic, hexagonal: the NumPy path
 factorises each Gaussian into a line and a plane; triclinic: it cannot, and takes pairs).
+``--spacegroup`` makes the cell a crystal's, as many times larger as the group has operations,
+sampled to suit the group: the maps hold the mates, summed over the group on the grid (and,
+in rows "(mates as atoms)", by placing the mates' atoms again); gemmi's rows add its
+symmetrize_sum.  atom×points/s counts the model's atoms, not the mates'.
 """
 import argparse
 import platform
@@ -21,7 +26,8 @@ import numpy as np
 
 import gpu_refine as gr
 from gpu_refine.backend import available_backends, get_backend
-from gpu_refine.density import DensitySettings, ModelMapper, cutoff_radius
+from gpu_refine.density import DensitySettings, ModelMapper, crystal_copies, cutoff_radius
+from gpu_refine.grid import space_group_operations
 from gpu_refine.scattering import form_factor_table
 
 
@@ -65,20 +71,26 @@ def timed(fn, sync, repeat):
     return best
 
 
-CELL_ANGLES = {"monoclinic": (90.0, 105.0, 90.0), "hexagonal": (90.0, 90.0, 120.0),
-               "triclinic": (80.0, 95.0, 105.0)}
+CELL_ANGLES = {"orthorhombic": (90.0, 90.0, 90.0), "monoclinic": (90.0, 105.0, 90.0),
+               "hexagonal": (90.0, 90.0, 120.0), "triclinic": (80.0, 95.0, 105.0)}
 
 
-def grid_for(model, d, cell):
-    """The GridSpec of the run (spacing d/3) and the unit cell gemmi's grid gets."""
+def grid_for(model, d, cell, spacegroup="P 1"):
+    """The GridSpec of the run (spacing about d/3) and the unit cell gemmi's grid gets."""
     box = gr.box_around(model.xyz, d / 3.0, 3.0)
     if cell == "box":
         return box, gemmi.UnitCell(*box.cell)
     uc = gemmi.UnitCell(1, 1, 1, *CELL_ANGLES[cell])
-    edge = (np.prod(box.cell[:3]) / uc.volume) ** (1 / 3)
+    volume = np.prod(box.cell[:3]) * len(space_group_operations(spacegroup))
+    edge = (volume / uc.volume) ** (1 / 3)
     n = int(np.ceil(edge / (d / 3.0)))
+    if spacegroup.replace(" ", "") != "P1":
+        n = 12 * int(np.ceil(n / 12))          # a sampling that suits 2-, 3-, 4- and 6-folds
     spec = gr.GridSpec(cell=(edge, edge, edge) + CELL_ANGLES[cell], sampling=(n, n, n),
-                       shape=(n, n, n))
+                       shape=(n, n, n), spacegroup=spacegroup)
+    if spec.is_crystal and not (spec.unit_cell.is_compatible_with_spacegroup(
+            gemmi.SpaceGroup(spacegroup)) and spec.grid_operations() is not None):
+        raise SystemExit(f"{spacegroup} does not suit a {cell} cell with equal edges")
     return spec, spec.unit_cell
 
 
@@ -89,19 +101,20 @@ def pairs_per_model(model, spec, blur):
     return float((4 / 3 * np.pi * r**3).sum() / abs(np.linalg.det(spec.xyz_from_index)))
 
 
-def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box"):
+def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box", spacegroup="P 1"):
     rows = []
     backends = available_backends()
     for d in resolutions:
         for n in sizes:
             st = random_model(n)
             model = gr.Model.from_gemmi(st)
-            spec, st.cell = grid_for(model, d, cell)
+            spec, st.cell = grid_for(model, d, cell, spacegroup)
             st2 = st.clone()
             for cra in st2[0].all():
                 cra.atom.pos = cra.atom.pos - gemmi.Position(*spec.origin_xyz)
             dc = gemmi.DensityCalculatorE()
             dc.grid.set_unit_cell(st.cell)
+            dc.grid.spacegroup = gemmi.SpaceGroup(spacegroup)
             dc.grid.set_size(*spec.shape)
             settings = DensitySettings(table="electron")
             mapper0 = ModelMapper(spec, d, settings, backend="numpy")
@@ -113,24 +126,32 @@ def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box"):
             def gem():
                 dc.grid.fill(0.0)
                 dc.add_model_density_to_grid(st2[0])
+                if spec.is_crystal:
+                    dc.grid.symmetrize_sum()
 
             t = timed(gem, lambda: None, repeat)
             rows.append(("gemmi C++ (1 thread)", n, 1, d, "map", t, npairs))
             for name in backends:
                 bk = get_backend(name)
                 sync = (lambda: bk.xp.cuda.Device().synchronize()) if bk.is_gpu else (lambda: None)
-                mapper = ModelMapper(spec, d, settings, backend=bk)
-                for nb in batches:
-                    if name == "numpy" and (nb > 1 or n > numpy_max_atoms):
-                        continue
-                    batch = gr.Batch.from_model(model, nb, backend=bk)
-                    dmap = bk.xp.ones((nb,) + spec.shape, dtype=np.float32)
-                    t_map = timed(lambda: mapper.exact(batch, blur), sync, repeat)
-                    t_both = timed(lambda: (mapper.exact(batch, blur),
-                                            mapper.exact_adjoint(batch, dmap, blur)), sync, repeat)
-                    rows.append((name, n, nb, d, "map", t_map, npairs * nb))
-                    rows.append((name, n, nb, d, "map+grad", t_both, 2 * npairs * nb))
-                    bk.free_memory()
+                mappers = [(name, ModelMapper(spec, d, settings, backend=bk))]
+                if spec.is_crystal:
+                    mappers.append((f"{name} (mates as atoms)",
+                                    ModelMapper(spec, d, settings, backend=bk,
+                                                copies=crystal_copies(spec))))
+                for label, mapper in mappers:
+                    for nb in batches:
+                        if name == "numpy" and (nb > 1 or n > numpy_max_atoms):
+                            continue
+                        batch = gr.Batch.from_model(model, nb, backend=bk)
+                        dmap = bk.xp.ones((nb,) + spec.shape, dtype=np.float32)
+                        t_map = timed(lambda: mapper.exact(batch, blur), sync, repeat)
+                        t_both = timed(lambda: (mapper.exact(batch, blur),
+                                                mapper.exact_adjoint(batch, dmap, blur)),
+                                       sync, repeat)
+                        rows.append((label, n, nb, d, "map", t_map, npairs * nb))
+                        rows.append((label, n, nb, d, "map+grad", t_both, 2 * npairs * nb))
+                        bk.free_memory()
     return rows
 
 
@@ -147,15 +168,20 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cell", default="box", choices=["box"] + list(CELL_ANGLES))
+    ap.add_argument("--spacegroup", default="P 1",
+                    help="a crystal's space group for a periodic --cell (default P 1)")
     args = ap.parse_args()
+    if args.cell == "box" and args.spacegroup.replace(" ", "") != "P1":
+        ap.error("--spacegroup needs a periodic --cell")
     if args.quick:
         sizes, batches, res, nmax = [1000, 5000], [1, 10], [3.0], 5000
     else:
         sizes, batches, res, nmax = [1000, 5000, 20000, 100000], [1, 10, 100], [3.0, 2.0], 20000
     bk = get_backend()
     print(f"hardware: {platform.processor() or platform.machine()}, {bk.device}; "
-          f"gemmi {gemmi.__version__}, numpy {np.__version__}; grid: {args.cell}")
-    print(table(run(sizes, batches, res, nmax, args.repeat, args.cell)))
+          f"gemmi {gemmi.__version__}, numpy {np.__version__}; grid: {args.cell}, "
+          f"{args.spacegroup}")
+    print(table(run(sizes, batches, res, nmax, args.repeat, args.cell, args.spacegroup)))
 
 
 if __name__ == "__main__":
