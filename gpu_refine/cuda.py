@@ -11,6 +11,8 @@ import math
 import cupy as cp
 import numpy as np
 
+from cpu_fallback.density import periodic_axes
+
 from .kernel_source import (COMPILE_OPTIONS, THREADS_PER_BLOCK as _BLOCK, module_source,
                             real_dtype as _real)
 
@@ -35,9 +37,9 @@ def _launch(kernel, n_threads, args):
 
 
 def _periodic_mask(periodic):
-    """The kernels' bit mask (bit a: axis a wraps) from one bool or one per axis."""
-    axes = np.broadcast_to(np.asarray(periodic, dtype=bool), (3,))
-    return np.int32(sum(1 << a for a in range(3) if axes[a]))
+    """The kernels' bit mask (bit a: axis a wraps) from ``periodic`` as the NumPy twins take
+    it (one bool, or one per axis)."""
+    return np.int32(sum(1 << a for a, wrap in enumerate(periodic_axes(periodic)) if wrap))
 
 
 def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
