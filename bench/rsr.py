@@ -45,8 +45,9 @@ def load(data):
 def run_ours(model, map_data, monlib, backend, n):
     settings = RSRSettings(resolution=3.2, monlib=str(monlib))
     t = time.perf_counter()
-    job = RealSpaceRefinement(model, map_data, settings, backend=backend)
-    result = job.run(shaken_batch(model, n, 0.5, seed=0, backend=backend))
+    job = RealSpaceRefinement(model, map_data, settings, backend=backend,
+                              starts=shaken_batch(model, n, 0.5, seed=0, backend=backend))
+    result = job.run()
     wall = time.perf_counter() - t
     return wall, result.stats
 

@@ -135,8 +135,11 @@ def mate_copies(cell, xyz, reach, wrap=(False, False, False)):
     ``reach`` Å of the model's: one density.Copy per operation and lattice translation, with
     those atoms (the model itself excluded).  Along the axes ``wrap`` of a box that holds a
     whole period the box adds every lattice translate itself: translates are one copy there
-    (the union of their atoms), and the model's own are none."""
-    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    (the union of their atoms), and the model's own are none.  ``xyz`` (N, 3), or (S, N, 3)
+    for several starting models of one topology: an atom counts where any of them is near."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    n_atoms = xyz.shape[-2]
+    xyz = xyz.reshape(-1, 3)
     wrap = np.asarray(wrap, dtype=bool)
     tree = cKDTree(xyz)
     frac = np.linalg.inv(cell.orth)
@@ -155,7 +158,7 @@ def mate_copies(cell, xyz, reach, wrap=(False, False, False)):
             if is_identity(rot, t):
                 continue                                        # the model itself
             d, _ = tree.query(mates + cell.orth @ lattice, distance_upper_bound=reach)
-            near = np.nonzero(np.isfinite(d))[0]
+            near = np.unique(np.nonzero(np.isfinite(d))[0] % n_atoms)
             if len(near):
                 key = (op,) + tuple(kept)
                 if key in found:
@@ -183,10 +186,12 @@ def soft_mask(spec, xyz, radius, edge):
 
 
 def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
-    """Box, mask and normalise ``map_data`` around positions ``xyz`` (..., 3)."""
+    """Box, mask and normalise ``map_data`` around the atoms ``xyz``: (N, 3), or (S, N, 3) for
+    several starting models of one topology (the box and mask then cover them all)."""
     if mask_radius <= 0 or mask_edge < 0 or cushion < 0:
         raise ParameterError("mask_radius must be > 0, mask_edge and cushion >= 0")
-    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    starts = np.asarray(xyz, dtype=np.float64)
+    xyz = starts.reshape(-1, 3)
     spec = map_data.spec
     inside = spec.contains(xyz)
     if not inside.any():
@@ -202,7 +207,7 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     elif spec.is_crystal:
         # The mates whose density reaches the mask: atoms within the mask's reach plus a
         # density radius (and a little room to move) of the model's.
-        copies = mate_copies(spec, xyz, mask_radius + mask_edge + MATE_DENSITY_REACH,
+        copies = mate_copies(spec, starts, mask_radius + mask_edge + MATE_DENSITY_REACH,
                              box.periodic_axes)
     else:
         copies = []

@@ -137,12 +137,10 @@ def read_batch(path, backend=None, dtype=np.float32):
     for i, m in enumerate(models[1:], start=2):
         if m.n_atoms != ref.n_atoms or list(m.element) != list(ref.element):
             raise InputError(f"model {i} of {path} has different atoms from model 1")
-    batch = Batch.from_model(ref, len(models), backend=backend, dtype=dtype)
-    xp = batch.backend.xp
-    batch.xyz[...] = xp.asarray(np.stack([m.xyz for m in models]), dtype=dtype)
-    batch.b[...] = xp.asarray(np.stack([m.b for m in models]), dtype=dtype)
-    batch.occ[...] = xp.asarray(np.stack([m.occ for m in models]), dtype=dtype)
-    return batch
+    stack = (lambda name: np.stack([getattr(m, name) for m in models]).astype(dtype))
+    aniso = any(m.is_aniso.any() for m in models)
+    return Batch(ref, stack("xyz"), stack("b"), stack("occ"), stack("u_aniso") if aniso else None,
+                 backend=backend)
 
 
 class Batch:

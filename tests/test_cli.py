@@ -191,6 +191,38 @@ def test_rsr(example, tmp_path):
         assert not list(tmp_path.glob("bad*"))
 
 
+def test_rsr_of_an_ensemble_with_a_weight_grid(example, tmp_path):
+    """A multi-model file is a batch of starts; weight=W1,W2 refines each with each weight;
+    the .params file reruns the grid."""
+    st = gr.model.gemmi.read_structure(str(example / "helix.cif"))
+    second = st[0].clone()
+    for k, cra in enumerate(second.all()):
+        cra.atom.pos = cra.atom.pos + gr.model.gemmi.Position(0.2 * (-1) ** k, 0.1, -0.1)
+    second.num = 2
+    st.add_model(second)
+    st.write_pdb(str(tmp_path / "two.pdb"))
+    prefix = tmp_path / "g"
+    rc, out, err = cli("rsr", tmp_path / "two.pdb", example / "helix_3A.mrc", "resolution=3",
+                       "weight=2,8", "strategy=minimization_global", "macro_cycles=1",
+                       "backend=numpy", f"output.prefix={prefix}")
+    assert rc == 0, err
+    assert "2 models, each a start" in out and "4 model(s) (2 start(s) x 2 weights)" in out
+    r = json.loads((tmp_path / "g.json").read_text())
+    assert [(m["start"], m["weight"]) for m in r["models"]] == [(1, 2.0), (1, 8.0), (2, 2.0),
+                                                                (2, 8.0)]
+    assert len(gr.model.gemmi.read_structure(str(tmp_path / "g.cif"))) == 4
+    assert (tmp_path / "g_best.cif").is_file()
+    assert "weight=2.0,8.0" in (tmp_path / "g.params").read_text().splitlines()
+    rc, out, err = cli("rsr", tmp_path / "g.params", f"output.prefix={tmp_path / 'again'}",
+                       "backend=numpy")
+    assert rc == 0, err
+    assert len(json.loads((tmp_path / "again.json").read_text())["models"]) == 4
+    rc, _, err = cli("rsr", tmp_path / "two.pdb", example / "helix_3A.mrc", "resolution=3",
+                     "weight=2,-8", f"output.prefix={tmp_path / 'bad'}")
+    _one_line_error(rc, err)
+    assert "weight must be positive" in err and not list(tmp_path.glob("bad*"))
+
+
 def test_rsr_against_mtz_map_coefficients(tmp_path):
     """An X-ray user's inputs: a model and the map coefficients of its crystal (an MTZ whose
     columns are named with labels=; its d_min is the default resolution); the small cell is

@@ -42,6 +42,13 @@ def test_read_batch_from_multimodel_file(tmp_path):
     batch = gr.read_batch(path, backend="numpy")
     assert batch.size == 2
     np.testing.assert_allclose(batch.xyz[1] - batch.xyz[0], [[1, 0, 0]] * 15, atol=1e-3)
+    # Each model keeps its own ANISOU.
+    for k, cra in enumerate(st[1].all()):
+        cra.atom.aniso = gemmi.SMat33f(0.2 + 0.01 * k, 0.3, 0.4, 0.0, 0.01, 0.0)
+    st.write_pdb(str(path))
+    batch = gr.read_batch(path, backend="numpy")
+    assert batch.u is not None and not batch.u[0].any()
+    np.testing.assert_allclose(batch.u[1, :, 0], 0.2 + 0.01 * np.arange(15), atol=1e-4)
 
 
 @pytest.mark.parametrize("axes", [(1, 2, 3), (3, 1, 2), (2, 3, 1)])

@@ -87,6 +87,37 @@ def test_box_cut_from_a_crystal_holds_the_mates_near_it(helix):
     assert np.abs(without - in_box)[masked].max() > 0.05 * crystal.max()
 
 
+def test_box_mask_and_mates_cover_every_start(helix):
+    """Several starting models of one topology: the box holds each one's box, the mask is the
+    largest of their masks, and a mate carries the atoms that are near it in any start."""
+    cell = (50.0, 48.0, 50.0, 90.0, 100.0, 90.0)
+    map_data = crystal_map(helix, cell, "P 1 2 1")
+    moved = helix.xyz + np.where(np.arange(helix.n_atoms) % 2 == 0, 2.5, -2.0)[:, None]
+    both = prepare_map(map_data, np.stack([helix.xyz, moved]))
+    alone = [prepare_map(map_data, xyz) for xyz in (helix.xyz, moved)]
+    for one in alone:
+        assert all(b <= o and o + n <= b + m for b, m, o, n in
+                   zip(both.spec.start, both.spec.shape, one.spec.start, one.spec.shape))
+    masks = [mapprep.soft_mask(both.spec, xyz, 3.0, 2.0) for xyz in (helix.xyz, moved)]
+    np.testing.assert_allclose(both.mask, np.maximum(*masks), atol=1e-6)
+    # A mate carries the atoms whose image in either start comes within reach of either
+    # start (the mask is theirs together): at least those of each start alone.
+    reach = 3.0 + 2.0 + mapprep.MATE_DENSITY_REACH
+    tree = cKDTree(np.concatenate([helix.xyz, moved]))
+    alone_atoms = {}
+    for one in alone:
+        for c in one.copies:
+            key = (c.rot.round(6).tobytes(), c.shift.round(6).tobytes())
+            alone_atoms[key] = np.union1d(alone_atoms.get(key, []), c.atoms)
+    assert len(both.copies) == len(alone_atoms)
+    for c in both.copies:
+        assert set(alone_atoms[(c.rot.round(6).tobytes(), c.shift.round(6).tobytes())]) \
+            <= set(c.atoms)
+        d = np.min([tree.query(xyz[c.atoms] @ c.rot.T + c.shift)[0] for xyz in
+                    (helix.xyz, moved)], axis=0)
+        assert d.max() <= reach and len(c.atoms) < helix.n_atoms
+
+
 @pytest.mark.parametrize("sampling,whole", [((38, 34, 38), True), ((38, 35, 38), False)])
 def test_box_that_would_be_most_of_the_cell_is_the_whole_cell(helix, sampling, whole):
     """A box that would hold most of a cell's points is the whole cell where the sampling

@@ -164,6 +164,42 @@ def test_automatic_weight_on_a_shaken_batch(helix, backend):
         assert _rms(xyz, model.xyz) < 0.1
 
 
+def test_starts_copies_and_a_weight_grid(helix, backend):
+    """Given starts (as from a multi-model file), each in ``nmodels`` shaken copies, each copy
+    refined with each weight of a grid: members in that order, each copy's start shared by
+    its weights, and each member refined as it would be with its weight alone."""
+    model, map_data = helix
+    starts = Batch.from_model(model, 2, backend=backend)
+    starts.xyz[1] += backend.xp.asarray(np.linspace(-0.4, 0.4, model.n_atoms * 3)
+                                        .reshape(model.n_atoms, 3), dtype=starts.dtype)
+    params = dict(strategy="minimization_global", macro_cycles=1, sites_iterations=10,
+                  regularize_iterations=10, nmodels=2, shake=0.3, seed=5, monlib=None)
+    grid = refine_real_space(model, map_data, 3.0, backend=backend, batch=starts,
+                             weight=(2.0, 8.0), **params)
+    assert [st["start"] for st in grid.stats] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert grid.weight.tolist() == [2.0, 8.0] * 4
+    assert [st["weight"] for st in grid.stats] == [2.0, 8.0] * 4
+    cc = [st["cc_mask_start"] for st in grid.stats]
+    assert cc[0::2] == cc[1::2] and len(set(cc[0::2])) == 4
+    single = refine_real_space(model, map_data, 3.0, backend=backend, batch=starts,
+                               weight=8.0, **params)
+    assert single.weight.tolist() == [8.0] * 4
+    np.testing.assert_allclose(backend.to_numpy(grid.batch.xyz)[1::2],
+                               backend.to_numpy(single.batch.xyz), atol=1e-3)
+    # The first copy of each start is that start shaken; start 2 is the given second model.
+    xyz = backend.to_numpy(starts.xyz)
+    job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight=(2.0, 8.0),
+                                                           **params),
+                              backend=backend, starts=starts)
+    first = backend.to_numpy(job.start_batch().xyz)
+    assert _rms(first[4], xyz[1]) == pytest.approx(0.3, rel=1e-4)
+    assert _rms(first[0], xyz[0]) == pytest.approx(0.3, rel=1e-4)
+    for bad in ((2.0, -1.0), "2,x", ()):
+        with pytest.raises(gr.ParameterError, match="weight"):
+            RSRSettings(resolution=3.0, weight=bad).check()
+    assert RSRSettings(resolution=3.0, weight="4, 8").check().weight == (4.0, 8.0)
+
+
 def test_anisotropic_atoms(helix, backend, caplog):
     """Isotropic B refinement makes anisotropic atoms isotropic (B = B_eq) first, since their
     density does not depend on B; sites-only refinement keeps their U.  A batch of the

@@ -1,12 +1,14 @@
-"""Real-space refinement of a model, or a batch of shaken starts, against a cryo-EM map.
+"""Real-space refinement of a model, or a batch of starts, against a map.
 
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
-    [weight=W] [nmodels=B shake=RMS seed=S] [macro_cycles=5] [adp=individual|group]
-    [h_distances=electron|nucleus] [table=electron|xray] [labels=F,PHI] [output.pdb=true]
-    [--overwrite]
-Writes P.cif (a batch as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with
-output.pdb=true P.pdb (and P_best.pdb); rerun with
-``gpu-refine rsr P.params`` (further key=value arguments override it).
+    [weight=W | weight=W1,W2,...] [nmodels=B shake=RMS seed=S] [macro_cycles=5]
+    [adp=individual|group] [h_distances=electron|nucleus] [table=electron|xray]
+    [labels=F,PHI] [output.pdb=true] [--overwrite]
+The starts are MODEL's models (every MODEL of a multi-model file), each in nmodels copies
+(shaken by shake Å rms), each copy refined with each weight of a grid.  Writes P.cif (a batch
+as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with output.pdb=true P.pdb
+(and P_best.pdb); rerun with ``gpu-refine rsr P.params`` (further key=value arguments override
+it).
 """
 import json
 import logging
@@ -14,10 +16,12 @@ import logging.handlers
 import os
 import time
 
+import numpy as np
+
 from .. import __version__
 from ..errors import InputError
 from ..maps import read_map
-from ..model import read_model, structures_as_models, write_model
+from ..model import read_batch, structures_as_models, write_model
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 from .map_input import add_labels_argument, default_resolution
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # command-line option -> RSRSettings field
 SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": int,
-            "weight": float, "target": str, "nmodels": int, "shake": float, "seed": int,
+            "weight": str, "target": str, "nmodels": int, "shake": float, "seed": int,
             "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
             "bond_limit": float, "angle_limit": float, "weight_trials": int,
             "regularize_iterations": int, "mask_radius": float, "cushion": float,
@@ -34,7 +38,8 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
 
 
 def add_arguments(parser):
-    parser.add_argument("model", help="model file (PDB or mmCIF)")
+    parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are several "
+                                      "starts")
     parser.add_argument("map", help="map (MRC/CCP4), placed by its ORIGIN / NSTART; or MTZ "
                                     "map coefficients (see --labels)")
     add_labels_argument(parser)
@@ -54,16 +59,16 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def _outputs(args):
+def _outputs(args, n_models):
     prefix = args.prefix or os.path.splitext(os.path.basename(args.model.replace(".gz", "")))[0] \
         + "_rsr"
     names = {"cif": prefix + ".cif", "log": prefix + ".log", "json": prefix + ".json",
              "params": prefix + ".params"}
-    if args.nmodels > 1:
+    if n_models > 1:
         names["best"] = prefix + "_best.cif"
     if args.pdb:
         names["pdb"] = prefix + ".pdb"
-        if args.nmodels > 1:
+        if n_models > 1:
             names["best_pdb"] = prefix + "_best.pdb"
     if not args.overwrite:
         existing = [p for p in names.values() if os.path.exists(p)]
@@ -81,6 +86,8 @@ def _params_text(args, settings, result):
         value = getattr(settings, name)
         if name == "weight" and value is None:
             lines.append(f"# weight: automatic (chose {float(result.weight[0]):.6g})")
+        elif name == "weight":
+            lines.append("weight=" + ",".join(map(str, np.atleast_1d(value))))
         elif value is not None:
             lines.append(f"{name}={value}")
     if args.labels:
@@ -100,14 +107,17 @@ def main(args):
     settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()
-    names = _outputs(args)
+    starts = read_batch(args.model, backend="numpy", dtype=np.float64)
+    names = _outputs(args, starts.size * settings.nmodels * len(settings.weight_grid()))
     root = logging.getLogger("gpu_refine")
     held = logging.handlers.BufferingHandler(capacity=1 << 20)
     root.addHandler(held)
     try:
-        model = read_model(args.model)
+        if starts.size > 1:
+            log.info("%s: %d models, each a start", args.model, starts.size)
         map_data = read_map(args.map, labels=args.labels)
-        job = RealSpaceRefinement(model, map_data, settings, backend=args.backend)
+        job = RealSpaceRefinement(starts.model, map_data, settings, backend=args.backend,
+                                  starts=starts)
     finally:
         root.removeHandler(held)
         records = list(held.buffer)

@@ -45,12 +45,18 @@ def regularize(batch, restraints=None, settings=None, monlib=None):
     return result
 
 
+def shake_shifts(n_models, n_atoms, rms, seed=0):
+    """(n_models, n_atoms, 3) Gaussian shifts, each model's scaled to exactly ``rms`` Å rms
+    (drawn model by model, so the first model's shifts do not depend on ``n_models``)."""
+    shifts = np.random.default_rng(seed).normal(size=(n_models, n_atoms, 3))
+    shifts *= rms / np.sqrt((shifts ** 2).sum(axis=(1, 2), keepdims=True) / n_atoms)
+    return shifts
+
+
 def shaken_batch(model, n_models, rms, seed=0, backend=None, dtype=np.float32):
     """``n_models`` copies of ``model`` with Gaussian shifts scaled to exactly ``rms`` Å each."""
     bk = get_backend(backend)
-    rng = np.random.default_rng(seed)
-    shifts = rng.normal(size=(n_models, model.n_atoms, 3))
-    shifts *= rms / np.sqrt((shifts ** 2).sum(axis=(1, 2), keepdims=True) / model.n_atoms)
     batch = Batch.from_model(model, n_models, backend=bk, dtype=dtype)
+    shifts = shake_shifts(n_models, model.n_atoms, rms, seed)
     batch.xyz[...] = bk.asarray(model.xyz[None] + shifts, dtype=dtype)
     return batch

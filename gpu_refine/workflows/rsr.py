@@ -1,13 +1,15 @@
 """Real-space refinement of a batch of models against one map (phenix.real_space_refine-style).
 
-Every batch member (a shaken start, a seed, a trial weight) is refined at once:
+Every batch member (a starting model, a shaken copy of one, a weight of a grid) is refined at
+once:
     sites:  T = w T_map(xyz) + T_restraints(xyz)
     ADP:    T = w_adp T_map(B) + T_adp(B)
     occupancy: T = T_map(occ), altloc conformers of a residue constrained to sum to 1
 T_map is the model-map correlation inside a soft mask (``target=cc``, needed for B and
 occupancy) or, for sites, the map value at atom centres (``target=map_value``).  Without a
 given weight, trial weights are refined side by side for a short run and the largest one whose
-geometry stays within the limits is kept.
+geometry stays within the limits is kept; given several (a grid), each start is refined with
+each of them.
 """
 import logging
 import time
@@ -27,7 +29,7 @@ from ..restraints.geometry import GeometryRestraints
 from ..restraints.stats import geometry_statistics
 from ..restraints.topology import build_topology, check_h_distances
 from ..targets import MapValueTarget, ModelMapTarget
-from .geometry import shaken_batch
+from .geometry import shake_shifts
 from .validate import check_resolution
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class RSRSettings:
     strategy: str = "minimization_global+adp"
     adp: str = "individual"            # individual | group (one B per residue)
     macro_cycles: int = 5
-    weight: float = None               # data weight for sites; None: automatic search
+    weight: object = None              # data weight for sites: a number, several (a grid:
+                                       # each start refined with each), or None (automatic)
     target: str = "cc"                 # sites target: cc | map_value
     sites_iterations: int = 25         # L-BFGS iterations per macro-cycle
     adp_iterations: int = 25
@@ -59,8 +62,8 @@ class RSRSettings:
     weight_trials: int = 6
     regularize_iterations: int = 100
     weight_iterations: int = 40
-    nmodels: int = 1
-    shake: float = 0.0                 # Å rms shift of each start (a batch of starts)
+    nmodels: int = 1                   # copies of each starting model
+    shake: float = 0.0                 # Å rms shift of each copy
     seed: int = 0
     mask_radius: float = 3.0
     mask_edge: float = 2.0
@@ -80,6 +83,11 @@ class RSRSettings:
         return {"sites": bool({"minimization_global", "individual_sites"} & set(words)),
                 "adp": "adp" in words, "occupancy": "occupancy" in words}
 
+    def weight_grid(self):
+        """The given weights as a tuple (each start is refined with each); (None,) where the
+        weight is automatic."""
+        return self.weight if isinstance(self.weight, tuple) else (self.weight,)
+
     def check(self):
         self.resolution = check_resolution(self.resolution)
         self.parsed_strategy()
@@ -90,13 +98,27 @@ class RSRSettings:
             raise ParameterError(f"table must be electron or xray, not {self.table!r}")
         if self.target not in ("cc", "map_value"):
             raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
-        if self.weight is not None and not self.weight > 0:
-            raise ParameterError("weight must be positive")
+        if self.weight is not None:
+            self.weight = _weights(self.weight)
         if self.macro_cycles < 1 or self.nmodels < 1:
             raise ParameterError("macro_cycles and nmodels must be at least 1")
         if self.shake < 0:
             raise ParameterError("shake must be >= 0")
         return self
+
+
+def _weights(value):
+    """A positive number, or a tuple of them (a grid), from a number, a sequence or text
+    such as "5,10,20"."""
+    items = value.split(",") if isinstance(value, str) else np.atleast_1d(value).tolist()
+    try:
+        w = [float(x) for x in items]
+    except (TypeError, ValueError):
+        raise ParameterError(f"weight must be a number or numbers separated by commas, not "
+                             f"{value!r}") from None
+    if not w or not all(x > 0 and np.isfinite(x) for x in w):
+        raise ParameterError(f"weight must be positive, not {value!r}")
+    return w[0] if len(w) == 1 else tuple(w)
 
 
 def geometry_limits(resolution, bond_limit=0.01, angle_limit=1.0, floor=None):
@@ -183,9 +205,14 @@ class _Groups:
 
 
 class RealSpaceRefinement:
-    """Set attributes (through ``settings``), then ``run()``."""
+    """Set attributes (through ``settings``), then ``run()``.
 
-    def __init__(self, model, map_data, settings, backend=None, dtype=np.float32):
+    ``starts``: the starting models, a Batch of ``model``'s topology (as ``read_batch`` gives
+    for a multi-model file); by default ``model`` itself.  The batch refined is each start
+    in ``settings.nmodels`` copies (shaken where ``settings.shake`` > 0), each copy with
+    each weight of a grid; the map box and mask cover the atoms of every start."""
+
+    def __init__(self, model, map_data, settings, backend=None, dtype=np.float32, starts=None):
         self.settings = s = settings.check()
         self.strategy = s.parsed_strategy()
         self.input_model = model
@@ -198,15 +225,17 @@ class RealSpaceRefinement:
         self.map_data = map_data
         self.backend = bk = get_backend(backend)
         self.dtype = np.dtype(dtype)
+        self.starts = self._starts(starts)
         self.topology = build_topology(model, monlib=s.monlib, dictionaries=s.dictionaries,
                                        ignore_unknown=s.ignore_unknown,
                                        h_distances=s.h_distances)
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
-        self.prepared = prepare_map(map_data, model.xyz, s.cushion, s.mask_radius, s.mask_edge)
+        self.prepared = prepare_map(map_data, self.starts.xyz, s.cushion, s.mask_radius,
+                                    s.mask_edge)
         spacing = float(min(self.prepared.spec.voxel_size))
         # One blur for the whole run, so every evaluation sees the same function of B.
-        blur = refmac_blur(spacing, min(float(model.b.min()), B_BOUNDS[1]))
+        blur = refmac_blur(spacing, min(float(self.starts.b.min()), B_BOUNDS[1]))
         self.cc_target = ModelMapTarget(self.prepared, s.resolution, backend=bk,
                                         settings=DensitySettings(table=s.table, blur=blur,
                                                                  cutoff=1e-4))
@@ -426,32 +455,54 @@ class RealSpaceRefinement:
         return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}
 
     # -- the run ----------------------------------------------------------------------------
+    def _starts(self, batch):
+        """The starting models as a NumPy float64 Batch of this job's model (isotropic where
+        ADP are refined)."""
+        if batch is None:
+            return Batch.from_model(self.model, 1, backend="numpy", dtype=np.float64)
+        if batch.model is not self.model and batch.model is not self.input_model:
+            raise InputError("the starting models must be of the given model's topology")
+        bk = batch.backend
+        xyz, b, occ = (bk.to_numpy(a).astype(np.float64) for a in (batch.xyz, batch.b, batch.occ))
+        u = None if batch.u is None else bk.to_numpy(batch.u).astype(np.float64)
+        if batch.model is not self.model:       # the job's model was made isotropic
+            if u is not None:
+                b = np.where(self.input_model.is_aniso, b_equivalent(u), b)
+            u = None
+        return Batch(self.model, xyz, b, occ, u, backend="numpy")
+
+    def members(self):
+        """(start, weight) of each batch member: every start in ``nmodels`` copies, each copy
+        with each weight of a grid (None where no weight is given); starts are numbered from
+        1 over the copies."""
+        s = self.settings
+        return [(k + 1, w) for k in range(self.starts.size * s.nmodels)
+                for w in s.weight_grid()]
+
     def start_batch(self):
         s = self.settings
+        st = self.starts
+        source = np.repeat(np.arange(st.size), s.nmodels)           # the start of each copy
+        xyz = st.xyz[source]
         if s.shake > 0:
-            return shaken_batch(self.model, s.nmodels, s.shake, s.seed, self.backend, self.dtype)
-        return Batch.from_model(self.model, s.nmodels, backend=self.backend, dtype=self.dtype)
+            xyz = xyz + shake_shifts(len(source), self.model.n_atoms, s.shake, s.seed)
+        copy = np.asarray([k - 1 for k, _ in self.members()])       # the copy of each member
+        take = (lambda a: None if a is None else a[source[copy]].astype(self.dtype))
+        return Batch(self.model, xyz[copy].astype(self.dtype), take(st.b), take(st.occ),
+                     take(st.u), backend=self.backend)
 
-    def _own(self, batch):
-        """The given batch on this job's model (isotropic where ADP are refined)."""
-        if batch.model is self.model:
-            return batch
-        if batch.model is not self.input_model:
-            raise InputError("the batch must be of the given model's topology")
-        xp = self.backend.xp
-        aniso = xp.asarray(self.input_model.is_aniso)
-        b = xp.where(aniso, b_equivalent(batch.u), batch.b) if batch.u is not None else batch.b
-        return Batch(self.model, batch.xyz, b, batch.occ, None, backend=self.backend)
-
-    def run(self, batch=None, progress=None):
+    def run(self, progress=None):
         s = self.settings
         t0 = time.perf_counter()
-        batch = self._own(batch) if batch is not None else self.start_batch()
+        batch = self.start_batch()
+        members = self.members()
         xp = self.backend.xp
         n = batch.size
         cc_start = self.map_statistics(batch)["cc_mask"]
-        log.info("%d model(s), %d atoms; start CCmask %s", n, self.model.n_atoms,
-                 _range(cc_start))
+        n_starts = members[-1][0]
+        log.info("%d model(s)%s, %d atoms; start CCmask %s", n,
+                 f" ({n_starts} start(s) x {n // n_starts} weights)" if n > n_starts else "",
+                 self.model.n_atoms, _range(cc_start))
         iterations = np.zeros(n, dtype=int)
         floor, done = None, []
         if self.strategy["sites"] and s.regularize_iterations > 0:
@@ -472,7 +523,7 @@ class RealSpaceRefinement:
         if not self.strategy["sites"]:
             weight = np.zeros(n)
         elif s.weight is not None:
-            weight = np.full(n, float(s.weight))
+            weight = np.asarray([w for _, w in members], dtype=np.float64)
         else:
             log.info("automatic weight: %d trial weights a factor 2 apart, %s, %d iterations "
                      "each", s.weight_trials,
@@ -522,7 +573,7 @@ class RealSpaceRefinement:
         b_np = self.backend.to_numpy(batch.b)
         stats = []
         for i in range(n):
-            stats.append({"model": i + 1, "cc_mask_start": round(float(cc_start[i]), 4),
+            stats.append({"model": i + 1, "start": members[i][0], "cc_mask_start": round(float(cc_start[i]), 4),
                           "cc_mask_final": round(float(final["cc_mask"][i]), 4),
                           "cc_box_final": round(float(final["cc_box"][i]), 4),
                           "rmsd_bonds": round(geo[i]["rmsd_bonds"], 5),
@@ -566,11 +617,13 @@ def _best(stats, bond_limit, angle_limit):
 
 def refine_real_space(model, map_data, resolution=None, settings=None, backend=None,
                       dtype=np.float32, batch=None, **params):
-    """Refine ``model`` (or the given ``batch`` of its topology) against ``map_data``.
+    """Refine ``model`` against ``map_data``; ``batch`` (of its topology, e.g. ``read_batch``
+    of a multi-model file) gives the starting models instead of ``model`` itself.
 
     Parameters are RSRSettings fields, given as ``settings`` or keywords, e.g.
     ``refine_real_space(model, map_data, resolution=3.2, strategy="minimization_global+adp",
-    nmodels=16, shake=0.5)``.  Returns an RSRResult.
+    nmodels=16, shake=0.5)`` or a weight grid ``weight=(10, 20, 40)``.  Returns an RSRResult
+    whose batch holds each start's copies in turn (each copy with each weight of a grid).
     """
     s = settings or RSRSettings()
     unknown = set(params) - set(asdict(s))
@@ -580,5 +633,5 @@ def refine_real_space(model, map_data, resolution=None, settings=None, backend=N
         setattr(s, k, v)
     if resolution is not None:
         s.resolution = resolution
-    job = RealSpaceRefinement(model, map_data, s, backend=backend, dtype=dtype)
-    return job.run(batch)
+    job = RealSpaceRefinement(model, map_data, s, backend=backend, dtype=dtype, starts=batch)
+    return job.run()
