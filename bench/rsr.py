@@ -8,7 +8,11 @@ time per model, CCmask (our map_model_cc twin) and geometry.  The CPU peer is Se
 its executable; its map gets the MRC ORIGIN moved into NSTART, which Servalcat reads.
 
     python bench/rsr.py [--data ../shared/data] [--batches 1,16,128] [--numpy-batches 1]
-                        [--servalcat PATH] [--repeat R]
+                        [--servalcat PATH] [--repeat R] [--weights W1,W2,...]
+
+With ``--weights`` (a weight grid, as ``gpu-refine rsr weight=W1,W2,...``) each start of a row is
+refined with each weight instead of the automatic weight: the row's batch is starts × weights,
+and the table gives each weight's CCmask and geometry (model 1's start).
 
 With ``--repeat R`` every row runs R times, the rows taking turns (so that a machine that slows
 down for a while slows all of them alike), and the median wall time is reported with the range.
@@ -42,8 +46,8 @@ def load(data):
     return Model.from_gemmi(st), read_map(data / EMD / "2566_3J6B_9.mrc")
 
 
-def run_ours(model, map_data, monlib, backend, n):
-    settings = RSRSettings(resolution=3.2, monlib=str(monlib))
+def run_ours(model, map_data, monlib, backend, n, weights=None):
+    settings = RSRSettings(resolution=3.2, monlib=str(monlib), weight=weights)
     t = time.perf_counter()
     job = RealSpaceRefinement(model, map_data, settings, backend=backend,
                               starts=shaken_batch(model, n, 0.5, seed=0, backend=backend))
@@ -116,6 +120,8 @@ def main():
                     help="batch sizes on NumPy (comma-separated; 0 for none)")
     ap.add_argument("--servalcat", default=None, help="servalcat executable (CPU peer)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every row, taking turns")
+    ap.add_argument("--weights", default=None,
+                    help="a weight grid (comma-separated): every start with every weight")
     args = ap.parse_args()
     data = Path(args.data)
     monlib = data / "monomers"
@@ -131,7 +137,7 @@ def main():
     if args.servalcat:
         rows.append(("servalcat", 1))
     walls = {row: [] for row in rows}
-    results = {}
+    results, grids = {}, {}
     for _ in range(max(1, args.repeat)):
         for row in rows:
             name, n = row
@@ -139,10 +145,12 @@ def main():
                 wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
                 results[row] = (np.array([cc]), bonds, angles)
             else:
-                wall, stats = run_ours(model, map_data, monlib, get_backend(name), n)
+                wall, stats = run_ours(model, map_data, monlib, get_backend(name), n,
+                                       args.weights)
                 results[row] = (np.array([s["cc_mask_final"] for s in stats]),
                                 max(s["rmsd_bonds"] for s in stats),
                                 max(s["rmsd_angles"] for s in stats))
+                grids[row] = [s for s in stats if s["start"] == 1]
             walls[row].append(wall)
             print(f"# {name} batch {n}: {wall:.1f} s, CCmask {results[row][0].mean():.4f}",
                   file=sys.stderr, flush=True)
@@ -152,9 +160,18 @@ def main():
         cc, bonds, angles = results[row]
         label = ("servalcat refine_spa_norefmac" if name == "servalcat"
                  else f"gpu_refine {name}")
+        members = n * (len(grids[row]) if row in grids else 1)
         spread = f" ({w.min():.1f}-{w.max():.1f})" if len(w) > 1 else ""
-        print(f"| {label} | {n} | {np.median(w):.1f}{spread} | {np.median(w) / n:.3f} | "
-              f"{cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | {angles:.2f} |", flush=True)
+        print(f"| {label} | {members} | {np.median(w):.1f}{spread} | "
+              f"{np.median(w) / members:.3f} | {cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | "
+              f"{angles:.2f} |", flush=True)
+    if args.weights:
+        print("\n| program | weight | CCmask | bonds (Å) | angles (°) |\n|---|---:|---:|---:|---:|")
+        for (name, n), stats in grids.items():
+            for s in stats:
+                print(f"| gpu_refine {name} (batch {n}) | {s['weight']:g} | "
+                      f"{s['cc_mask_final']:.4f} | {s['rmsd_bonds']:.4f} | "
+                      f"{s['rmsd_angles']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,8 @@ def test_starts_copies_and_a_weight_grid(helix, backend):
         with pytest.raises(gr.ParameterError, match="weight"):
             RSRSettings(resolution=3.0, weight=bad).check()
     assert RSRSettings(resolution=3.0, weight="4, 8").check().weight == (4.0, 8.0)
+    with pytest.raises(gr.ParameterError, match="must refine sites"):
+        RSRSettings(resolution=3.0, weight=(2.0, 8.0), strategy="adp").check()
 
 
 def test_anisotropic_atoms(helix, backend, caplog):

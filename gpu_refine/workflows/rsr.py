@@ -100,6 +100,9 @@ class RSRSettings:
             raise ParameterError(f"target must be cc or map_value, not {self.target!r}")
         if self.weight is not None:
             self.weight = _weights(self.weight)
+            if isinstance(self.weight, tuple) and not self.parsed_strategy()["sites"]:
+                raise ParameterError("a weight grid weighs the map against the restraints of "
+                                     "sites: the strategy must refine sites")
         if self.macro_cycles < 1 or self.nmodels < 1:
             raise ParameterError("macro_cycles and nmodels must be at least 1")
         if self.shake < 0:
