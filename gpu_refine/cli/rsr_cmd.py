@@ -87,7 +87,7 @@ def _params_text(args, settings, result):
         if name == "weight" and value is None:
             lines.append(f"# weight: automatic (chose {float(result.weight[0]):.6g})")
         elif name == "weight":
-            lines.append("weight=" + ",".join(map(str, np.atleast_1d(value))))
+            lines.append("weight=" + ",".join(map(str, settings.weight_grid())))
         elif value is not None:
             lines.append(f"{name}={value}")
     if args.labels:

@@ -576,7 +576,8 @@ class RealSpaceRefinement:
         b_np = self.backend.to_numpy(batch.b)
         stats = []
         for i in range(n):
-            stats.append({"model": i + 1, "start": members[i][0], "cc_mask_start": round(float(cc_start[i]), 4),
+            stats.append({"model": i + 1, "start": members[i][0],
+                          "cc_mask_start": round(float(cc_start[i]), 4),
                           "cc_mask_final": round(float(final["cc_mask"][i]), 4),
                           "cc_box_final": round(float(final["cc_box"][i]), 4),
                           "rmsd_bonds": round(geo[i]["rmsd_bonds"], 5),
