@@ -166,7 +166,8 @@ def main():
               f"{np.median(w) / members:.3f} | {cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | "
               f"{angles:.2f} |", flush=True)
     if args.weights:
-        print("\n| program | weight | CCmask | bonds (Å) | angles (°) |\n|---|---:|---:|---:|---:|")
+        print("\n| program | weight | CCmask | bonds (Å) | angles (°) |\n"
+              "|---|---:|---:|---:|---:|")
         for (name, n), stats in grids.items():
             for s in stats:
                 print(f"| gpu_refine {name} (batch {n}) | {s['weight']:g} | "
