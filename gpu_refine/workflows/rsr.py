@@ -489,7 +489,7 @@ class RealSpaceRefinement:
         xyz = st.xyz[source]
         if s.shake > 0:
             xyz = xyz + shake_shifts(len(source), self.model.n_atoms, s.shake, s.seed)
-        copy = np.asarray([k - 1 for k, _ in self.members()])       # the copy of each member
+        copy = np.repeat(np.arange(len(source)), len(s.weight_grid()))  # each member's copy
         take = (lambda a: None if a is None else a[source[copy]].astype(self.dtype))
         return Batch(self.model, xyz[copy].astype(self.dtype), take(st.b), take(st.occ),
                      take(st.u), backend=self.backend)
