@@ -36,7 +36,8 @@ WHOLE_CELL_FRACTION = 0.75
 @dataclass
 class PreparedMap:
     data: np.ndarray     # (n0,n1,n2) float32, (map - mean) / sd inside the mask
-    mask: np.ndarray     # (n0,n1,n2) float32 weights in [0, 1]
+    mask: np.ndarray     # (n0,n1,n2) float32 weights in [0, 1] around every start
+    masks: np.ndarray    # (S,n0,n1,n2) float32: around each start alone (``mask`` is their max)
     spec: GridSpec       # the box (same grid as the input map)
     mean: float          # of the input map inside the mask
     sd: float
@@ -171,23 +172,26 @@ def soft_mask(spec, xyz, radius, edge):
     """Weight 1 within ``radius`` Å of any atom, falling to 0 by a cosine over ``edge`` Å.  On a
     crystal's whole cell distances are to the nearest copy of an atom: its symmetry mates and
     their lattice translates; on a box periodic along some axes, to its translates along
-    those."""
+    those.  ``xyz`` (N, 3), or (S, N, 3) for one mask per starting model: (S, n0, n1, n2)."""
     n = spec.shape
     idx = np.indices(n, dtype=np.float64).reshape(3, -1).T
     pts = spec.origin_xyz + idx @ spec.xyz_from_index.T
-    centres = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-    if any(spec.periodic_axes):
-        centres = periodic_images(spec, centres, radius + edge)
-    tree = cKDTree(centres)
-    d, _ = tree.query(pts, distance_upper_bound=radius + edge)
-    t = np.clip((d - radius) / max(edge, 1e-6), 0.0, 1.0)
-    w = np.where(np.isfinite(d), 0.5 * (1 + np.cos(np.pi * t)), 0.0)
-    return w.reshape(n).astype(np.float32)
+    xyz = np.asarray(xyz, dtype=np.float64)
+    masks = []
+    for centres in xyz.reshape(-1, xyz.shape[-2], 3):
+        if any(spec.periodic_axes):
+            centres = periodic_images(spec, centres, radius + edge)
+        d, _ = cKDTree(centres).query(pts, distance_upper_bound=radius + edge, workers=-1)
+        t = np.clip((d - radius) / max(edge, 1e-6), 0.0, 1.0)
+        w = np.where(np.isfinite(d), 0.5 * (1 + np.cos(np.pi * t)), 0.0)
+        masks.append(w.reshape(n).astype(np.float32))
+    return np.stack(masks) if xyz.ndim == 3 else masks[0]
 
 
 def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     """Box, mask and normalise ``map_data`` around the atoms ``xyz``: (N, 3), or (S, N, 3) for
-    several starting models of one topology (the box and mask then cover them all)."""
+    several starting models of one topology (the box and ``mask`` then cover them all, and
+    ``masks`` holds each one's own)."""
     if mask_radius <= 0 or mask_edge < 0 or cushion < 0:
         raise ParameterError("mask_radius must be > 0, mask_edge and cushion >= 0")
     starts = np.asarray(xyz, dtype=np.float64)
@@ -211,7 +215,11 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
                              box.periodic_axes)
     else:
         copies = []
-    mask = soft_mask(box, xyz, mask_radius, mask_edge) * covered
+    # Each start is compared inside its own mask (the union of many shaken starts is wider
+    # than any one's, and lowers the fit); the union normalises the map.
+    masks = soft_mask(box, starts.reshape(-1, *starts.shape[-2:]), mask_radius,
+                      mask_edge) * covered
+    mask = masks.max(axis=0)
     w = mask.astype(np.float64)
     if not w.sum() > 0:
         raise InputError("the mask around the model covers no point of the map")
@@ -235,4 +243,5 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
     log.info("map box %s points (%.1f x %.1f x %.1f Å) %s; mask %.1f Å + %.1f Å edge covers "
              "%d points", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
              mask_radius, mask_edge, int((mask > 0).sum()))
-    return PreparedMap(data=norm, mask=mask, spec=box, mean=mean, sd=sd, copies=copies)
+    return PreparedMap(data=norm, mask=mask, masks=masks, spec=box, mean=mean, sd=sd,
+                       copies=copies)

@@ -144,9 +144,13 @@ def read_batch(path, backend=None, dtype=np.float32):
 
 
 class Batch:
-    """B models of one topology on a backend: xyz (B,N,3), b (B,N), occ (B,N), u (B,N,6)."""
+    """B models of one topology on a backend: xyz (B,N,3), b (B,N), occ (B,N), u (B,N,6).
 
-    def __init__(self, model, xyz, b, occ, u=None, backend=None):
+    ``mask_index`` (B,): which of a map target's masks each member is compared inside (the
+    mask around its own starting model, ``PreparedMap.masks``); 0 for every member unless
+    given.  Subsets keep it."""
+
+    def __init__(self, model, xyz, b, occ, u=None, backend=None, mask_index=None):
         self.model = model
         self.backend = get_backend(backend)
         bk = self.backend
@@ -159,6 +163,11 @@ class Batch:
             raise ParameterError(f"xyz must have shape (B, {n}, 3), got {self.xyz.shape}")
         if self.b.shape != self.xyz.shape[:2] or self.occ.shape != self.xyz.shape[:2]:
             raise ParameterError("b and occ must have shape (B, N)")
+        index = (np.zeros(self.xyz.shape[0], dtype=np.int64) if mask_index is None
+                 else bk.to_numpy(mask_index).astype(np.int64).reshape(-1))
+        if index.shape != self.xyz.shape[:1] or (index < 0).any():
+            raise ParameterError("mask_index must hold one index >= 0 per model")
+        self.mask_index = index
 
     @classmethod
     def from_model(cls, model, n_models=1, backend=None, dtype=np.float32):
@@ -177,7 +186,7 @@ class Batch:
         """A Batch of the members selected by ``index`` (a slice, or a list that may repeat)."""
         pick = (lambda a: None if a is None else a[index])
         return Batch(self.model, pick(self.xyz), pick(self.b), pick(self.occ), pick(self.u),
-                     backend=self.backend)
+                     backend=self.backend, mask_index=self.mask_index[index])
 
     @property
     def dtype(self):

@@ -100,6 +100,9 @@ def test_box_mask_and_mates_cover_every_start(helix):
                    zip(both.spec.start, both.spec.shape, one.spec.start, one.spec.shape))
     masks = [mapprep.soft_mask(both.spec, xyz, 3.0, 2.0) for xyz in (helix.xyz, moved)]
     np.testing.assert_allclose(both.mask, np.maximum(*masks), atol=1e-6)
+    # Each start's own mask too, for the models refined from it.
+    assert both.masks.shape == (2,) + tuple(both.spec.shape)
+    np.testing.assert_allclose(both.masks, np.stack(masks), atol=1e-6)
     # A mate carries the atoms whose image in either start comes within reach of either
     # start (the mask is theirs together): at least those of each start alone.
     reach = 3.0 + 2.0 + mapprep.MATE_DENSITY_REACH

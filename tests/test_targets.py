@@ -1,4 +1,5 @@
 """Data targets: gradients against finite differences on both backends, GPU/NumPy parity."""
+import dataclasses
 import logging
 
 import numpy as np
@@ -93,6 +94,42 @@ def test_model_map_cc_gradient_through_symmetry_mates(crystal_case, backend, rng
     picks = [("xyz", (m, int(rng.choice(copied)), k)) for m, k in ((0, 0), (1, 1), (0, 2))]
     picks += [("b", (1, int(rng.choice(copied)))), ("occ", (0, int(rng.choice(copied))))]
     _check_fd(target, batch, ("xyz", "b", "occ"), picks, 1e-4, 1e-3)
+
+
+def test_each_model_is_compared_inside_its_own_starts_mask(case, backend, rng):
+    """Two starts: a model with mask_index k has the value and gradient of a target whose
+    map holds start k's mask alone (same box), and its gradient is still the value's."""
+    model, _ = case
+    data, spec = gr.examples.simulated_map(model, 2.5, noise=0.2, backend="numpy", padding=6.0)
+    moved = model.xyz + np.where(np.arange(model.n_atoms) % 3 == 0, 1.5, -0.5)[:, None]
+    both = prepare_map(gr.MapData(data, spec), np.stack([model.xyz, moved]), cushion=3.0)
+    assert not np.allclose(both.masks[0], both.masks[1])
+    settings = DensitySettings(blur=30.0, cutoff=1e-9, dtype="float64")
+    batch = _batch(model, backend, rng, n=3)
+    batch = gr.Batch(model, batch.xyz, batch.b, batch.occ, backend=backend, mask_index=[1, 0, 1])
+    target = ModelMapTarget(both, 2.5, backend=backend, settings=settings)
+    f, g = target.value_and_gradient(batch, ("xyz", "b"))
+    for k in (0, 1):
+        alone = dataclasses.replace(both, masks=both.masks[k:k + 1])
+        plain = gr.Batch(model, batch.xyz, batch.b, batch.occ, backend=backend)
+        f_k, g_k = ModelMapTarget(alone, 2.5, backend=backend,
+                                  settings=settings).value_and_gradient(plain, ("xyz", "b"))
+        rows = np.nonzero(batch.mask_index == k)[0]
+        np.testing.assert_allclose(backend.to_numpy(f)[rows], backend.to_numpy(f_k)[rows],
+                                   rtol=1e-12)
+        for name in ("xyz", "b"):
+            np.testing.assert_allclose(backend.to_numpy(getattr(g, name))[rows],
+                                       backend.to_numpy(getattr(g_k, name))[rows], rtol=1e-10,
+                                       atol=1e-12)
+    picks = [("xyz", (2, int(rng.integers(model.n_atoms)), int(rng.integers(3)))),
+             ("b", (2, int(rng.integers(model.n_atoms))))]
+    _check_fd(target, batch, ("xyz", "b"), picks, 1e-4, 1e-3)
+    # A subset keeps each model's mask.
+    np.testing.assert_allclose(backend.to_numpy(target.value(batch.subset([2, 1]))),
+                               backend.to_numpy(f)[[2, 1]], rtol=1e-12)
+    with pytest.raises(gr.ParameterError, match="mask_index 2"):
+        target.value(gr.Batch(model, batch.xyz[:1], batch.b[:1], batch.occ[:1],
+                              backend=backend, mask_index=[2]))
 
 
 def test_model_map_cc_is_highest_at_the_true_model(case):

@@ -6,10 +6,13 @@ shape it and get gradients, through the density adjoint kernel:
     dCC/dx_p = w_p (dy_p / sqrt(Sxx Syy) - CC dx_p / Sxx),
 with dx, dy deviations from the weighted means (their derivatives cancel because the weighted
 deviations sum to zero).  N_atoms scales T like a sum over atoms, as the restraints are.
+Each model is compared inside the mask of its own start (``Batch.mask_index`` into
+``PreparedMap.masks``).
 """
 
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks
+from ..errors import ParameterError
 from .base import Gradients
 
 
@@ -23,26 +26,39 @@ class ModelMapTarget:
         self.mapper = ModelMapper(self.spec, resolution, self.settings, backend=bk,
                                   copies=prepared.copies)
         xp = bk.xp
-        w = bk.asarray(prepared.mask, dtype=xp.float64)
-        y = bk.asarray(prepared.data, dtype=xp.float64)
+        # (S, n0, n1, n2): one mask, map deviation and norm per start.
+        w = bk.asarray(prepared.masks, dtype=xp.float64)
+        y = bk.asarray(prepared.data, dtype=xp.float64)[None]
         self.w = w
-        self.w_sum = float(w.sum())
-        my = (w * y).sum() / self.w_sum
-        self.dy = (y - my) * (w > 0)
-        self.syy = float((w * self.dy ** 2).sum())
+        self.w_sum = w.sum(axis=(1, 2, 3))
+        my = (w * y).sum(axis=(1, 2, 3)) / self.w_sum
+        self.dy = (y - my[:, None, None, None]) * (w > 0)
+        self.syy = (w * self.dy ** 2).sum(axis=(1, 2, 3))
         self.chunk = None   # models per evaluation: all, until the device runs out of memory
 
-    def _cc(self, image):
-        """(CC (B,), dx (B,…), Sxx (B,), Sxy (B,)) of each image against the map."""
+    def _per_model(self, batch):
+        """(w, dy, w_sum, syy) of each model's mask, broadcastable against (B, …) images."""
+        index = batch.mask_index
+        if index.size and index.max() >= self.w.shape[0]:
+            raise ParameterError(f"mask_index {int(index.max())} given, but the map has "
+                                 f"{self.w.shape[0]} mask(s)")
+        if self.w.shape[0] == 1:      # no (B, …) copies of the one mask
+            return self.w, self.dy, self.w_sum, self.syy
+        index = self.backend.asarray(index)
+        return self.w[index], self.dy[index], self.w_sum[index], self.syy[index]
+
+    def _cc(self, image, batch):
+        """(CC (B,), dx (B,…), Sxx (B,), the masks' (w, dy, Syy)) of each image against the
+        map."""
         xp = self.backend.xp
+        w, dy, w_sum, syy = self._per_model(batch)
         x = image.astype(xp.float64)
-        w = self.w[None]
-        mx = (w * x).sum(axis=(1, 2, 3)) / self.w_sum
+        mx = (w * x).sum(axis=(1, 2, 3)) / w_sum
         dx = x - mx[:, None, None, None]
         sxx = (w * dx * dx).sum(axis=(1, 2, 3))
-        sxy = (w * dx * self.dy[None]).sum(axis=(1, 2, 3))
-        cc = sxy / xp.sqrt(xp.maximum(sxx, 1e-300) * self.syy)
-        return cc, dx, sxx, sxy
+        sxy = (w * dx * dy).sum(axis=(1, 2, 3))
+        cc = sxy / xp.sqrt(xp.maximum(sxx, 1e-300) * syy)
+        return cc, dx, sxx, (w, dy, syy)
 
     def _chunked(self, batch, fn):
         """fn over sub-batches whose model maps fit on the device (all at once where they do)."""
@@ -50,7 +66,7 @@ class ModelMapTarget:
         return parts
 
     def _target_cc(self, batch):
-        return self._cc(self.mapper.image(batch))[0]
+        return self._cc(self.mapper.image(batch), batch)[0]
 
     def value(self, batch):
         cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
@@ -69,12 +85,12 @@ class ModelMapTarget:
     def _value_and_gradient(self, batch, wrt):
         xp = self.backend.xp
         image = self.mapper.image(batch)
-        cc, dx, sxx, _ = self._cc(image)
+        cc, dx, sxx, (w, dy, syy) = self._cc(image, batch)
         del image
         n = batch.model.n_atoms
-        denom = xp.sqrt(xp.maximum(sxx, 1e-300) * self.syy)
-        dcc = self.w[None] * (self.dy[None] / denom[:, None, None, None]
-                              - (cc / xp.maximum(sxx, 1e-300))[:, None, None, None] * dx)
+        denom = xp.sqrt(xp.maximum(sxx, 1e-300) * syy)
+        dcc = w * (dy / denom[:, None, None, None]
+                   - (cc / xp.maximum(sxx, 1e-300))[:, None, None, None] * dx)
         dmap = (-n * dcc).astype(batch.dtype)
         gx, gb, _, go = self.mapper.image_adjoint(batch, dmap)
         grads = Gradients(xyz=gx if "xyz" in wrt else None, b=gb if "b" in wrt else None,

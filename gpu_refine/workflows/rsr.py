@@ -213,7 +213,8 @@ class RealSpaceRefinement:
     ``starts``: the starting models, a Batch of ``model``'s topology (as ``read_batch`` gives
     for a multi-model file); by default ``model`` itself.  The batch refined is each start
     in ``settings.nmodels`` copies (shaken where ``settings.shake`` > 0), each copy with
-    each weight of a grid; the map box and mask cover the atoms of every start."""
+    each weight of a grid; the map box covers the atoms of every start, and each member is
+    fitted inside the mask around its own start."""
 
     def __init__(self, model, map_data, settings, backend=None, dtype=np.float32, starts=None):
         self.settings = s = settings.check()
@@ -264,7 +265,7 @@ class RealSpaceRefinement:
     def _view(self, batch, xyz=None, b=None, occ=None):
         return Batch(batch.model, batch.xyz if xyz is None else xyz,
                      batch.b if b is None else b, batch.occ if occ is None else occ,
-                     batch.u, backend=self.backend)
+                     batch.u, backend=self.backend, mask_index=batch.mask_index)
 
     def refine_sites(self, batch, weight, iterations):
         xp = self.backend.xp
@@ -492,7 +493,7 @@ class RealSpaceRefinement:
         copy = np.repeat(np.arange(len(source)), len(s.weight_grid()))  # each member's copy
         take = (lambda a: None if a is None else a[source[copy]].astype(self.dtype))
         return Batch(self.model, xyz[copy].astype(self.dtype), take(st.b), take(st.occ),
-                     take(st.u), backend=self.backend)
+                     take(st.u), backend=self.backend, mask_index=source[copy])
 
     def run(self, progress=None):
         s = self.settings
