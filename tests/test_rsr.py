@@ -192,6 +192,9 @@ def test_starts_copies_and_a_weight_grid(helix, backend):
                                                            **params),
                               backend=backend, starts=starts)
     first = backend.to_numpy(job.start_batch().xyz)
+    # Each member is fitted inside its own start's mask.
+    assert job.start_batch().mask_index.tolist() == [0] * 4 + [1] * 4
+    assert job.prepared.masks.shape[0] == 2
     assert _rms(first[4], xyz[1]) == pytest.approx(0.3, rel=1e-4)
     assert _rms(first[0], xyz[0]) == pytest.approx(0.3, rel=1e-4)
     for bad in ((2.0, -1.0), "2,x", ()):

@@ -498,28 +498,32 @@ class RealSpaceRefinement:
     def run(self, progress=None):
         s = self.settings
         t0 = time.perf_counter()
-        batch = self.start_batch()
         members = self.members()
         xp = self.backend.xp
-        n = batch.size
-        cc_start = self.map_statistics(batch)["cc_mask"]
+        grid = len(s.weight_grid())
+        # The members of one copy (its weights) start alike: the start is prepared per copy.
+        copies = self.start_batch().subset(slice(None, None, grid))
+        n = copies.size * grid
+        cc_start = np.repeat(self.map_statistics(copies)["cc_mask"], grid)
         n_starts = members[-1][0]
         log.info("%d model(s)%s, %d atoms; start CCmask %s", n,
-                 f" ({n_starts} start(s) x {n // n_starts} weights)" if n > n_starts else "",
+                 f" ({n_starts} start(s) x {grid} weights)" if grid > 1 else "",
                  self.model.n_atoms, _range(cc_start))
-        iterations = np.zeros(n, dtype=int)
+        iterations = np.zeros(copies.size, dtype=int)
         floor, done = None, []
         if self.strategy["sites"] and s.regularize_iterations > 0:
             # Shaken or rough starts: fix the local geometry first (restraints only, cheap).
-            res = self.refine_sites(batch, np.zeros(n), s.regularize_iterations)
+            res = self.refine_sites(copies, np.zeros(copies.size), s.regularize_iterations)
             iterations += res.iterations
-            geo = self.geometry(batch)
+            geo = self.geometry(copies)
             floor = (geo[0]["rmsd_bonds"], geo[0]["rmsd_angles"])
             done.append(f"regularised: bonds {_range([g['rmsd_bonds'] for g in geo])} Å, "
                         f"angles {_range([g['rmsd_angles'] for g in geo], '.2f')}°")
         if self.strategy["adp"]:
-            iterations += self.refine_adp(batch, s.adp_iterations).iterations
+            iterations += self.refine_adp(copies, s.adp_iterations).iterations
             done.append("B refined")
+        batch = _repeat(copies, grid)
+        iterations = np.repeat(iterations, grid)
         log.info("start prepared (%s) in %.1f s", "; ".join(done) or "as given",
                  time.perf_counter() - t0)
         limits = geometry_limits(s.resolution, s.bond_limit, s.angle_limit, floor)
@@ -595,6 +599,14 @@ class RealSpaceRefinement:
                  stats[best]["rmsd_bonds"], stats[best]["rmsd_angles"], elapsed)
         return RSRResult(batch=batch, stats=stats, weight=weight, best=best, settings=s,
                          weight_trials=trials, time=elapsed)
+
+
+def _repeat(batch, k):
+    """Each member of ``batch`` k times in a row."""
+    xp = batch.backend.xp
+    rep = (lambda a: None if a is None else xp.repeat(a, k, axis=0))
+    return Batch(batch.model, rep(batch.xyz), rep(batch.b), rep(batch.occ), rep(batch.u),
+                 backend=batch.backend, mask_index=np.repeat(batch.mask_index, k))
 
 
 def _lbfgs(iterations, max_step):
