@@ -153,6 +153,39 @@ def read_model_from_helix():
     return Model.from_gemmi(st)
 
 
+def test_statistics_of_a_batch(backend):
+    """The same numbers on every backend (reduced there, per model); outliers worst first, at
+    most ``max_outliers`` listed, counted against |delta / sigma| > 4 from the raw terms."""
+    model = read_model_from_helix()
+    topo = build_topology(model)
+    batch = shaken_batch(model, 3, 0.3, seed=2, backend="numpy", dtype=np.float64)
+    ref_restraints = GeometryRestraints(topo, backend="numpy", dtype=np.float64)
+    ref = geometry_statistics(ref_restraints, batch.xyz, max_outliers=5)
+    restraints = GeometryRestraints(topo, backend=backend, dtype=np.float64)
+    got = geometry_statistics(restraints, backend.asarray(batch.xyz), max_outliers=5)
+    assert len(got) == 3
+    for r, g in zip(ref, got):
+        assert r.keys() == g.keys()
+        for key, value in r.items():
+            if isinstance(value, float):
+                assert g[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        assert [o["atoms"] for o in g["outliers"]] == [o["atoms"] for o in r["outliers"]]
+        assert g["worst_overlap"]["atoms"] == r["worst_overlap"]["atoms"]
+    terms = ref_restraints.terms(batch.xyz)
+    for m, r in enumerate(ref):
+        n = 0
+        for name in ("bonds", "angles", "torsions", "chirals", "planes"):
+            delta = terms[name][1][m]
+            delta = np.degrees(delta) if name in ("angles", "torsions") else delta
+            sigma = getattr(topo, name).sigma
+            n += int((np.abs(delta[sigma > 0] / sigma[sigma > 0]) > 4.0).sum())
+        assert r["n_outliers"] == n > 5
+        z = [abs(o["z"]) for o in r["outliers"]]
+        assert len(z) == 5 and z == sorted(z, reverse=True) and min(z) > 4.0
+        for o in r["outliers"]:
+            assert o["z"] == pytest.approx(o["delta"] / o["sigma"])
+
+
 @pytest.mark.large
 def test_regularisation_of_a_shaken_batch(shared, backend):
     model = without_h(shared / MODELS["3j6b"])

@@ -30,57 +30,93 @@ def _sigma_ideal(topology, name):
 
 
 def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
-    """A list with one dict per model of ``xyz`` (B,N,3)."""
+    """A list with one dict per model of ``xyz`` (B,N,3).
+
+    The sums run over the whole batch on the restraints' backend; only per-model numbers and
+    the listed outliers come back to the host."""
     topo = restraints.topology
     bk = restraints.backend
-    terms = {k: (bk.to_numpy(e), bk.to_numpy(d).astype(np.float64))
-             for k, (e, d) in restraints.terms(xyz).items()}
+    xp = bk.xp
+    terms = restraints.terms(xyz)
     n_models = next(iter(terms.values()))[1].shape[0]
-    results = []
-    for m in range(n_models):
-        r = dict(topo.counts())
-        found = []      # every outlier as (|z|, type, index, its arrays); dicts for those listed
-        for name in ("bonds", "angles", "torsions", "chirals", "planes"):
-            delta = terms[name][1][m]
-            if name in ANGULAR:
-                delta = np.degrees(delta)
-            sigma, ideal = _sigma_ideal(topo, name)
-            if delta.size:
-                ok = sigma > 0
-                z = np.where(ok, delta / np.where(ok, sigma, 1.0), 0.0)
-                r[f"rmsd_{name}"] = float(np.sqrt(np.mean(delta ** 2)))
-                r[f"rmsz_{name}"] = float(np.sqrt(np.mean(z[ok] ** 2))) if ok.any() else 0.0
-                r[f"max_{name}"] = float(np.abs(delta).max())
-                found += [(abs(float(z[k])), name, k, delta, z, sigma, ideal)
-                          for k in np.flatnonzero(np.abs(z) > z_outlier)]
-            else:
+    results = [dict(topo.counts()) for _ in range(n_models)]
+    counts = np.zeros(n_models, dtype=int)
+    found = []      # per type: (|z|, type order, restraint index, model) of every outlier
+    for order, name in enumerate(("bonds", "angles", "torsions", "chirals", "planes")):
+        delta = terms[name][1].astype(xp.float64)
+        if delta.shape[1] == 0:
+            for r in results:
                 r[f"rmsd_{name}"] = r[f"rmsz_{name}"] = r[f"max_{name}"] = 0.0
-        found.sort(key=lambda f: -f[0])
-        r["n_outliers"] = len(found)
-        r["outliers"] = [_outlier(topo, *f[1:]) for f in found[:max_outliers]]
-        if "nonbonded" in terms:
-            pl = restraints.pairs
-            delta = terms["nonbonded"][1][m]
-            overlap = -delta
-            clash = overlap > restraints.nonbonded_settings.clash_overlap
-            # A contact with a symmetry mate is listed from both sides at half weight.
-            r["n_nonbonded"] = int(round(float(pl.weight.sum())))
-            r["n_overlaps"] = int(np.ceil(float(pl.weight[clash].sum()) - 1e-9))
-            if len(delta):
-                k = int(np.argmax(overlap))
-                r["worst_overlap"] = {"atoms": [_pair_label(topo, pl, a) for a in pl.pairs[k]],
-                                      "distance": float(pl.dmin[k] + delta[k]),
-                                      "min_distance": float(pl.dmin[k]),
-                                      "overlap": float(overlap[k])}
-        results.append(r)
+            continue
+        if name in ANGULAR:
+            delta = xp.degrees(delta)
+        sigma, ideal = _sigma_ideal(topo, name)
+        ok = sigma > 0
+        z = delta * xp.asarray(np.where(ok, 1.0 / np.where(ok, sigma, 1.0), 0.0))[None]
+        columns = {f"rmsd_{name}": xp.sqrt(xp.mean(delta ** 2, axis=1)),
+                   f"rmsz_{name}": xp.sqrt((z ** 2).sum(axis=1) / max(int(ok.sum()), 1)),
+                   f"max_{name}": xp.abs(delta).max(axis=1)}
+        outlier = xp.abs(z) > z_outlier
+        counts += bk.to_numpy(outlier.sum(axis=1)).astype(int)
+        for key, value in columns.items():
+            for r, v in zip(results, bk.to_numpy(value).tolist()):
+                r[key] = float(v)
+        if max_outliers > 0:
+            m, k = (bk.to_numpy(a) for a in xp.nonzero(outlier))
+            if len(m):
+                d = bk.to_numpy(delta[xp.asarray(m), xp.asarray(k)])
+                found.append((np.abs(d / sigma[k]), np.full(len(m), order), k, m, d, name,
+                              sigma, ideal))
+    for r, c in zip(results, counts.tolist()):
+        r["n_outliers"] = c
+        r["outliers"] = []
+    if found:
+        az, order, k, m = (np.concatenate([f[i] for f in found]) for i in range(4))
+        where = np.concatenate([np.full(len(f[0]), j) for j, f in enumerate(found)])
+        at = np.concatenate([np.arange(len(f[0])) for f in found])
+        # Worst first; ties in type order, then restraint order (as listed by the topology).
+        for i in np.lexsort((k, order, -az)):
+            r = results[m[i]]
+            if len(r["outliers"]) < max_outliers:
+                f = found[where[i]]
+                r["outliers"].append(_outlier(topo, f[5], int(k[i]), float(f[4][at[i]]),
+                                              f[6], f[7]))
+    if "nonbonded" in terms:
+        _overlaps(restraints, terms["nonbonded"][1], results)
     return results
 
 
-def _outlier(topo, name, k, delta, z, sigma, ideal):
+def _overlaps(restraints, delta, results):
+    """Nonbonded counts, overlaps and the worst overlap of each model (delta = d - dmin)."""
+    bk = restraints.backend
+    xp = bk.xp
+    topo = restraints.topology
+    pl = restraints.pairs
+    overlap = -delta.astype(xp.float64)
+    clash = overlap > restraints.nonbonded_settings.clash_overlap
+    # A contact with a symmetry mate is listed from both sides at half weight.
+    weight = xp.asarray(pl.weight, dtype=xp.float64)
+    n_overlaps = bk.to_numpy((clash * weight[None]).sum(axis=1))
+    n_nonbonded = int(round(float(pl.weight.sum())))
+    worst = bk.to_numpy(xp.argmax(overlap, axis=1)) if overlap.shape[1] else None
+    worst_overlap = (None if worst is None else
+                     bk.to_numpy(xp.take_along_axis(overlap, xp.asarray(worst)[:, None], 1))[:, 0])
+    for m, r in enumerate(results):
+        r["n_nonbonded"] = n_nonbonded
+        r["n_overlaps"] = int(np.ceil(float(n_overlaps[m]) - 1e-9))
+        if worst is not None:
+            k, o = int(worst[m]), float(worst_overlap[m])
+            r["worst_overlap"] = {"atoms": [_pair_label(topo, pl, a) for a in pl.pairs[k]],
+                                  "distance": float(pl.dmin[k] - o),
+                                  "min_distance": float(pl.dmin[k]), "overlap": o}
+
+
+def _outlier(topo, name, k, delta, sigma, ideal):
+    """The record of restraint ``k`` of type ``name`` at deviation ``delta``."""
     return {"type": name[:-1], "atoms": [str(topo.labels[a]) for a in _member_atoms(topo, name)[k]],
             "ideal": float(ideal[k]),
-            "model": float(ideal[k] + delta[k]) if name != "planes" else float(delta[k]),
-            "delta": float(delta[k]), "sigma": float(sigma[k]), "z": float(z[k]),
+            "model": float(ideal[k] + delta) if name != "planes" else delta,
+            "delta": delta, "sigma": float(sigma[k]), "z": delta / float(sigma[k]),
             "unit": UNITS[name]}
 
 
