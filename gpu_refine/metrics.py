@@ -56,26 +56,37 @@ def _top_n(xp, values, n):
     return values >= threshold
 
 
+def _host(values):
+    return {k: np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64)
+            for k, v in values.items()}
+
+
+def _flat(xp, exp_map, model_maps, masks):
+    nb = model_maps.shape[0]
+    m = xp.broadcast_to(exp_map[None], model_maps.shape).reshape(nb, -1)
+    return m, model_maps.reshape(nb, -1), masks.reshape(nb, -1)
+
+
+def mask_and_box_cc(xp, exp_map, model_maps, masks):
+    """CCmask and CCbox per model (what refinement reports): dict of (B,) NumPy arrays."""
+    m, c, mk = _flat(xp, exp_map, model_maps, masks)
+    return _host({"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)})
+
+
 def five_cc(xp, exp_map, model_maps, masks):
     """CCmask, CCbox, CCvolume, CCpeaks per model: dict of (B,) NumPy arrays.
 
     exp_map (n0,n1,n2); model_maps (B,n0,n1,n2); masks (B,n0,n1,n2) bool.
     """
-    nb = model_maps.shape[0]
-    m = xp.broadcast_to(exp_map[None], model_maps.shape).reshape(nb, -1)
-    c = model_maps.reshape(nb, -1)
-    mk = masks.reshape(nb, -1)
-    out = {"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)}
+    m, c, mk = _flat(xp, exp_map, model_maps, masks)
     vol, peaks = [], []
-    for i in range(nb):
+    for i in range(c.shape[0]):
         n = int(mk[i].sum())
         top_model = _top_n(xp, c[i], n)
         vol.append(correlation(xp, m[i], c[i], top_model))
         peaks.append(correlation(xp, m[i], c[i], top_model | _top_n(xp, m[i], n)))
-    out["cc_volume"] = xp.stack(vol)
-    out["cc_peaks"] = xp.stack(peaks)
-    return {k: np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64)
-            for k, v in out.items()}
+    return {**mask_and_box_cc(xp, exp_map, model_maps, masks),
+            **_host({"cc_volume": xp.stack(vol), "cc_peaks": xp.stack(peaks)})}
 
 
 def image_radius(d_min, b_iso, element="C", table="electron"):

@@ -21,7 +21,7 @@ from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
 from ..errors import InputError, ParameterError
 from ..mapprep import prepare_map
-from ..metrics import five_cc, molecular_mask
+from ..metrics import mask_and_box_cc, molecular_mask
 from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch, b_equivalent
 from ..restraints.adp import ADPRestraints
@@ -454,7 +454,7 @@ class RealSpaceRefinement:
         def ccs(sub):
             masks = xp.asarray(np.stack([molecular_mask(self.model, x, spec)
                                          for x in bk.to_numpy(sub.xyz)]))
-            return five_cc(xp, exp_map, mapper.image(sub), masks)
+            return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks)
         parts, _ = map_in_chunks(bk, batch, ccs, chunk)
         return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}
 
