@@ -174,18 +174,31 @@ def soft_mask(spec, xyz, radius, edge):
     their lattice translates; on a box periodic along some axes, to its translates along
     those.  ``xyz`` (N, 3), or (S, N, 3) for one mask per starting model: (S, n0, n1, n2)."""
     n = spec.shape
+    reach = radius + edge
     idx = np.indices(n, dtype=np.float64).reshape(3, -1).T
     pts = spec.origin_xyz + idx @ spec.xyz_from_index.T
     xyz = np.asarray(xyz, dtype=np.float64)
-    masks = []
-    for centres in xyz.reshape(-1, xyz.shape[-2], 3):
+    sets = xyz.reshape(-1, xyz.shape[-2], 3)
+
+    def weight(centres, at):
         if any(spec.periodic_axes):
-            centres = periodic_images(spec, centres, radius + edge)
-        d, _ = cKDTree(centres).query(pts, distance_upper_bound=radius + edge, workers=-1)
+            centres = periodic_images(spec, centres, reach)
+        d, _ = cKDTree(centres).query(at, distance_upper_bound=reach, workers=-1)
         t = np.clip((d - radius) / max(edge, 1e-6), 0.0, 1.0)
-        w = np.where(np.isfinite(d), 0.5 * (1 + np.cos(np.pi * t)), 0.0)
-        masks.append(w.reshape(n).astype(np.float32))
-    return np.stack(masks) if xyz.ndim == 3 else masks[0]
+        return np.where(np.isfinite(d), 0.5 * (1 + np.cos(np.pi * t)), 0.0).astype(np.float32)
+
+    union = weight(sets.reshape(-1, 3), pts)
+    if xyz.ndim == 2:
+        return union.reshape(n)
+    masks = np.zeros((len(sets), union.size), dtype=np.float32)
+    if len(sets) == 1:
+        masks[0] = union
+    else:
+        # Each start's mask lies inside the union's: only those points are queried again.
+        near = np.flatnonzero(union > 0)
+        for k, centres in enumerate(sets):
+            masks[k, near] = weight(centres, pts[near])
+    return masks.reshape((len(sets),) + tuple(n))
 
 
 def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
