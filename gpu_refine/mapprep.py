@@ -253,8 +253,11 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
         if copies:
             where += (f", with {sum(len(c.atoms) for c in copies)} atoms of {len(copies)} "
                       "symmetry mates near it")
+    each = ("" if len(masks) == 1 else
+            f" (around all {len(masks)} starts; each start's own: "
+            f"{int((masks > 0).sum(axis=(1, 2, 3)).mean())} on average)")
     log.info("map box %s points (%.1f x %.1f x %.1f Å) %s; mask %.1f Å + %.1f Å edge covers "
-             "%d points", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
-             mask_radius, mask_edge, int((mask > 0).sum()))
+             "%d points%s", box.shape, *(box.voxel_size * np.asarray(box.shape)), where,
+             mask_radius, mask_edge, int((mask > 0).sum()), each)
     return PreparedMap(data=norm, mask=mask, masks=masks, spec=box, mean=mean, sd=sd,
                        copies=copies)
