@@ -26,26 +26,27 @@ class ModelMapTarget:
         self.mapper = ModelMapper(self.spec, resolution, self.settings, backend=bk,
                                   copies=prepared.copies)
         xp = bk.xp
-        # (S, n0, n1, n2): one mask, map deviation and norm per start.
-        w = bk.asarray(prepared.masks, dtype=xp.float64)
-        y = bk.asarray(prepared.data, dtype=xp.float64)[None]
-        self.w = w
+        # One mask per start (S, n0, n1, n2), kept in float32 (exact: the masks are float32):
+        # with many starts and a large box the masks are the target's largest arrays.
+        self.w = bk.asarray(prepared.masks, dtype=xp.float32)
+        self.y = bk.asarray(prepared.data, dtype=xp.float64)
+        w = self.w.astype(xp.float64)
         self.w_sum = w.sum(axis=(1, 2, 3))
-        my = (w * y).sum(axis=(1, 2, 3)) / self.w_sum
-        self.dy = (y - my[:, None, None, None]) * (w > 0)
-        self.syy = (w * self.dy ** 2).sum(axis=(1, 2, 3))
+        self.my = (w * self.y[None]).sum(axis=(1, 2, 3)) / self.w_sum
+        self.syy = (w * (self.y[None] - self.my[:, None, None, None]) ** 2).sum(axis=(1, 2, 3))
         self.chunk = None   # models per evaluation: all, until the device runs out of memory
 
     def _per_model(self, batch):
-        """(w, dy, w_sum, syy) of each model's mask, broadcastable against (B, …) images."""
+        """(w, dy, w_sum, syy) of each model's mask (dy: the map's deviation from its mean
+        there), broadcastable against (B, …) images."""
         index = batch.mask_index
         if index.size and index.max() >= self.w.shape[0]:
             raise ParameterError(f"mask_index {int(index.max())} given, but the map has "
                                  f"{self.w.shape[0]} mask(s)")
-        if self.w.shape[0] == 1:      # no (B, …) copies of the one mask
-            return self.w, self.dy, self.w_sum, self.syy
-        index = self.backend.asarray(index)
-        return self.w[index], self.dy[index], self.w_sum[index], self.syy[index]
+        pick = slice(0, 1) if self.w.shape[0] == 1 else self.backend.asarray(index)
+        w = self.w[pick]
+        dy = (self.y[None] - self.my[pick][:, None, None, None]) * (w > 0)
+        return w, dy, self.w_sum[pick], self.syy[pick]
 
     def _cc(self, image, batch):
         """(CC (B,), dx (B,…), Sxx (B,), the masks' (w, dy, Syy)) of each image against the
