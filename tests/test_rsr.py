@@ -343,3 +343,16 @@ def test_weight_limits_stay_above_what_restraints_alone_reach():
     assert geometry_limits(3.0, floor=(0.0012, 0.61)) == (0.01, 1.0)    # EMD-2566's floor
     assert geometry_limits(3.0, floor=(0.0012, 1.03)) == pytest.approx((0.01, 1.545))
     assert geometry_limits(3.0, 0.005, 1.0, floor=(0.004, 0.5)) == pytest.approx((0.006, 1.0))
+
+
+def test_identical_copies_are_pointed_out(helix, caplog):
+    model, map_data = helix
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, nmodels=2),
+                            backend="numpy")
+    assert "nmodels=2 without shake" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, nmodels=2, shake=0.3),
+                            backend="numpy")
+    assert "without shake" not in caplog.text

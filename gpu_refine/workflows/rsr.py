@@ -219,6 +219,9 @@ class RealSpaceRefinement:
     def __init__(self, model, map_data, settings, backend=None, dtype=np.float32, starts=None):
         self.settings = s = settings.check()
         self.strategy = s.parsed_strategy()
+        if s.nmodels > 1 and s.shake == 0:
+            log.warning("nmodels=%d without shake: the copies of each start are identical "
+                        "and refine alike (give shake=RMS to vary them)", s.nmodels)
         self.input_model = model
         if self.strategy["adp"] and model.is_aniso.any():
             # Isotropic B is refined; an anisotropic atom's density would not depend on it.
