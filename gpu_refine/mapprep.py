@@ -84,29 +84,42 @@ def box_indices(spec, xyz, cushion):
     return lo, hi
 
 
+def box_slices(spec, lo, hi):
+    """(map slices, box slices): where the box [lo, hi) of a map that is no crystal's cell
+    overlaps the map, in the map's indices and in the box's."""
+    src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, spec.shape))
+    dst = tuple(slice(s.start - l, s.stop - l) for s, l in zip(src, lo))
+    return src, dst
+
+
+def box_spec(spec, lo, hi):
+    """The GridSpec of the box [lo, hi) of ``spec``'s grid: a crystal's whole cell keeps its
+    symmetry (a box holding one period along an axis wraps there); any other box is P 1."""
+    shape = tuple(int(h - l) for l, h in zip(lo, hi))
+    wrap = (tuple(bool(h - l == n) for l, h, n in zip(lo, hi, spec.shape)) if spec.is_crystal
+            else (False, False, False))
+    whole = all(wrap) and shape == tuple(spec.shape)
+    start = tuple(int(s + l) for s, l in zip(spec.start, lo))
+    return GridSpec(cell=spec.cell, sampling=spec.sampling, shape=shape, start=start,
+                    origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1",
+                    crystal=whole, wrap=wrap)
+
+
 def cut_box(data, spec, lo, hi):
     """The sub-array [lo, hi) of the map, its GridSpec, and which of its points hold map
     data: a crystal's cell wraps around (the box is periodic along the axes where it holds a
     whole period), any other map is padded with zeros and never periodic."""
+    box = box_spec(spec, lo, hi)
     if spec.is_crystal:
         idx = [np.arange(lo[a], hi[a]) % spec.shape[a] for a in range(3)]
         sub = np.ascontiguousarray(data[np.ix_(*idx)], dtype=np.float32)
         covered = np.ones(sub.shape, dtype=bool)
-        wrap = tuple(bool(h - l == n) for l, h, n in zip(lo, hi, spec.shape))
     else:
-        sub = np.zeros(tuple(int(h - l) for l, h in zip(lo, hi)), dtype=np.float32)
-        src = tuple(slice(max(l, 0), min(h, n)) for l, h, n in zip(lo, hi, spec.shape))
-        dst = tuple(slice(s.start - l, s.stop - l) for s, l in zip(src, lo))
+        sub = np.zeros(box.shape, dtype=np.float32)
+        src, dst = box_slices(spec, lo, hi)
         sub[dst] = data[src]
         covered = np.zeros(sub.shape, dtype=bool)
         covered[dst] = True
-        wrap = (False, False, False)
-    start = tuple(int(s + l) for s, l in zip(spec.start, lo))
-    # A whole crystal cell keeps its symmetry; any smaller box is a P 1 box.
-    whole = all(wrap) and sub.shape == tuple(spec.shape)
-    box = GridSpec(cell=spec.cell, sampling=spec.sampling, shape=sub.shape, start=start,
-                   origin=spec.origin, spacegroup=spec.spacegroup if whole else "P 1",
-                   crystal=whole, wrap=wrap)
     return sub, box, covered
 
 

@@ -11,6 +11,7 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.grid import GridSpec
+from gpu_refine.metrics import five_cc, molecular_mask
 from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, geometry_limits,
@@ -356,3 +357,24 @@ def test_identical_copies_are_pointed_out(helix, caplog):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, nmodels=2, shake=0.3),
                             backend="numpy")
     assert "without shake" not in caplog.text
+
+
+def test_statistics_on_a_large_map(backend):
+    """CCmask and CCbox on a map much larger than the model are those of the whole map,
+    molecular masks included (made in a box around the models and set into the map)."""
+    model = gr.Model.from_gemmi(gr.examples.helix_structure())
+    data, spec = gr.examples.simulated_map(model, 3.0, noise=0.3, backend="numpy", padding=25.0)
+    job = RealSpaceRefinement(model, gr.MapData(data, spec), RSRSettings(resolution=3.0),
+                              backend=backend)
+    batch = shaken_batch(model, 2, 0.5, seed=3, backend=backend)
+    got = job.map_statistics(batch)
+    xyz = backend.to_numpy(batch.xyz)
+    masks = np.stack([molecular_mask(model, x, spec) for x in xyz])
+    box = job.prepared.spec
+    assert masks.sum() > 0 and np.prod(box.shape) < 0.5 * np.prod(spec.shape)
+    image = ModelMapper(spec, 3.0, DensitySettings(table="electron"), backend="numpy").image(
+        Batch(model, xyz, backend.to_numpy(batch.b), backend.to_numpy(batch.occ),
+              backend="numpy"))
+    ref = five_cc(np, data, image, masks)
+    np.testing.assert_allclose(got["cc_mask"], ref["cc_mask"], rtol=1e-5)
+    np.testing.assert_allclose(got["cc_box"], ref["cc_box"], rtol=1e-5)
