@@ -20,8 +20,8 @@ import numpy as np
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
 from ..errors import InputError, ParameterError
-from ..mapprep import box_indices, box_slices, box_spec, prepare_map
-from ..metrics import mask_and_box_cc, molecular_mask
+from ..mapprep import prepare_map
+from ..metrics import mask_and_box_cc, molecular_masks
 from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch, b_equivalent
 from ..restraints.adp import ADPRestraints
@@ -39,9 +39,6 @@ B_BOUNDS = (1.0, 500.0)
 # The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
 # the chosen weight sits 2^6 below the raw ratio of restraint forces at 0.05 Å noise.
 WEIGHT_SCALE = 2.0 ** -6
-# Å beyond the atoms within which a molecular mask ends (cctbx radii + 1.1 Å probe, shrunk
-# by 0.9 Å: 2 Å was measured to hold it whole; the rest is room).
-MASK_CUSHION = 6.0
 # A weight-search limit is at least this factor above the geometry restraints alone reach
 # (EMD-2566, 3J6B chain 9 regularised: angles 0.56-0.61°, so 1.0° stands).
 FLOOR_MARGIN = 1.5
@@ -449,32 +446,16 @@ class RealSpaceRefinement:
         return WEIGHT_SCALE * gr / max(gd, 1e-30)
 
     def map_statistics(self, batch, chunk=16):
-        """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model.
-
-        On a map that is no crystal's cell the molecular masks are made in a box around the
-        models (MASK_CUSHION Å beyond their atoms, where they end) and set into the map: a
-        large map's masks cost no more than a small one's."""
+        """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model."""
         bk = self.backend
         xp = bk.xp
         spec = self.map_data.spec
         mapper = ModelMapper(spec, self.settings.resolution,
                              DensitySettings(table=self.settings.table), backend=bk)
         exp_map = bk.asarray(self.map_data.data)
-        if spec.is_crystal:
-            def mask(xyz):
-                return molecular_mask(self.model, xyz, spec)
-        else:
-            lo, hi = box_indices(spec, bk.to_numpy(batch.xyz), MASK_CUSHION)
-            box = box_spec(spec, lo, hi)
-            src, dst = box_slices(spec, lo, hi)
-
-            def mask(xyz):
-                inside = np.zeros(spec.shape, dtype=bool)
-                inside[src] = molecular_mask(self.model, xyz, box)[dst]
-                return inside
 
         def ccs(sub):
-            masks = xp.asarray(np.stack([mask(x) for x in bk.to_numpy(sub.xyz)]))
+            masks = xp.asarray(molecular_masks(self.model, bk.to_numpy(sub.xyz), spec))
             return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks)
         parts, _ = map_in_chunks(bk, batch, ccs, chunk)
         return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}

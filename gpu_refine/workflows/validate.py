@@ -7,7 +7,7 @@ from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks
 from ..errors import InputError, ParameterError
 from ..grid import box_around
-from ..metrics import five_cc, image_radius, molecular_mask, per_residue_cc
+from ..metrics import five_cc, image_radius, molecular_masks, per_residue_cc
 from ..model import Batch
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
 
     def maps_and_ccs(sub):
         image = mapper.image(sub)
-        masks = xp.asarray(np.stack([molecular_mask(sub.model, x, spec)
-                                     for x in bk.to_numpy(sub.xyz)]))
+        masks = xp.asarray(molecular_masks(sub.model, bk.to_numpy(sub.xyz), spec))
         return bk.to_numpy(image), five_cc(xp, exp_map, image, masks)
     parts, _ = map_in_chunks(bk, batch, maps_and_ccs)
     mm = np.concatenate([m for m, _ in parts])
