@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 import gpu_refine as gr
+import gpu_refine.examples
 from gpu_refine.examples import make_example
+from gpu_refine.metrics import molecular_mask, molecular_masks
 from gpu_refine.workflows import validate
 
 # cctbx-base 2025.11 mmtbx.maps.map_model_cc (electron table, resolution 3.2 Å), run on this
@@ -42,3 +44,15 @@ def test_batch_ccs_fall_as_models_are_shaken(backend, rng):
     results = validate(batch, gr.MapData(data, spec), 3.0, backend=backend)
     cc = [r["cc_mask"] for r in results]
     assert cc[0] > 0.85 and cc[0] > cc[1] > cc[2]
+
+
+def test_molecular_masks_in_a_box_are_the_maps():
+    """On a map much larger than the models each mask is made in a box around them and set
+    into the map: the same points as made on the whole map."""
+    model = gr.Model.from_gemmi(gr.examples.helix_structure())
+    _, spec = gr.examples.simulated_map(model, 3.0, backend="numpy", padding=25.0)
+    xyz = np.stack([model.xyz, model.xyz + 1.5])
+    got = molecular_masks(model, xyz, spec)
+    want = np.stack([molecular_mask(model, x, spec) for x in xyz])
+    assert got.shape == want.shape and want.sum() > 1000
+    assert np.array_equal(got, want)
