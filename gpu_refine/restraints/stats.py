@@ -10,6 +10,7 @@ import numpy as np
 
 UNITS = {"bonds": "Å", "angles": "°", "torsions": "°", "chirals": "Å³", "planes": "Å"}
 ANGULAR = ("angles", "torsions")
+TYPES = ("bonds", "angles", "torsions", "chirals", "planes")
 
 
 def _member_atoms(topology, name):
@@ -41,8 +42,8 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
     n_models = next(iter(terms.values()))[1].shape[0]
     results = [dict(topo.counts()) for _ in range(n_models)]
     counts = np.zeros(n_models, dtype=int)
-    found = []      # per type: (|z|, type order, restraint index, model) of every outlier
-    for order, name in enumerate(("bonds", "angles", "torsions", "chirals", "planes")):
+    found = []      # per type: (|z|, type order, restraint index, model, delta) of its outliers
+    for order, name in enumerate(TYPES):
         delta = terms[name][1].astype(xp.float64)
         if delta.shape[1] == 0:
             for r in results:
@@ -50,7 +51,7 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
             continue
         if name in ANGULAR:
             delta = xp.degrees(delta)
-        sigma, ideal = _sigma_ideal(topo, name)
+        sigma, _ = _sigma_ideal(topo, name)
         ok = sigma > 0
         z = delta * xp.asarray(np.where(ok, 1.0 / np.where(ok, sigma, 1.0), 0.0))[None]
         columns = {f"rmsd_{name}": xp.sqrt(xp.mean(delta ** 2, axis=1)),
@@ -63,24 +64,20 @@ def geometry_statistics(restraints, xyz, z_outlier=4.0, max_outliers=20):
                 r[key] = float(v)
         if max_outliers > 0:
             m, k = (bk.to_numpy(a) for a in xp.nonzero(outlier))
-            if len(m):
-                d = bk.to_numpy(delta[xp.asarray(m), xp.asarray(k)])
-                found.append((np.abs(d / sigma[k]), np.full(len(m), order), k, m, d, name,
-                              sigma, ideal))
+            d = bk.to_numpy(delta[xp.asarray(m), xp.asarray(k)])
+            found.append((np.abs(d / sigma[k]), np.full(len(m), order), k, m, d))
     for r, c in zip(results, counts.tolist()):
         r["n_outliers"] = c
         r["outliers"] = []
     if found:
-        az, order, k, m = (np.concatenate([f[i] for f in found]) for i in range(4))
-        where = np.concatenate([np.full(len(f[0]), j) for j, f in enumerate(found)])
-        at = np.concatenate([np.arange(len(f[0])) for f in found])
+        az, order, k, m, d = (np.concatenate([f[i] for f in found]) for i in range(5))
+        refs = {name: _sigma_ideal(topo, name) for name in TYPES}
         # Worst first; ties in type order, then restraint order (as listed by the topology).
         for i in np.lexsort((k, order, -az)):
             r = results[m[i]]
             if len(r["outliers"]) < max_outliers:
-                f = found[where[i]]
-                r["outliers"].append(_outlier(topo, f[5], int(k[i]), float(f[4][at[i]]),
-                                              f[6], f[7]))
+                name = TYPES[order[i]]
+                r["outliers"].append(_outlier(topo, name, int(k[i]), float(d[i]), *refs[name]))
     if "nonbonded" in terms:
         _overlaps(restraints, terms["nonbonded"][1], results)
     return results
