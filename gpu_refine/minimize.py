@@ -41,7 +41,11 @@ def _on_bound(xp, x, lower, upper, d=None):
 
 
 def _rowdot(xp, a, b):
-    return xp.sum(a.astype(xp.float64) * b.astype(xp.float64), axis=1)
+    """Row-wise dot products in float64 (one batched matrix product: on a GPU each array
+    operation is a launch, and the minimiser's own work is mostly launches)."""
+    a = a.astype(xp.float64, copy=False)
+    b = b.astype(xp.float64, copy=False)
+    return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
 def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
@@ -62,7 +66,8 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
             return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
     n_models, n_par = x.shape
     m = max(1, s.history)
-    S = xp.zeros((m, n_models, n_par), dtype=x.dtype)
+    # float64 history: the two-loop recursion works on it without conversions.
+    S = xp.zeros((m, n_models, n_par), dtype=xp.float64)
     Y = xp.zeros_like(S)
     rho = xp.zeros((m, n_models), dtype=xp.float64)
     gamma = xp.zeros(n_models, dtype=xp.float64)
@@ -127,8 +132,8 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
                 break
             step = xp.where(pending, step * 0.5, step)
         moved = active & ~pending
-        sk = (x_new - x).astype(x.dtype)
-        yk = (g_new - g).astype(x.dtype)
+        sk = x_new.astype(xp.float64) - x
+        yk = g_new.astype(xp.float64) - g
         sy = _rowdot(xp, sk, yk)
         good = moved & (sy > 1e-12 * xp.maximum(1.0, _rowdot(xp, yk, yk)))
         S[head] = xp.where(good[:, None], sk, 0)
