@@ -3,7 +3,9 @@
 The start is the issue's: the deposited chain without H, shaken by 0.5 Å rms (default_rng(0)
 normal deviates scaled to exactly 0.5 Å, drawn row by row, so model 1 of a batch is that
 start).  Each row refines a batch with ``strategy=minimization_global+adp`` and the automatic weight, and reports wall time,
-time per model, CCmask (our map_model_cc twin) and geometry.  The CPU peer is Servalcat
+time per model, CCmask (our map_model_cc twin) and geometry, then where the time went (set-up:
+map box, masks and topology; statistics: CCmask at start and end; start: regularisation and
+B; weight: the automatic search; macro-cycles).  The CPU peer is Servalcat
 ``refine_spa_norefmac`` (10 cycles, sites + B) from the same start when ``--servalcat`` names
 its executable; its map gets the MRC ORIGIN moved into NSTART, which Servalcat reads.
 
@@ -47,13 +49,15 @@ def load(data):
 
 
 def run_ours(model, map_data, monlib, backend, n, weights=None):
+    """(wall s, per-model stats, seconds per phase: the set-up, then those of the run)."""
     settings = RSRSettings(resolution=3.2, monlib=str(monlib), weight=weights)
     t = time.perf_counter()
     job = RealSpaceRefinement(model, map_data, settings, backend=backend,
                               starts=shaken_batch(model, n, 0.5, seed=0, backend=backend))
+    setup = time.perf_counter() - t
     result = job.run()
     wall = time.perf_counter() - t
-    return wall, result.stats
+    return wall, result.stats, {"set-up": setup, **result.phases}
 
 
 def run_servalcat(exe, model, map_data, monlib):
@@ -137,7 +141,7 @@ def main():
     if args.servalcat:
         rows.append(("servalcat", 1))
     walls = {row: [] for row in rows}
-    results, grids = {}, {}
+    results, grids, phases = {}, {}, {}
     for _ in range(max(1, args.repeat)):
         for row in rows:
             name, n = row
@@ -145,8 +149,8 @@ def main():
                 wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
                 results[row] = (np.array([cc]), bonds, angles)
             else:
-                wall, stats = run_ours(model, map_data, monlib, get_backend(name), n,
-                                       args.weights)
+                wall, stats, phases[row] = run_ours(model, map_data, monlib, get_backend(name),
+                                                    n, args.weights)
                 results[row] = (np.array([s["cc_mask_final"] for s in stats]),
                                 max(s["rmsd_bonds"] for s in stats),
                                 max(s["rmsd_angles"] for s in stats))
@@ -165,6 +169,14 @@ def main():
         print(f"| {label} | {members} | {np.median(w):.1f}{spread} | "
               f"{np.median(w) / members:.3f} | {cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | "
               f"{angles:.2f} |", flush=True)
+    if phases:
+        names = list(next(iter(phases.values())))
+        print("\nWhere the time goes (seconds; the last run of each row):\n\n"
+              "| program | batch | " + " | ".join(names) + " |\n|---|---:|"
+              + "---:|" * len(names))
+        for (name, n), p in phases.items():
+            print(f"| gpu_refine {name} | {n} | "
+                  + " | ".join(f"{p.get(k, 0.0):.2f}" for k in names) + " |")
     if args.weights:
         print("\n| program | weight | CCmask | bonds (Å) | angles (°) |\n"
               "|---|---:|---:|---:|---:|")

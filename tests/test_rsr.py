@@ -179,6 +179,8 @@ def test_starts_copies_and_a_weight_grid(helix, backend):
                              weight=(2.0, 8.0), **params)
     assert [st["start"] for st in grid.stats] == [1, 1, 2, 2, 3, 3, 4, 4]
     assert grid.weight.tolist() == [2.0, 8.0] * 4
+    assert list(grid.phases) == ["statistics", "start", "weight", "macro-cycles"]
+    assert 0 < sum(grid.phases.values()) <= grid.time
     assert [st["weight"] for st in grid.stats] == [2.0, 8.0] * 4
     cc = [st["cc_mask_start"] for st in grid.stats]
     assert cc[0::2] == cc[1::2] and len(set(cc[0::2])) == 4

@@ -146,6 +146,7 @@ class RSRResult:
     settings: RSRSettings
     weight_trials: list = field(default_factory=list)
     time: float = 0.0
+    phases: dict = field(default_factory=dict)   # seconds per phase of the run
 
 
 @dataclass
@@ -500,6 +501,7 @@ class RealSpaceRefinement:
     def run(self, progress=None):
         s = self.settings
         t0 = time.perf_counter()
+        phases = _Phases()
         members = self.members()
         xp = self.backend.xp
         grid = len(s.weight_grid())
@@ -507,6 +509,7 @@ class RealSpaceRefinement:
         copies = self.start_batch().subset(slice(None, None, grid))
         n = copies.size * grid
         cc_start = np.repeat(self.map_statistics(copies)["cc_mask"], grid)
+        phases.lap("statistics")
         n_starts = members[-1][0]
         log.info("%d model(s)%s, %d atoms; start CCmask %s", n,
                  f" ({n_starts} start(s) x {grid} weights)" if grid > 1 else "",
@@ -527,7 +530,7 @@ class RealSpaceRefinement:
         batch = _repeat(copies, grid)
         iterations = np.repeat(iterations, grid)
         log.info("start prepared (%s) in %.1f s", "; ".join(done) or "as given",
-                 time.perf_counter() - t0)
+                 phases.lap("start"))
         limits = geometry_limits(s.resolution, s.bond_limit, s.angle_limit, floor)
         trials, sites_done = [], 0
         if not self.strategy["sites"]:
@@ -553,6 +556,7 @@ class RealSpaceRefinement:
             iterations[0] += choice.iterations
             sites_done = 1
             log.info("weight %.4g chosen in %.1f s", choice.weight, time.perf_counter() - tw)
+        phases.lap("weight")
         w_dev = xp.asarray(weight)
         for cycle in range(1, s.macro_cycles + 1):
             tc = time.perf_counter()
@@ -577,8 +581,10 @@ class RealSpaceRefinement:
             log.info(line)
             if progress:
                 progress(cycle, line)
+        phases.lap("macro-cycles")
         final = self.map_statistics(batch)
         geo = self.geometry(batch)
+        phases.lap("statistics")
         elapsed = time.perf_counter() - t0
         b_np = self.backend.to_numpy(batch.b)
         stats = []
@@ -599,8 +605,9 @@ class RealSpaceRefinement:
         log.info("final CCmask %s; best model %d (CCmask %.4f, bonds %.4f Å, angles %.2f°); "
                  "%.1f s", _range(final["cc_mask"]), best + 1, stats[best]["cc_mask_final"],
                  stats[best]["rmsd_bonds"], stats[best]["rmsd_angles"], elapsed)
+        log.info("time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.seconds.items()))
         return RSRResult(batch=batch, stats=stats, weight=weight, best=best, settings=s,
-                         weight_trials=trials, time=elapsed)
+                         weight_trials=trials, time=elapsed, phases=dict(phases.seconds))
 
 
 def _repeat(batch, k):
@@ -609,6 +616,21 @@ def _repeat(batch, k):
     rep = (lambda a: None if a is None else xp.repeat(a, k, axis=0))
     return Batch(batch.model, rep(batch.xyz), rep(batch.b), rep(batch.occ), rep(batch.u),
                  backend=batch.backend, mask_index=np.repeat(batch.mask_index, k))
+
+
+class _Phases:
+    """Wall seconds per phase of a run, each lap added to its phase's total."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name):
+        """Add the time since the last lap to ``name``; returns that time."""
+        now = time.perf_counter()
+        spent, self._last = now - self._last, now
+        self.seconds[name] = self.seconds.get(name, 0.0) + spent
+        return spent
 
 
 def _lbfgs(iterations, max_step):
