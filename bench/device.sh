@@ -56,7 +56,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "cupy and not numpy"
         done
         exit 0
     fi
-    step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin"
+    step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin and not benchmark"
     step 30 kernels.txt python3 bench/kernels.py
     step 60 restraints.txt python3 bench/restraints.py --data .shared_data --batches 1,32,256
     step 150 rsr.txt python3 bench/rsr.py --data .shared_data --batches 1,16,128 \
