@@ -13,6 +13,9 @@
 # time limit, so that one slow step cannot take the others' results with it when the call's
 # 600 s run out.  Copy the numbers into bench/RESULTS.md with the date and commit.
 #
+# A task is lent 15 minutes of device time in all (start-up included): "run" first (under
+# 10 minutes), then "sanitize" (under 4) at once while the machine is warm, where time is left.
+#
 # "sanitize" runs the GPU parity tests and the GPU rsr test of the example under
 # compute-sanitizer: memcheck (out-of-bounds and misaligned accesses; CuPy's memory pool is
 # switched off so that every array is its own allocation and an overrun is seen) and
@@ -50,10 +53,10 @@ cupy.cuda.set_allocator(None)
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "cupy and not numpy",
                       "tests/test_kernels.py", "tests/test_restraint_kernels.py",
                       "tests/test_rsr.py::test_strategies_on_the_example"]))'
-        for tool in memcheck racecheck; do
-            step 270 "$tool.txt" compute-sanitizer --tool "$tool" --error-exitcode 99 \
-                python3 -c "$tests"
-        done
+        step 150 memcheck.txt compute-sanitizer --tool memcheck --error-exitcode 99 \
+            python3 -c "$tests"
+        step 60 racecheck.txt compute-sanitizer --tool racecheck --error-exitcode 99 \
+            python3 -c "$tests"
         exit 0
     fi
     step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin and not benchmark"
