@@ -141,6 +141,8 @@ def test_rsr(example, tmp_path):
     assert "map box" in log_text.splitlines()[2]     # held while setting up, then written
     r = json.loads((tmp_path / "h.json").read_text())
     assert len(r["models"]) == 2
+    assert set(r["phases"]) == {"statistics", "start", "weight", "macro-cycles"}
+    assert "time: statistics" in log_text
     for m in r["models"]:
         assert {"cc_mask_start", "cc_mask_final", "cc_box_final", "rmsd_bonds", "rmsd_angles",
                 "weight", "iterations", "time"} <= set(m)

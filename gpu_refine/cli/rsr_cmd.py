@@ -152,6 +152,7 @@ def _run(args, names, settings, job):
     payload = {"version": __version__, "device": args.device, "command": args.command_line,
                "resolution": settings.resolution, "strategy": settings.strategy,
                "best_model": result.best + 1, "time": round(result.time, 2),
+               "phases": {k: round(v, 2) for k, v in result.phases.items()},
                "weight_trials": result.weight_trials, "models": result.stats}
     write_atomically(names["json"], json.dumps(payload, indent=1).encode(),
                      overwrite=args.overwrite)
