@@ -48,6 +48,73 @@ def _rowdot(xp, a, b):
     return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class _History:
+    """The last m (s, y) pairs of every model and their dot products.
+
+    The two-loop recursion needs only dot products of the pairs with each other and with g:
+    those are kept on the host, the recursion runs on (B, m) numbers there, and a direction
+    costs two batched matrix products on the device (not 4 m vector operations, each a
+    launch on a GPU).  An entry with rho = 0 is empty."""
+
+    def __init__(self, xp, n_models, n_par, m):
+        self.xp = xp
+        self.m = m
+        # s_0 … s_{m-1}, y_0 … y_{m-1} of each model, and their dot products
+        self.vectors = xp.zeros((n_models, 2 * m, n_par), dtype=xp.float64)
+        self.gram = np.zeros((n_models, 2 * m, 2 * m))
+        self.rho = np.zeros((n_models, m))      # 1 / (s_i . y_i)
+        self.gamma = np.zeros(n_models)         # s.y / y.y of the newest pair; 0: none yet
+        self.head = 0                           # the slot of the next pair
+
+    def add(self, sk, yk, keep):
+        """Store (sk, yk) (B, P) where ``keep`` (host bool, B), an empty entry elsewhere."""
+        xp, h, m = self.xp, self.head, self.m
+        k = xp.asarray(keep)[:, None]
+        self.vectors[:, h] = xp.where(k, sk, 0.0)
+        self.vectors[:, m + h] = xp.where(k, yk, 0.0)
+        pair = self.vectors[:, h::m]                                    # s_h, y_h
+        cols = _host(xp.matmul(self.vectors, pair.transpose(0, 2, 1)))  # (B, 2m, 2)
+        for j, slot in enumerate((h, m + h)):
+            self.gram[:, :, slot] = cols[:, :, j]
+            self.gram[:, slot, :] = cols[:, :, j]
+        sy, yy = self.gram[:, h, m + h], self.gram[:, m + h, m + h]
+        self.rho[:, h] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
+        self.gamma = np.where(keep, sy / np.maximum(yy, 1e-300), self.gamma)
+        self.head = (h + 1) % m
+
+    def forget(self, models):
+        """Drop the whole history of ``models`` (host bool, B)."""
+        self.rho[models] = 0.0
+
+    def direction(self, g, scale):
+        """H g (B, P) float64 for the inverse Hessian H of the stored pairs with H0 = scale
+        (host, B): the two-loop recursion, q <- q - a_i y_i newest first, then
+        r <- r + (a_i - b_i) s_i oldest first, on the dot products; r is then
+        scale g + sum c_i s_i + e_i y_i."""
+        xp, m = self.xp, self.m
+        gv = _host(xp.matmul(self.vectors, g.astype(xp.float64, copy=False)[:, :, None]))[..., 0]
+        sy = self.gram[:, :m, m:]                         # sy[:, i, j] = s_i . y_j
+        yy = self.gram[:, m:, m:]
+        a = np.zeros_like(self.rho)
+        c = np.zeros_like(self.rho)
+        sq = gv[:, :m].copy()                             # s_i . q for the current q
+        newest_first = [(self.head - 1 - k) % m for k in range(m)]
+        for i in newest_first:
+            a[:, i] = self.rho[:, i] * sq[:, i]
+            sq -= a[:, i, None] * sy[:, :, i]
+        yr = scale[:, None] * (gv[:, m:] - np.einsum("bj,bij->bi", a, yy))   # y_i . r
+        for i in reversed(newest_first):
+            c[:, i] = a[:, i] - self.rho[:, i] * yr[:, i]
+            yr += c[:, i, None] * sy[:, i, :]
+        coef = xp.asarray(np.concatenate([c, -scale[:, None] * a], axis=1))
+        return (xp.asarray(scale)[:, None] * g
+                + xp.matmul(coef[:, None, :], self.vectors)[:, 0, :])
+
+
 def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
     """Minimise f(x) for each row of x0 (B,P); ``fg(x) -> (f (B,), g (B,P))``.
 
@@ -65,38 +132,21 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
             f, g = raw_fg(x)
             return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
     n_models, n_par = x.shape
-    m = max(1, s.history)
-    # float64 history: the two-loop recursion works on it without conversions.
-    S = xp.zeros((m, n_models, n_par), dtype=xp.float64)
-    Y = xp.zeros_like(S)
-    rho = xp.zeros((m, n_models), dtype=xp.float64)
-    gamma = xp.zeros(n_models, dtype=xp.float64)
+    history = _History(xp, n_models, n_par, max(1, s.history))
     f, g = fg(x)
     n_eval = 1
     active = xp.ones(n_models, dtype=bool)
     iterations = xp.zeros(n_models, dtype=xp.int64)
     slow = xp.zeros(n_models, dtype=xp.int64)
     failures = xp.zeros(n_models, dtype=xp.int64)
-    head = 0
     for _ in range(s.max_iterations):
         gmax = xp.abs(g).max(axis=1)
         active &= gmax > s.gtol * xp.maximum(1.0, xp.abs(f))
         if not bool(active.any()):
             break
-        # Two-loop recursion, all models at once (entries with rho = 0 are empty).
-        q = g.astype(xp.float64)
-        alphas = []
-        for k in range(m):
-            i = (head - 1 - k) % m
-            a = rho[i] * _rowdot(xp, S[i], q)
-            q -= a[:, None] * Y[i]
-            alphas.append((i, a))
-        scale = xp.where(gamma > 0, gamma, 1.0 / xp.maximum(gmax, 1e-300))
-        r = q * scale[:, None]
-        for i, a in reversed(alphas):
-            b = rho[i] * _rowdot(xp, Y[i], r)
-            r += (a - b)[:, None] * S[i]
-        d = (-r).astype(x.dtype)
+        gamma = history.gamma
+        scale = np.where(gamma > 0, gamma, 1.0 / np.maximum(_host(gmax), 1e-300))
+        d = (-history.direction(g, scale)).astype(x.dtype)
         if bounded:
             # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
             # bound would be clipped away yet set the step length (max_step) for the others:
@@ -106,8 +156,8 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         dg = _rowdot(xp, d, g)
         bad = dg >= 0
         if bool(bad.any()):   # not a descent direction: steepest descent, history dropped
-            d = xp.where(bad[:, None], -g * scale[:, None], d)
-            rho[:, bad] = 0
+            d = xp.where(bad[:, None], -g * xp.asarray(scale)[:, None], d)
+            history.forget(_host(bad))
             dg = _rowdot(xp, d, g)
         dmax = xp.abs(d).max(axis=1)
         step = xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300))
@@ -136,23 +186,18 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         yk = g_new.astype(xp.float64) - g
         sy = _rowdot(xp, sk, yk)
         good = moved & (sy > 1e-12 * xp.maximum(1.0, _rowdot(xp, yk, yk)))
-        S[head] = xp.where(good[:, None], sk, 0)
-        Y[head] = xp.where(good[:, None], yk, 0)
-        rho[head] = xp.where(good, 1.0 / xp.where(good, sy, 1.0), 0.0)
-        gamma = xp.where(good, sy / xp.maximum(_rowdot(xp, yk, yk), 1e-300), gamma)
-        head = (head + 1) % m
         # A failed line search drops the history but keeps the curvature scale gamma, so the
         # steepest-descent restart takes a step of the right length near a minimum; two
         # failures in a row stop that model.
         failed = active & pending
-        rho[:, failed] = 0
+        keep, lost = _host(xp.stack([good, failed]))
+        history.add(sk, yk, keep)
+        history.forget(lost)
         failures = xp.where(failed, failures + 1, 0)
         rel = (f - f_new) / xp.maximum(xp.abs(f), 1e-300)
         slow = xp.where(moved & (rel < s.ftol), slow + 1, xp.where(moved, 0, slow))
         iterations += moved.astype(iterations.dtype)
         x, f, g = x_new, f_new, g_new
         active &= (failures < 2) & (slow < 2)
-    converged = ~active
-    to_np = (lambda a: a.get()) if hasattr(x, "get") else np.asarray
-    return LBFGSResult(x=x, f=f, iterations=to_np(iterations), converged=to_np(converged),
+    return LBFGSResult(x=x, f=f, iterations=_host(iterations), converged=_host(~active),
                        n_evaluations=n_eval)
