@@ -486,17 +486,22 @@ class RealSpaceRefinement:
         return [(k + 1, w) for k in range(self.starts.size * s.nmodels)
                 for w in s.weight_grid()]
 
-    def start_batch(self):
+    def copy_batch(self):
+        """Each start in ``nmodels`` copies (shaken where ``shake`` > 0), in the run's dtype
+        and on its backend; each copy fitted inside its start's mask."""
         s = self.settings
         st = self.starts
         source = np.repeat(np.arange(st.size), s.nmodels)           # the start of each copy
         xyz = st.xyz[source]
         if s.shake > 0:
             xyz = xyz + shake_shifts(len(source), self.model.n_atoms, s.shake, s.seed)
-        copy = np.repeat(np.arange(len(source)), len(s.weight_grid()))  # each member's copy
-        take = (lambda a: None if a is None else a[source[copy]].astype(self.dtype))
-        return Batch(self.model, xyz[copy].astype(self.dtype), take(st.b), take(st.occ),
-                     take(st.u), backend=self.backend, mask_index=source[copy])
+        take = (lambda a: None if a is None else a[source].astype(self.dtype))
+        return Batch(self.model, xyz.astype(self.dtype), take(st.b), take(st.occ), take(st.u),
+                     backend=self.backend, mask_index=source)
+
+    def start_batch(self):
+        """The batch as it starts: each copy once per weight of a grid (``members``)."""
+        return _repeat(self.copy_batch(), len(self.settings.weight_grid()))
 
     def run(self, progress=None):
         s = self.settings
@@ -506,7 +511,7 @@ class RealSpaceRefinement:
         xp = self.backend.xp
         grid = len(s.weight_grid())
         # The members of one copy (its weights) start alike: the start is prepared per copy.
-        copies = self.start_batch().subset(slice(None, None, grid))
+        copies = self.copy_batch()
         n = copies.size * grid
         cc_start = np.repeat(self.map_statistics(copies)["cc_mask"], grid)
         phases.lap("statistics")
@@ -546,7 +551,6 @@ class RealSpaceRefinement:
                 log.info("restraints alone reach bonds %.4f Å, angles %.2f° (model 1): the "
                          "weight search allows %.4f Å, %.2f° (%.1f × that where the limits "
                          "are closer)", *floor, *limits, FLOOR_MARGIN)
-            tw = time.perf_counter()
             choice = self.search_weight(batch, limits)
             trials = choice.trials
             weight = np.full(n, choice.weight)
@@ -555,7 +559,7 @@ class RealSpaceRefinement:
             batch.xyz[0] = choice.xyz
             iterations[0] += choice.iterations
             sites_done = 1
-            log.info("weight %.4g chosen in %.1f s", choice.weight, time.perf_counter() - tw)
+            log.info("weight %.4g chosen in %.1f s", choice.weight, phases.lap("weight"))
         phases.lap("weight")
         w_dev = xp.asarray(weight)
         for cycle in range(1, s.macro_cycles + 1):
