@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 _CHOICES = ("auto", "numpy", "cupy")
 
 
+def to_host(a):
+    """A NumPy array of ``a``, a NumPy or CuPy array (for code that holds only ``xp``)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str           # "numpy" or "cupy"
@@ -40,7 +45,7 @@ class Backend:
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
 
     def to_numpy(self, a):
-        return a.get() if hasattr(a, "get") else np.asarray(a)
+        return to_host(a)
 
     def is_out_of_memory(self, exc):
         if not self.is_gpu:

@@ -7,6 +7,7 @@ points of each map; per-residue CC: points within ``atom_radius`` of a residue's
 import gemmi
 import numpy as np
 
+from .backend import to_host
 from .mapprep import box_indices, box_slices, box_spec
 from .scattering import form_factor_table
 
@@ -79,8 +80,7 @@ def _top_n(xp, values, n):
 
 
 def _host(values):
-    return {k: np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64)
-            for k, v in values.items()}
+    return {k: to_host(v).astype(np.float64) for k, v in values.items()}
 
 
 def _flat(xp, exp_map, model_maps, masks):

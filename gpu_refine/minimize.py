@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import to_host
+
 
 @dataclass
 class LBFGSSettings:
@@ -48,10 +50,6 @@ def _rowdot(xp, a, b):
     return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 class _History:
     """The last m (s, y) pairs of every model and their dot products.
 
@@ -77,7 +75,7 @@ class _History:
         self.vectors[:, h] = xp.where(k, sk, 0.0)
         self.vectors[:, m + h] = xp.where(k, yk, 0.0)
         pair = self.vectors[:, h::m]                                    # s_h, y_h
-        cols = _host(xp.matmul(self.vectors, pair.transpose(0, 2, 1)))  # (B, 2m, 2)
+        cols = to_host(xp.matmul(self.vectors, pair.transpose(0, 2, 1)))  # (B, 2m, 2)
         for j, slot in enumerate((h, m + h)):
             self.gram[:, :, slot] = cols[:, :, j]
             self.gram[:, slot, :] = cols[:, :, j]
@@ -96,7 +94,7 @@ class _History:
         r <- r + (a_i - b_i) s_i oldest first, on the dot products; r is then
         scale g + sum c_i s_i + e_i y_i."""
         xp, m = self.xp, self.m
-        gv = _host(xp.matmul(self.vectors, g.astype(xp.float64, copy=False)[:, :, None]))[..., 0]
+        gv = to_host(xp.matmul(self.vectors, g.astype(xp.float64, copy=False)[:, :, None]))[..., 0]
         sy = self.gram[:, :m, m:]                         # sy[:, i, j] = s_i . y_j
         yy = self.gram[:, m:, m:]
         a = np.zeros_like(self.rho)
@@ -145,7 +143,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         if not bool(active.any()):
             break
         gamma = history.gamma
-        scale = np.where(gamma > 0, gamma, 1.0 / np.maximum(_host(gmax), 1e-300))
+        scale = np.where(gamma > 0, gamma, 1.0 / np.maximum(to_host(gmax), 1e-300))
         d = (-history.direction(g, scale)).astype(x.dtype)
         if bounded:
             # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
@@ -157,7 +155,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         bad = dg >= 0
         if bool(bad.any()):   # not a descent direction: steepest descent, history dropped
             d = xp.where(bad[:, None], -g * xp.asarray(scale)[:, None], d)
-            history.forget(_host(bad))
+            history.forget(to_host(bad))
             dg = _rowdot(xp, d, g)
         dmax = xp.abs(d).max(axis=1)
         step = xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300))
@@ -190,7 +188,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         # steepest-descent restart takes a step of the right length near a minimum; two
         # failures in a row stop that model.
         failed = active & pending
-        keep, lost = _host(xp.stack([good, failed]))
+        keep, lost = to_host(xp.stack([good, failed]))
         history.add(sk, yk, keep)
         history.forget(lost)
         failures = xp.where(failed, failures + 1, 0)
@@ -199,5 +197,5 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
         iterations += moved.astype(iterations.dtype)
         x, f, g = x_new, f_new, g_new
         active &= (failures < 2) & (slow < 2)
-    return LBFGSResult(x=x, f=f, iterations=_host(iterations), converged=_host(~active),
+    return LBFGSResult(x=x, f=f, iterations=to_host(iterations), converged=to_host(~active),
                        n_evaluations=n_eval)
