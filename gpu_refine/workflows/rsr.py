@@ -499,9 +499,14 @@ class RealSpaceRefinement:
         return Batch(self.model, xyz.astype(self.dtype), take(st.b), take(st.occ), take(st.u),
                      backend=self.backend, mask_index=source)
 
+    def _each_weight(self, n_copies):
+        """Indices taking each copy once per weight of a grid (the members' order)."""
+        return np.repeat(np.arange(n_copies), len(self.settings.weight_grid())).tolist()
+
     def start_batch(self):
         """The batch as it starts: each copy once per weight of a grid (``members``)."""
-        return _repeat(self.copy_batch(), len(self.settings.weight_grid()))
+        copies = self.copy_batch()
+        return copies.subset(self._each_weight(copies.size))
 
     def run(self, progress=None):
         s = self.settings
@@ -532,7 +537,7 @@ class RealSpaceRefinement:
         if self.strategy["adp"]:
             iterations += self.refine_adp(copies, s.adp_iterations).iterations
             done.append("B refined")
-        batch = _repeat(copies, grid)
+        batch = copies.subset(self._each_weight(copies.size))
         iterations = np.repeat(iterations, grid)
         log.info("start prepared (%s) in %.1f s", "; ".join(done) or "as given",
                  phases.lap("start"))
@@ -612,14 +617,6 @@ class RealSpaceRefinement:
         log.info("time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.seconds.items()))
         return RSRResult(batch=batch, stats=stats, weight=weight, best=best, settings=s,
                          weight_trials=trials, time=elapsed, phases=dict(phases.seconds))
-
-
-def _repeat(batch, k):
-    """Each member of ``batch`` k times in a row."""
-    xp = batch.backend.xp
-    rep = (lambda a: None if a is None else xp.repeat(a, k, axis=0))
-    return Batch(batch.model, rep(batch.xyz), rep(batch.b), rep(batch.occ), rep(batch.u),
-                 backend=batch.backend, mask_index=np.repeat(batch.mask_index, k))
 
 
 class _Phases:
