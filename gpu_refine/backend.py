@@ -66,6 +66,8 @@ def _scipy_fft():
 
 def _numpy_backend():
     import cpu_fallback
+    from cpu_fallback.allocator import keep_freed_memory
+    keep_freed_memory()
     return Backend("numpy", np, cpu_fallback, f"CPU (NumPy {np.__version__})")
 
 
