@@ -38,6 +38,10 @@ def molecular_mask(model, xyz, spec):
 # Å beyond the atoms within which a molecular mask ends (cctbx radii + 1.1 Å probe, shrunk
 # by 0.9 Å: 2 Å was measured to hold it whole; the rest is room).
 MASK_CUSHION = 6.0
+# Å beyond the atoms of the box in which model maps are made for the CCs on a map much larger
+# than the models: the mask's cushion and room for the image's ripples (EMD-2566 set in a 160³
+# map: CCmask within 5e-5 and CCbox within 1e-5 of the whole map's, from 6 Å on).
+MODEL_BOX_CUSHION = 10.0
 
 
 def molecular_masks(model, xyz, spec):
@@ -75,7 +79,8 @@ def _top_n(xp, values, n):
     """Boolean: the points at or above the value ranked n+1 from the top (as mmtbx does)."""
     flat = values.reshape(-1)
     n = int(min(n, flat.size - 1))
-    threshold = xp.sort(flat)[flat.size - 1 - n]
+    k = flat.size - 1 - n
+    threshold = xp.partition(flat, k)[k]
     return values >= threshold
 
 
@@ -89,10 +94,50 @@ def _flat(xp, exp_map, model_maps, masks):
     return m, model_maps.reshape(nb, -1), masks.reshape(nb, -1)
 
 
-def mask_and_box_cc(xp, exp_map, model_maps, masks):
-    """CCmask and CCbox per model (what refinement reports): dict of (B,) NumPy arrays."""
-    m, c, mk = _flat(xp, exp_map, model_maps, masks)
-    return _host({"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)})
+def model_box(spec, xyz, cushion=MODEL_BOX_CUSHION):
+    """(lo, hi): the box of ``spec``'s grid around the models ``xyz`` (B,N,3) plus ``cushion`` Å
+    in which their model maps and masks are made for CCmask and CCbox, or None where that is
+    the whole map: a crystal's cell, a map hardly larger than the box (over half its points),
+    or a box that would reach past the map's faces (where the map's own periodic image
+    counts).  The Fourier image on the box's grid differs from the whole map's by a few 1e-3
+    of its peak (the resolution sphere sampled more coarsely): CCmask and CCbox by ~1e-4,
+    while CCpeaks and per-residue CCs (``validate``) would move by 1e-3 to 1e-2, so those
+    keep the whole map."""
+    if spec.is_crystal:
+        return None
+    g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
+    pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
+    if np.any(np.floor(g.min(axis=0) - pad) < 0) or \
+            np.any(np.ceil(g.max(axis=0) + pad) + 1 > np.asarray(spec.shape)):
+        return None
+    lo, hi = box_indices(spec, xyz, cushion)
+    if 2 * np.prod(hi - lo) > np.prod(spec.shape):
+        return None
+    return lo, hi
+
+
+def _inside(lo, hi):
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def mask_and_box_cc(xp, exp_map, model_maps, masks, box=None):
+    """CCmask and CCbox per model (what refinement reports): dict of (B,) NumPy arrays.
+
+    With ``box`` (lo, hi), model_maps and masks cover only that box of exp_map, and the model
+    maps are zero beyond it: CCbox takes the whole map's sums and the box's products."""
+    if box is None:
+        m, c, mk = _flat(xp, exp_map, model_maps, masks)
+        return _host({"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)})
+    m, c, mk = _flat(xp, exp_map[_inside(*box)], model_maps, masks)
+    y = exp_map.astype(xp.float64)
+    n, my = y.size, y.mean()
+    syy = ((y - my) ** 2).sum()
+    x = c.astype(xp.float64)
+    mx = x.sum(axis=1) / n
+    sxx = (x * x).sum(axis=1) - n * mx * mx
+    sxy = (x * (m.astype(xp.float64) - my)).sum(axis=1)
+    return _host({"cc_mask": correlation(xp, m, c, mk),
+                  "cc_box": sxy / xp.sqrt(xp.maximum(sxx, 0.0) * syy)})
 
 
 def five_cc(xp, exp_map, model_maps, masks):

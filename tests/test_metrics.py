@@ -5,7 +5,8 @@ import pytest
 import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.examples import make_example
-from gpu_refine.metrics import molecular_mask, molecular_masks
+from gpu_refine.mapprep import box_spec
+from gpu_refine.metrics import mask_and_box_cc, model_box, molecular_mask, molecular_masks
 from gpu_refine.workflows import validate
 
 # cctbx-base 2025.11 mmtbx.maps.map_model_cc (electron table, resolution 3.2 Å), run on this
@@ -56,3 +57,38 @@ def test_molecular_masks_in_a_box_are_the_maps():
     want = np.stack([molecular_mask(model, x, spec) for x in xyz])
     assert got.shape == want.shape and want.sum() > 1000
     assert np.array_equal(got, want)
+
+
+def test_ccs_of_model_maps_made_in_a_box_are_the_whole_maps(backend, rng):
+    """CCmask and CCbox from model maps and masks of a box (zero beyond it) equal those of the
+    same maps set into the whole map."""
+    xp = backend.xp
+    exp_map = rng.normal(loc=0.3, size=(40, 36, 44))
+    lo, hi = np.array([5, 7, 9]), np.array([29, 27, 35])
+    inner = tuple(slice(a, b) for a, b in zip(lo, hi))
+    maps = rng.normal(size=(3,) + tuple(hi - lo)) + 0.5 * exp_map[inner][None]
+    masks = rng.random(maps.shape) < 0.4
+    whole_maps, whole_masks = np.zeros((3,) + exp_map.shape), np.zeros((3,) + exp_map.shape, bool)
+    whole_maps[(slice(None),) + inner], whole_masks[(slice(None),) + inner] = maps, masks
+    got = mask_and_box_cc(xp, xp.asarray(exp_map), xp.asarray(maps), xp.asarray(masks),
+                          (lo, hi))
+    want = mask_and_box_cc(np, exp_map, whole_maps, whole_masks)
+    for key in ("cc_mask", "cc_box"):
+        assert 0.1 < want[key].min()
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-10)
+
+
+def test_model_box_only_where_it_is_much_smaller_than_the_map():
+    model = gr.Model.from_gemmi(gr.examples.helix_structure())
+    xyz = model.xyz[None]
+    _, large = gr.examples.simulated_map(model, 3.0, backend="numpy", padding=25.0)
+    lo, hi = model_box(large, xyz)
+    box = box_spec(large, lo, hi)
+    inside = box.index_coordinates(model.xyz)
+    step = np.sqrt((box.index_from_xyz ** 2).sum(axis=1))
+    assert np.all(inside.min(axis=0) >= 10.0 * step) and \
+        np.all(inside.max(axis=0) <= np.asarray(box.shape) - 1 - 10.0 * step)
+    _, small = gr.examples.simulated_map(model, 3.0, backend="numpy", padding=8.0)
+    assert model_box(small, xyz) is None                  # reaches past the faces
+    assert model_box(large, xyz + 20.0) is None           # moved near a face
+    assert model_box(large, xyz, cushion=20.0) is None    # over half of the map

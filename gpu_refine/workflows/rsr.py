@@ -20,8 +20,8 @@ import numpy as np
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
 from ..errors import InputError, ParameterError
-from ..mapprep import prepare_map
-from ..metrics import mask_and_box_cc, molecular_masks
+from ..mapprep import box_spec, prepare_map
+from ..metrics import mask_and_box_cc, model_box, molecular_masks
 from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch, b_equivalent
 from ..restraints.adp import ADPRestraints
@@ -447,17 +447,21 @@ class RealSpaceRefinement:
         return WEIGHT_SCALE * gr / max(gd, 1e-30)
 
     def map_statistics(self, batch, chunk=16):
-        """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model."""
+        """CCmask and CCbox (as cctbx map_model_cc) against the input map, per model; on a
+        map much larger than the models, with model maps made in a box around them."""
         bk = self.backend
         xp = bk.xp
         spec = self.map_data.spec
+        box = model_box(spec, bk.to_numpy(batch.xyz))
+        if box is not None:
+            spec = box_spec(spec, *box)
         mapper = ModelMapper(spec, self.settings.resolution,
                              DensitySettings(table=self.settings.table), backend=bk)
         exp_map = bk.asarray(self.map_data.data)
 
         def ccs(sub):
             masks = xp.asarray(molecular_masks(self.model, bk.to_numpy(sub.xyz), spec))
-            return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks)
+            return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks, box)
         parts, _ = map_in_chunks(bk, batch, ccs, chunk)
         return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}
 
