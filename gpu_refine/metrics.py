@@ -60,19 +60,23 @@ def molecular_masks(model, xyz, spec):
     return out
 
 
-def correlation(xp, x, y, weight=None, axis=-1):
-    """Pearson CC along ``axis`` (batched), over points where ``weight`` is True."""
-    if weight is None:
-        weight = xp.ones(x.shape, dtype=bool)
-    w = weight.astype(xp.float64)
-    n = w.sum(axis=axis)
-    x = x.astype(xp.float64)
-    y = y.astype(xp.float64)
-    mx = (w * x).sum(axis=axis) / n
-    my = (w * y).sum(axis=axis) / n
-    dx = (x - xp.expand_dims(mx, axis)) * w
-    dy = (y - xp.expand_dims(my, axis)) * w
-    return (dx * dy).sum(axis=axis) / xp.sqrt((dx * dx).sum(axis=axis) * (dy * dy).sum(axis=axis))
+def correlation(xp, x, y, weight=None):
+    """Pearson CC of x and y along their last axis ((P,) or (B, P)), over the points where
+    ``weight`` (bool) is True: deviations in the inputs' precision, sums in float64, and no
+    whole-map float64 copies (a 256³ map has 17 M points)."""
+    if x.ndim == 2:
+        return xp.stack([correlation(xp, x[i], y[i], None if weight is None else weight[i])
+                         for i in range(x.shape[0])])
+    if weight is not None:
+        x, y = x[weight], y[weight]
+    dx, dy = _deviations(xp, x), _deviations(xp, y)
+    sxy = (dx * dy).sum(dtype=xp.float64)
+    return sxy / xp.sqrt((dx * dx).sum(dtype=xp.float64) * (dy * dy).sum(dtype=xp.float64))
+
+
+def _deviations(xp, x):
+    """x minus its mean (summed in float64), in x's precision."""
+    return x - (x.sum(dtype=xp.float64) / max(x.size, 1)).astype(x.dtype)
 
 
 def _top_n(xp, values, n):
@@ -129,13 +133,13 @@ def mask_and_box_cc(xp, exp_map, model_maps, masks, box=None):
         m, c, mk = _flat(xp, exp_map, model_maps, masks)
         return _host({"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)})
     m, c, mk = _flat(xp, exp_map[_inside(*box)], model_maps, masks)
-    y = exp_map.astype(xp.float64)
-    n, my = y.size, y.mean()
-    syy = ((y - my) ** 2).sum()
+    dy = _deviations(xp, exp_map)
+    n, syy = dy.size, (dy * dy).sum(dtype=xp.float64)
+    dy = dy[_inside(*box)].reshape(-1)
     x = c.astype(xp.float64)
     mx = x.sum(axis=1) / n
     sxx = (x * x).sum(axis=1) - n * mx * mx
-    sxy = (x * (m.astype(xp.float64) - my)).sum(axis=1)
+    sxy = (x * dy).sum(axis=1)
     return _host({"cc_mask": correlation(xp, m, c, mk),
                   "cc_box": sxy / xp.sqrt(xp.maximum(sxx, 0.0) * syy)})
 

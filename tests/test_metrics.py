@@ -6,7 +6,8 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.examples import make_example
 from gpu_refine.mapprep import box_spec
-from gpu_refine.metrics import mask_and_box_cc, model_box, molecular_mask, molecular_masks
+from gpu_refine.metrics import (correlation, mask_and_box_cc, model_box, molecular_mask,
+                                molecular_masks)
 from gpu_refine.workflows import validate
 
 # cctbx-base 2025.11 mmtbx.maps.map_model_cc (electron table, resolution 3.2 Å), run on this
@@ -92,3 +93,20 @@ def test_model_box_only_where_it_is_much_smaller_than_the_map():
     assert model_box(small, xyz) is None                  # reaches past the faces
     assert model_box(large, xyz + 20.0) is None           # moved near a face
     assert model_box(large, xyz, cushion=20.0) is None    # over half of the map
+
+
+def test_correlation_is_pearsons_in_float64(backend, rng):
+    """float32 maps far from zero mean (deviations 1e-3 of the mean): the CC of each row, and
+    over each row's selected points, as float64 np.corrcoef gives it."""
+    x = (1000.0 + rng.normal(size=(3, 50000))).astype(np.float32)
+    y = (0.5 * (x - 1000.0) + rng.normal(size=x.shape) - 2000.0).astype(np.float32)
+    pick = rng.random(x.shape) < 0.3
+    xp = backend.xp
+    got = backend.to_numpy(correlation(xp, xp.asarray(x), xp.asarray(y)))
+    got_w = backend.to_numpy(correlation(xp, xp.asarray(x), xp.asarray(y), xp.asarray(pick)))
+    for i in range(3):
+        want = np.corrcoef(x[i].astype(np.float64), y[i].astype(np.float64))[0, 1]
+        want_w = np.corrcoef(x[i, pick[i]].astype(np.float64),
+                             y[i, pick[i]].astype(np.float64))[0, 1]
+        assert 0.3 < want < 0.6
+        assert abs(got[i] - want) < 1e-7 and abs(got_w[i] - want_w) < 1e-7
