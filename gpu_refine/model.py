@@ -91,18 +91,24 @@ class Model:
                        is_aniso=np.zeros_like(self.is_aniso))
 
     def to_gemmi(self, xyz=None, b=None, occ=None, u_aniso=None):
-        """A copy of the structure with new per-atom values (same atoms, order, names)."""
+        """A copy of the structure with new per-atom values where given (same atoms, order,
+        names); the others are the model's own, which the structure holds."""
         st = self.structure.clone()
-        xyz = self.xyz if xyz is None else np.asarray(xyz, dtype=np.float64)
-        b = self.b if b is None else np.asarray(b, dtype=np.float64)
-        occ = self.occ if occ is None else np.asarray(occ, dtype=np.float64)
-        for i, cra in enumerate(st[0].all()):
-            at = cra.atom
-            at.pos = gemmi.Position(*xyz[i])
-            at.b_iso = float(b[i])
-            at.occ = float(occ[i])
-            if u_aniso is not None and self.is_aniso[i]:
-                at.aniso = gemmi.SMat33f(*map(float, u_aniso[i]))
+        atoms = [at for chain in st[0] for res in chain for at in res]
+        # From plain lists, one field at a time: models of a batch are written or masked one
+        # call each, and numpy scalars and CRA objects would cost more than the updates.
+        if xyz is not None:
+            for at, p in zip(atoms, np.asarray(xyz, dtype=np.float64).tolist()):
+                at.pos = gemmi.Position(*p)
+        if b is not None:
+            for at, v in zip(atoms, np.asarray(b, dtype=np.float64).tolist()):
+                at.b_iso = v
+        if occ is not None:
+            for at, v in zip(atoms, np.asarray(occ, dtype=np.float64).tolist()):
+                at.occ = v
+        if u_aniso is not None:
+            for i in np.flatnonzero(self.is_aniso):
+                atoms[i].aniso = gemmi.SMat33f(*map(float, u_aniso[i]))
         return st
 
 

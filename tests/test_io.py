@@ -16,7 +16,18 @@ def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
     assert model.is_aniso.sum() == 0 or model.u_aniso[model.is_aniso].any()
     batch = gr.Batch.from_model(model, 2, backend="numpy", dtype=np.float64)
     batch.xyz[1] += 0.5
+    batch.b[1] += 3.0
+    batch.occ[1] *= 0.5
+    if batch.u is not None:
+        batch.u[1] *= 1.5
     structures = batch.to_structures()
+    atoms = list(structures[1][0].all())
+    np.testing.assert_allclose([c.atom.b_iso for c in atoms], model.b + 3.0, atol=1e-4)
+    np.testing.assert_allclose([c.atom.occ for c in atoms], model.occ * 0.5, atol=1e-6)
+    aniso = np.flatnonzero(model.is_aniso)
+    assert len(aniso) > 100
+    np.testing.assert_allclose([atoms[i].atom.aniso.u11 for i in aniso],
+                               1.5 * model.u_aniso[aniso, 0], rtol=1e-5)
     for ext in ("cif", "pdb"):
         gr.write_model(tmp_path / f"out.{ext}", structures_as_models(structures))
         back = gemmi.read_structure(str(tmp_path / f"out.{ext}"))
