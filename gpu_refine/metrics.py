@@ -115,7 +115,9 @@ def model_box(spec, xyz, cushion=MODEL_BOX_CUSHION):
             np.any(np.ceil(g.max(axis=0) + pad) + 1 > np.asarray(spec.shape)):
         return None
     lo, hi = box_indices(spec, xyz, cushion)
-    if 2 * np.prod(hi - lo) > np.prod(spec.shape):
+    # Grown to an FFT-friendly size, the box may reach past a face of a thin map after all.
+    if np.any(lo < 0) or np.any(hi > np.asarray(spec.shape)) or \
+            2 * np.prod(hi - lo) > np.prod(spec.shape):
         return None
     return lo, hi
 

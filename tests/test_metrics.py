@@ -1,6 +1,9 @@
 """Map-model CCs: the shared cryo-EM case against cctbx, and basic properties."""
+import dataclasses
+
 import numpy as np
 import pytest
+from scipy.fft import next_fast_len
 
 import gpu_refine as gr
 import gpu_refine.examples
@@ -93,6 +96,18 @@ def test_model_box_only_where_it_is_much_smaller_than_the_map():
     assert model_box(small, xyz) is None                  # reaches past the faces
     assert model_box(large, xyz + 20.0) is None           # moved near a face
     assert model_box(large, xyz, cushion=20.0) is None    # over half of the map
+    # Just room for the cushion along a, not for the FFT-friendly size the box grows to.
+    g = large.index_coordinates(model.xyz)
+    step = np.sqrt((large.index_from_xyz ** 2).sum(axis=1))
+    lo = np.floor(g.min(axis=0) - 10.0 * step).astype(int)
+    hi = np.ceil(g.max(axis=0) + 10.0 * step).astype(int) + 1
+    n = int(hi[0] - lo[0])
+    assert next_fast_len(n, real=True) > n
+    thin = dataclasses.replace(large, shape=(n,) + tuple(large.shape[1:]),
+                               sampling=(n,) + tuple(large.sampling[1:]),
+                               cell=(n * large.voxel_size[0],) + tuple(large.cell[1:]),
+                               origin=tuple(large.origin_xyz + lo[0] * large.xyz_from_index[:, 0]))
+    assert model_box(thin, xyz) is None
 
 
 def test_correlation_is_pearsons_in_float64(backend, rng):
