@@ -45,6 +45,15 @@ class PreparedMap:
     copies: list = field(default_factory=list)
 
 
+def enclosing_box(spec, xyz, cushion):
+    """(lo, hi) grid indices of the smallest box holding ``xyz`` plus ``cushion`` Å, neither
+    clipped to the map nor grown to an FFT-friendly size."""
+    g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
+    pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
+    return (np.floor(g.min(axis=0) - pad).astype(int),
+            np.ceil(g.max(axis=0) + pad).astype(int) + 1)
+
+
 def box_indices(spec, xyz, cushion):
     """(lo, hi) grid indices of a box covering ``xyz`` plus ``cushion`` Å, FFT-friendly sizes.
 
@@ -55,10 +64,7 @@ def box_indices(spec, xyz, cushion):
     map, a P 1 cell) is a box whose far side is no continuation of its near side: the box is
     clipped to it and grown to an FFT-friendly size inside it where it has room, else beyond
     its edges (points that ``cut_box`` fills with zeros, outside the mask)."""
-    g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
-    pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
-    lo = np.floor(g.min(axis=0) - pad).astype(int)
-    hi = np.ceil(g.max(axis=0) + pad).astype(int) + 1
+    lo, hi = enclosing_box(spec, xyz, cushion)
     shape = np.asarray(spec.shape)
     if spec.is_crystal:
         whole = hi - lo >= shape

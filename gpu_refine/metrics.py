@@ -8,7 +8,7 @@ import gemmi
 import numpy as np
 
 from .backend import to_host
-from .mapprep import box_indices, box_slices, box_spec
+from .mapprep import box_indices, box_slices, box_spec, enclosing_box
 from .scattering import form_factor_table
 
 
@@ -109,35 +109,29 @@ def model_box(spec, xyz, cushion=MODEL_BOX_CUSHION):
     keep the whole map."""
     if spec.is_crystal:
         return None
-    g = spec.index_coordinates(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
-    pad = cushion * np.sqrt((spec.index_from_xyz ** 2).sum(axis=1))
-    if np.any(np.floor(g.min(axis=0) - pad) < 0) or \
-            np.any(np.ceil(g.max(axis=0) + pad) + 1 > np.asarray(spec.shape)):
-        return None
-    lo, hi = box_indices(spec, xyz, cushion)
-    # Grown to an FFT-friendly size, the box may reach past a face of a thin map after all.
-    if np.any(lo < 0) or np.any(hi > np.asarray(spec.shape)) or \
-            2 * np.prod(hi - lo) > np.prod(spec.shape):
+    shape = np.asarray(spec.shape)
+    # Both the box with its whole cushion and the FFT-friendly box grown from it inside the map.
+    for lo, hi in (enclosing_box(spec, xyz, cushion), box_indices(spec, xyz, cushion)):
+        if np.any(lo < 0) or np.any(hi > shape):
+            return None
+    if 2 * np.prod(hi - lo) > np.prod(shape):
         return None
     return lo, hi
 
 
-def _inside(lo, hi):
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def mask_and_box_cc(xp, exp_map, model_maps, masks, box=None):
+def mask_and_box_cc(xp, exp_map, model_maps, masks, region=None):
     """CCmask and CCbox per model (what refinement reports): dict of (B,) NumPy arrays.
 
-    With ``box`` (lo, hi), model_maps and masks cover only that box of exp_map, and the model
-    maps are zero beyond it: CCbox takes the whole map's sums and the box's products."""
-    if box is None:
+    With ``region`` (slices of exp_map), model_maps and masks cover only that part of the
+    map, and the model maps are zero beyond it: CCbox takes the whole map's sums and the
+    region's products."""
+    if region is None:
         m, c, mk = _flat(xp, exp_map, model_maps, masks)
         return _host({"cc_mask": correlation(xp, m, c, mk), "cc_box": correlation(xp, m, c)})
-    m, c, mk = _flat(xp, exp_map[_inside(*box)], model_maps, masks)
+    m, c, mk = _flat(xp, exp_map[region], model_maps, masks)
     dy = _deviations(xp, exp_map)
     n, syy = dy.size, (dy * dy).sum(dtype=xp.float64)
-    dy = dy[_inside(*box)].reshape(-1)
+    dy = dy[region].reshape(-1)
     x = c.astype(xp.float64)
     mx = x.sum(axis=1) / n
     sxx = (x * x).sum(axis=1) - n * mx * mx

@@ -75,7 +75,7 @@ def test_ccs_of_model_maps_made_in_a_box_are_the_whole_maps(backend, rng):
     whole_maps, whole_masks = np.zeros((3,) + exp_map.shape), np.zeros((3,) + exp_map.shape, bool)
     whole_maps[(slice(None),) + inner], whole_masks[(slice(None),) + inner] = maps, masks
     got = mask_and_box_cc(xp, xp.asarray(exp_map), xp.asarray(maps), xp.asarray(masks),
-                          (lo, hi))
+                          inner)
     want = mask_and_box_cc(np, exp_map, whole_maps, whole_masks)
     for key in ("cc_mask", "cc_box"):
         assert 0.1 < want[key].min()

@@ -20,7 +20,7 @@ import numpy as np
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
 from ..errors import InputError, ParameterError
-from ..mapprep import box_spec, prepare_map
+from ..mapprep import box_slices, box_spec, prepare_map
 from ..metrics import mask_and_box_cc, model_box, molecular_masks
 from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch, b_equivalent
@@ -452,8 +452,9 @@ class RealSpaceRefinement:
         bk = self.backend
         xp = bk.xp
         spec = self.map_data.spec
-        box = model_box(spec, bk.to_numpy(batch.xyz))
+        box, region = model_box(spec, bk.to_numpy(batch.xyz)), None
         if box is not None:
+            region = box_slices(spec, *box)[0]
             spec = box_spec(spec, *box)
         mapper = ModelMapper(spec, self.settings.resolution,
                              DensitySettings(table=self.settings.table), backend=bk)
@@ -461,7 +462,7 @@ class RealSpaceRefinement:
 
         def ccs(sub):
             masks = xp.asarray(molecular_masks(self.model, bk.to_numpy(sub.xyz), spec))
-            return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks, box)
+            return mask_and_box_cc(xp, exp_map, mapper.image(sub), masks, region)
         parts, _ = map_in_chunks(bk, batch, ccs, chunk)
         return {k: np.concatenate([p[k] for p in parts]) for k in ("cc_mask", "cc_box")}
 
