@@ -1,4 +1,5 @@
 """The command line as a user runs it: outputs, one-line errors, exit codes."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,7 +9,11 @@ import numpy as np
 import pytest
 
 import gpu_refine as gr
+from gpu_refine.cli import rsr_cmd
+from gpu_refine.cli.main import build_parser
+from gpu_refine.cli.params import translate
 from gpu_refine.examples import helix_structure
+from gpu_refine.workflows.rsr import RSRSettings
 from helpers import crystal_map, write_mtz
 
 
@@ -191,6 +196,25 @@ def test_rsr(example, tmp_path):
         _one_line_error(rc, err)
         assert reason in err
         assert not list(tmp_path.glob("bad*"))
+
+
+def test_every_rsr_setting_is_a_parameter_of_the_command(tmp_path):
+    """Each field of RSRSettings can be given as key=value (dictionaries and ignore_unknown
+    by their own options) and a run's .params file records it."""
+    fields = {f.name for f in dataclasses.fields(RSRSettings)}
+    assert fields == set(rsr_cmd.SETTINGS) | {"dictionaries", "ignore_unknown"}
+    parser = build_parser()[1]["rsr"]
+    given = {"mask_edge": "1.5", "weight_iterations": "7", "mask_radius": "2.5",
+             "weight": "20.5", "monlib": str(tmp_path)}
+    args = parser.parse_args(translate(["m.cif", "m.mrc", "resolution=3"]
+                                       + [f"{k}={v}" for k, v in given.items()], parser))
+    settings = RSRSettings(**{k: getattr(args, k) for k in rsr_cmd.SETTINGS})
+    for key, value in given.items():
+        assert str(getattr(settings, key)) == value, key
+    args.labels = None
+    lines = rsr_cmd._params_text(args, settings.check(), None).splitlines()
+    for key, value in given.items():
+        assert f"{key}={value}" in lines, key
 
 
 def test_rsr_of_an_ensemble_with_a_weight_grid(example, tmp_path):

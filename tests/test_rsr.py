@@ -309,9 +309,9 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
         return SimpleNamespace(iterations=np.full(len(seen[-1]), iterations))
 
     def geometry(batch):
-        # Trials up to ``limit_index`` keep bonds within 0.01 Å, the others do not.
+        # Trials up to ``limit_index`` keep bonds within 0.01 Å, the others do not (just).
         k = np.log2(seen[-1]) + 3
-        return [{"rmsd_bonds": 0.004 if kk <= limit_index + 1e-9 else 0.02,
+        return [{"rmsd_bonds": 0.004 if kk <= limit_index + 1e-9 else 0.011,
                  "rmsd_angles": 0.5} for kk in k]
 
     monkeypatch.setattr(job, "refine_sites", refine_sites)
@@ -332,10 +332,45 @@ def test_weight_search_picks_the_largest_acceptable_trial(helix, backend, monkey
         full = 1 if inside else 2
         assert len(seen) == full + bracketed and len(tried) == 6 * full + bracketed
     else:
+        # One at a time from the middle: the geometry of this stub shows no trend, so the
+        # search walks a step at a time towards the limit.
         last = int(np.floor(limit_index))
         steps = min(last + 1, 11) - 3 if limit_index >= 3 else 3 - max(last, -6)
         assert all(len(call) == 1 for call in seen)
         assert len(tried) == steps + 1 + bracketed
+
+
+@pytest.mark.parametrize("growth", [1.15, 1.4, 1.8])
+@pytest.mark.parametrize("limit", [-4.7, -0.2, 2.5, 3.2, 5.6, 8.3, 10.4])
+def test_cpu_weight_search_follows_the_geometry_trend(helix, monkeypatch, growth, limit):
+    """Geometry as a power of the weight (rmsd × ``growth`` per factor 2, the limit at trial
+    ``limit``): the CPU search keeps what a walk of single steps would (the largest passing
+    trial, or the one halfway above it) in fewer trials where the limit is far."""
+    model, map_data = helix
+    job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=3.0, weight_trials=6,
+                                                           weight_iterations=1),
+                              backend="numpy")
+    monkeypatch.setattr(job, "_weight_scale", lambda batch: 1.0)
+    seen = []
+
+    def refine_sites(batch, w, iterations):
+        seen.extend(np.asarray(w, dtype=float).tolist())
+        return SimpleNamespace(iterations=np.full(len(w), iterations))
+
+    def geometry(batch):
+        k = np.log2(seen[-1]) + 3
+        return [{"rmsd_bonds": 0.01 * growth ** (k - limit),
+                 "rmsd_angles": 0.9 * growth ** (k - limit)}]
+
+    monkeypatch.setattr(job, "refine_sites", refine_sites)
+    monkeypatch.setattr(job, "geometry", geometry)
+    choice = job.search_weight(Batch.from_model(model, 1, backend="numpy"))
+    k = int(np.clip(np.floor(limit), -6, 11))
+    if -6 <= limit < 11 and limit - k >= 0.5:
+        k += 0.5
+    assert choice.weight == pytest.approx(2.0 ** (k - 3))
+    walk = abs(int(np.floor(limit)) + (limit >= 3) - 3) + 1 + (-6 <= limit < 11)
+    assert len(seen) <= walk - (abs(limit - 3) > 3) - (abs(limit - 3) > 5)
 
 
 def test_weight_limits_stay_above_what_restraints_alone_reach():

@@ -33,8 +33,9 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
             "weight": str, "target": str, "nmodels": int, "shake": float, "seed": int,
             "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
             "bond_limit": float, "angle_limit": float, "weight_trials": int,
-            "regularize_iterations": int, "mask_radius": float, "cushion": float,
-            "monlib": str, "h_distances": str, "table": str}
+            "weight_iterations": int, "regularize_iterations": int, "mask_radius": float,
+            "mask_edge": float, "cushion": float, "monlib": str, "h_distances": str,
+            "table": str}
 
 
 def add_arguments(parser):

@@ -370,8 +370,9 @@ class RealSpaceRefinement:
         the scale was off for this map and the next n beyond that end run too.  On a CPU each
         member costs as much as a model of its own: geometry worsens as the weight grows, so the
         trials go one at a time from the middle one (k = n/2, where the scale puts the limit)
-        up while they pass or down while they fail, to at most n beyond either end.  A
-        bracketed limit then gets one trial between its two ends, a factor √2 from each.
+        towards the limit, to at most n beyond either end (``_next_trial``: steps as long as
+        the geometry's trend predicts, at most three).  A bracketed limit then gets one trial
+        between its two ends, a factor √2 from each.
         """
         s = self.settings
         n = s.weight_trials
@@ -384,7 +385,17 @@ class RealSpaceRefinement:
             t = results[k]
             return t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim
 
+        def excess(k):
+            """log of the geometry over its limits (the larger of bonds and angles): ≤ 0
+            exactly where the trial is acceptable."""
+            t = results[k]
+            e = float(np.log(max(t["rmsd_bonds"] / bond_lim, t["rmsd_angles"] / angle_lim,
+                                 1e-12)))
+            return min(e, 0.0) if acceptable(k) else max(e, 1e-12)
+
         def run(ks):
+            # Each trial is logged as it ends: on a CPU and a large model a trial takes minutes.
+            t0 = time.perf_counter()
             ks = list(ks)
             weights = scale * 2.0 ** (np.asarray(ks, dtype=np.float64) - n // 2)
             trial = start.subset([0] * len(ks))
@@ -393,6 +404,12 @@ class RealSpaceRefinement:
                 results[k] = {"weight": float(weights[j]), "rmsd_bonds": g["rmsd_bonds"],
                               "rmsd_angles": g["rmsd_angles"]}
                 refined[k] = (trial.xyz[j].copy(), int(res.iterations[j]))
+            took = time.perf_counter() - t0
+            for k in ks:
+                t = results[k]
+                log.info("  weight %10.4g: bonds %.4f Å, angles %.2f° (%s; %.1f s)", t["weight"],
+                         t["rmsd_bonds"], t["rmsd_angles"],
+                         "within the limits" if acceptable(k) else "beyond the limits", took)
 
         if self.backend.is_gpu:
             run(range(n))
@@ -402,16 +419,10 @@ class RealSpaceRefinement:
             elif not ok:
                 run(range(-n, 0))
         else:
-            # From the middle trial, where the scale expects the limit, step by step towards
-            # it until it is bracketed (or n trials beyond either end).
             k = n // 2
-            run([k])
-            step = 1 if acceptable(k) else -1
-            while -n <= k + step < 2 * n:
-                k += step
+            while k is not None:
                 run([k])
-                if acceptable(k) != (step == 1):
-                    break
+                k = _next_trial({j: excess(j) for j in results}, -n, 2 * n - 1)
         ok = [k for k in results if acceptable(k)]
         best = max(ok) if ok else min(results)
         if ok and best + 1 in results:
@@ -420,10 +431,6 @@ class RealSpaceRefinement:
             run([best + 0.5])
             best = best + 0.5 if acceptable(best + 0.5) else best
         trials = [results[k] for k in sorted(results)]
-        for k in sorted(results):
-            t = results[k]
-            log.info("  weight %10.4g: bonds %.4f Å, angles %.2f°%s", t["weight"],
-                     t["rmsd_bonds"], t["rmsd_angles"], "  <- chosen" if k == best else "")
         if not ok:
             log.warning("no trial weight kept bonds <= %.3f Å and angles <= %.2f°; using the "
                         "smallest", bond_lim, angle_lim)
@@ -569,7 +576,8 @@ class RealSpaceRefinement:
             batch.xyz[0] = choice.xyz
             iterations[0] += choice.iterations
             sites_done = 1
-            log.info("weight %.4g chosen in %.1f s", choice.weight, phases.lap("weight"))
+            log.info("weight %.4g chosen (of %d trials) in %.1f s", choice.weight,
+                     len(trials), phases.lap("weight"))
         phases.lap("weight")
         w_dev = xp.asarray(weight)
         for cycle in range(1, s.macro_cycles + 1):
@@ -637,6 +645,52 @@ class _Phases:
         spent, self._last = now - self._last, now
         self.seconds[name] = self.seconds.get(name, 0.0) + spent
         return spent
+
+
+# Geometry rmsd grows by about 1.1-1.8 × per factor 2 of weight (EMD-2566, simulated maps of
+# 4hg7, 1l2h, 4iid): the steepest stands for the trend until two trials have measured a
+# growth, so that a step never passes a limit that a power law of up to 1.8 would put nearer.
+PRIOR_GROWTH = 1.8
+MAX_JUMP = 3
+
+
+def _next_trial(excess, first, last):
+    """The CPU weight search's next trial k (an integer in [first, last]) from the trials so
+    far, {k: log of the geometry over its limits} (≤ 0 within them), or None once the limit
+    is bracketed by neighbours (or lies beyond ``first`` / ``last``).
+
+    log excess is taken as linear in k (the rmsd as a power of the weight): beyond the trials
+    on one side of the limit the next one is where the trend of the two nearest puts the limit
+    (PRIOR_GROWTH with one trial, or where they do not grow), at least one step and at most
+    MAX_JUMP; between a passing and a failing trial, where the line through them crosses
+    zero.  The step lands on the passing side of the predicted limit, so that one step more
+    usually brackets it."""
+    ks = sorted(k for k in excess if float(k).is_integer())
+    passed = [k for k in ks if excess[k] <= 0]
+    lo = max(passed) if passed else None
+    above = [k for k in ks if excess[k] > 0 and (lo is None or k > lo)]
+    hi = min(above) if above else None
+    if lo is not None and hi is not None:
+        if hi - lo <= 1:
+            return None
+        t = -excess[lo] / (excess[hi] - excess[lo])
+        return int(np.clip(np.floor(lo + t * (hi - lo)), lo + 1, hi - 1))
+    end = lo if hi is None else hi
+    # The trial nearest to ``end`` on the same side of the limit, for the trend.
+    side = [k for k in ks if (k < end if hi is None else k > end)]
+    slope = np.log(PRIOR_GROWTH)
+    if side:
+        near = max(side) if hi is None else min(side)
+        measured = (excess[end] - excess[near]) / (end - near)
+        slope = measured if measured > 0 else slope
+    distance = abs(excess[end]) / slope
+    if hi is None:          # every trial within the limits so far: up
+        if end >= last:
+            return None
+        return min(end + int(np.clip(np.floor(distance), 1, MAX_JUMP)), last)
+    if end <= first:        # every trial beyond them: down
+        return None
+    return max(end - int(np.clip(np.ceil(distance), 1, MAX_JUMP)), first)
 
 
 def _lbfgs(iterations, max_step):
