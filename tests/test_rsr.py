@@ -14,8 +14,8 @@ from gpu_refine.grid import GridSpec
 from gpu_refine.metrics import five_cc, model_box, molecular_mask
 from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
-from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, geometry_limits,
-                                      refine_real_space)
+from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, _next_trial,
+                                      geometry_limits, refine_real_space)
 
 EMD = "cryoem/emd2566_3j6b_chain9"
 
@@ -371,6 +371,17 @@ def test_cpu_weight_search_follows_the_geometry_trend(helix, monkeypatch, growth
     assert choice.weight == pytest.approx(2.0 ** (k - 3))
     walk = abs(int(np.floor(limit)) + (limit >= 3) - 3) + 1 + (-6 <= limit < 11)
     assert len(seen) <= walk - (abs(limit - 3) > 3) - (abs(limit - 3) > 5)
+
+
+def test_weight_search_steps_where_a_trial_has_no_geometry():
+    """A trial whose geometry is not a number (a run that went astray) counts as beyond the
+    limits with no trend: the search goes down by the longest step, or one step at a time
+    above a passing trial."""
+    assert _next_trial({3: np.inf}, -6, 11) == 0
+    assert _next_trial({3: np.inf, 0: np.inf}, -6, 11) == -3
+    assert _next_trial({3: -0.5, 6: np.inf}, -6, 11) == 4
+    assert _next_trial({3: -0.5, 4: np.inf}, -6, 11) is None
+    assert _next_trial({-6: np.inf}, -6, 11) is None and _next_trial({11: -1.0}, -6, 11) is None
 
 
 def test_weight_limits_stay_above_what_restraints_alone_reach():

@@ -387,11 +387,13 @@ class RealSpaceRefinement:
 
         def excess(k):
             """log of the geometry over its limits (the larger of bonds and angles): ≤ 0
-            exactly where the trial is acceptable."""
+            exactly where the trial is acceptable, infinite where it is not a number."""
             t = results[k]
             e = float(np.log(max(t["rmsd_bonds"] / bond_lim, t["rmsd_angles"] / angle_lim,
                                  1e-12)))
-            return min(e, 0.0) if acceptable(k) else max(e, 1e-12)
+            if acceptable(k):
+                return min(e, 0.0)
+            return max(e, 1e-12) if np.isfinite(e) else np.inf
 
         def run(ks):
             # Each trial is logged as it ends: on a CPU and a large model a trial takes minutes.
