@@ -1,9 +1,11 @@
-"""Inputs for tests: random atoms and grids for kernel tests (fresh every run), crystal maps."""
+"""Inputs for tests: random atoms and grids for kernel tests (fresh every run), crystal maps,
+a disulfide without records."""
 import gemmi
 import numpy as np
 
 import gpu_refine as gr
 from gpu_refine.density import DensitySettings, ModelMapper
+from gpu_refine.examples import helix_structure
 from gpu_refine.grid import GridSpec
 from gpu_refine.scattering import form_factor_table
 
@@ -89,3 +91,47 @@ def write_mtz(path, map_data, d_min, columns=(("FWT", "F"), ("PHWT", "P"))):
     mtz.set_data(np.column_stack([asu.miller_array, np.abs(values),
                                   np.degrees(np.angle(values))]).astype(np.float32))
     mtz.write_to_file(str(path))
+
+
+def disulfide_structure(across_cell=False):
+    """Two cysteines (chains A, B) whose SG are 2.03 Å apart (CB-SG-SG' 104°), with no SSBOND
+    record; B is A turned by 180° about an axis through the bond's midpoint.  With
+    ``across_cell`` the model is in a P 1 cell (40 Å) and B one cell edge away: A links to
+    B's lattice translate, a symmetry mate."""
+    st = helix_structure("AAA")
+    chain = st[0][0]
+    del chain[2]
+    del chain[0]
+    res = chain[0]
+    res.name = "CYS"
+    pos = {a.name: np.array(a.pos.tolist()) for a in res}
+    # SG from N, CA, CB: |CB-SG| 1.81 Å, angle CA-CB-SG 114°, chi1 -60°.
+    bc = (pos["CB"] - pos["CA"]) / np.linalg.norm(pos["CB"] - pos["CA"])
+    nrm = np.cross(pos["CA"] - pos["N"], bc)
+    nrm /= np.linalg.norm(nrm)
+    a, t = np.radians(114.0), np.radians(-60.0)
+    sg = pos["CB"] + 1.81 * (-np.cos(a) * bc + np.sin(a) * np.cos(t) * np.cross(nrm, bc)
+                             + np.sin(a) * np.sin(t) * nrm)
+    atom = gemmi.Atom()
+    atom.name, atom.element, atom.pos, atom.occ, atom.b_iso = (
+        "SG", gemmi.Element("S"), gemmi.Position(*sg), 1.0, 30.0)
+    res.add_atom(atom)
+    u = (sg - pos["CB"]) / np.linalg.norm(sg - pos["CB"])
+    q = np.cross(u, pos["CA"] - pos["CB"])
+    q /= np.linalg.norm(q)
+    w = np.cos(np.radians(76.0)) * u + np.sin(np.radians(76.0)) * q    # SG -> SG'
+    axis = np.cross(w, u)
+    axis /= np.linalg.norm(axis)
+    centre = sg + 1.015 * w
+    shift = np.array([40.0, 0.0, 0.0]) if across_cell else np.zeros(3)
+    mate = chain.clone()
+    mate.name = "B"
+    for a in mate[0]:
+        d = np.array(a.pos.tolist()) - centre
+        a.pos = gemmi.Position(*(centre + 2 * (d @ axis) * axis - d + shift))
+    st[0].add_chain(mate)
+    if across_cell:
+        st.cell = gemmi.UnitCell(40, 40, 40, 90, 90, 90)
+        st.spacegroup_hm = "P 1"
+    st.setup_entities()
+    return st

@@ -15,6 +15,7 @@ from gpu_refine.restraints.nonbonded import NonbondedSettings
 from gpu_refine.restraints.stats import geometry_statistics
 from gpu_refine.restraints.topology import build_topology, ccp4_hydrogen_names
 from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
+from helpers import disulfide_structure
 
 MODELS = {"5e5z": "xray/5e5z/5e5z.pdb", "1l2h": "xray/1l2h/1l2h.cif.gz",
           "4hg7": "xray/4hg7/4hg7.cif", "4iid": "xray/4iid/4iid.pdb", "4xof": "xray/4xof/4xof.pdb",
@@ -73,6 +74,59 @@ def test_4iid_links_as_gemmi_finds_them(shared):
                                        "ALPHA1-2")} == {"disulf": 6, "pyr-ASN": 19, "BETA1-4": 26,
                                                         "ALPHA1-3": 11, "ALPHA1-6": 15,
                                                         "ALPHA1-2": 12}
+
+
+def test_4iid_links_found_from_distances_without_records(shared):
+    """The 89 links of 4iid's SSBOND and LINK records are found again from distances alone
+    (find_links, the default), as phenix and Refmac find disulfides."""
+    model = read_model(shared / MODELS["4iid"])
+    with_records = build_topology(model, monlib=shared / "monomers")
+    model.structure.connections.clear()
+    found = build_topology(model, monlib=shared / "monomers")
+    assert found.links == with_records.links and found.counts() == with_records.counts()
+    assert ({tuple(sorted(b)) for b in found.bonds.atoms.tolist()}
+            == {tuple(sorted(b)) for b in with_records.bonds.atoms.tolist()})
+    bare = build_topology(model, monlib=shared / "monomers", find_links=False)
+    assert "disulf" not in bare.links
+    assert bare.counts()["n_bonds"] == with_records.counts()["n_bonds"] - 89
+
+
+def _sg_pair_state(topology, xyz):
+    """(SG-SG bonded?, SG-SG repelled?, CB-SG' repelled?) for disulfide_structure's model."""
+    sg = [i for i, lab in enumerate(topology.labels) if lab.endswith("/SG")]
+    cb = [i for i, lab in enumerate(topology.labels) if lab.endswith("/CB")]
+    bonded = any(sorted(b) == sg for b in topology.bonds.atoms.tolist())
+    restraints = GeometryRestraints(topology, backend="numpy", dtype=np.float64)
+    restraints.update_pairs(xyz[None], force=True)
+    pl = restraints.pairs
+    n = topology.n_atoms
+    mate_atom = np.concatenate([pl.mate_atom, [0]]).astype(np.int64)
+    partner = np.where(pl.pairs[:, 1] < n, pl.pairs[:, 1],
+                       mate_atom[np.clip(pl.pairs[:, 1] - n, 0, len(pl.mate_atom))])
+    pairs = {tuple(sorted(p)) for p in zip(pl.pairs[:, 0].tolist(), partner.tolist())}
+    return bonded, tuple(sg) in pairs, tuple(sorted((cb[0], sg[1]))) in pairs
+
+
+@pytest.mark.parametrize("across_cell", [False, True])
+def test_disulfide_without_records(across_cell):
+    """Two cysteines 2.03 Å apart with no SSBOND record: found from the distance they are
+    bonded (not repelled, nor CB from the other SG); without find_links they repel.  Linked
+    to a symmetry mate (B one cell edge away) the link is not restrained, and the two SG and
+    their neighbours do not repel each other's images."""
+    model = Model.from_gemmi(disulfide_structure(across_cell))
+    topo = build_topology(model)
+    assert topo.links == {"SS": 1}
+    if across_cell:
+        assert _sg_pair_state(topo, model.xyz) == (False, False, False)
+        assert [sorted(p) for p in topo.symmetry_links.tolist()] == [[5, 11]]
+        assert build_topology(model, find_links=False).counts() == topo.counts()
+    else:
+        assert _sg_pair_state(topo, model.xyz) == (True, False, False)
+        _, (r,) = geometry_report(model)
+        assert r["n_overlaps"] == 0 and r["rmsd_bonds"] < 0.05
+    bare = build_topology(model, find_links=False)
+    assert not bare.links and not len(bare.symmetry_links)
+    assert _sg_pair_state(bare, model.xyz) == (False, True, True)
 
 
 @pytest.mark.parametrize("name", ["5e5z", "4hg7", "4iid", "4xof", "3j6b"])

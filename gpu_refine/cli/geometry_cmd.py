@@ -1,12 +1,13 @@
 """Geometry report: restraint rmsd / rmsZ, outliers and nonbonded overlaps of a model.
 
 gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ignore_unknown=true]
-                    [h_distances=electron|nucleus]
+                    [h_distances=electron|nucleus] [find_links=true|false]
 """
 import json
 import logging
 
 from ..io import write_atomically
+from .params import boolean
 from ..model import read_batch
 from ..restraints.topology import H_DISTANCES
 from ..workflows.geometry import geometry_report
@@ -27,6 +28,9 @@ def add_arguments(parser):
                         help="leave residues without a dictionary unrestrained")
     parser.add_argument("--h-distances", choices=H_DISTANCES, default=H_DISTANCES[0],
                         help="X-H bond targets: electron cloud (X-ray, default) or nucleus")
+    parser.add_argument("--find-links", type=boolean, default=True, metavar="true|false",
+                        help="also link what the library defines from distances (disulfides, "
+                        "glycosylation, ...), not only the file's records (default true)")
     parser.add_argument("--json", help="write the statistics as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -55,7 +59,7 @@ def main(args):
                                         dictionaries=args.dictionary,
                                         ignore_unknown=args.ignore_unknown, xyz=xyz,
                                         h_distances=args.h_distances,
-                                        backend=args.backend)
+                                        find_links=args.find_links, backend=args.backend)
     links = ", ".join(f"{k} {v}" for k, v in sorted(topology.links.items()))
     log.info("restraints from %s; links: %s", topology.library, links or "none")
     for i, r in enumerate(results, start=1):

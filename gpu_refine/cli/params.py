@@ -8,6 +8,16 @@ import difflib
 from ..errors import ParameterError
 
 
+def boolean(text):
+    """An option's true / false value (yes / no, 1 / 0; any case), for argparse's ``type``."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise ValueError(text)
+
+
 def option_names(parser):
     """Long option names (without dashes) that take parameters: {name: action}."""
     names = {}

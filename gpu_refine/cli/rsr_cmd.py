@@ -3,7 +3,7 @@
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
     [weight=W | weight=W1,W2,...] [nmodels=B shake=RMS seed=S] [macro_cycles=5]
     [adp=individual|group] [h_distances=electron|nucleus] [table=electron|xray]
-    [labels=F,PHI] [output.pdb=true] [--overwrite]
+    [labels=F,PHI] [find_links=true|false] [output.pdb=true] [--overwrite]
 The starts are MODEL's models (every MODEL of a multi-model file), each in nmodels copies
 (shaken by shake Å rms), each copy refined with each weight of a grid.  Writes P.cif (a batch
 as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with output.pdb=true P.pdb
@@ -25,6 +25,7 @@ from ..model import read_batch, structures_as_models, write_model
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 from .map_input import add_labels_argument, default_resolution
+from .params import boolean
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": in
             "bond_limit": float, "angle_limit": float, "weight_trials": int,
             "weight_iterations": int, "regularize_iterations": int, "mask_radius": float,
             "mask_edge": float, "cushion": float, "monlib": str, "h_distances": str,
-            "table": str}
+            "table": str, "find_links": boolean}
 
 
 def add_arguments(parser):

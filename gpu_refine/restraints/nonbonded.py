@@ -14,7 +14,9 @@ operation and lattice translation found at build time.  Each contact is listed f
 with half weight: the energy per asymmetric unit is right, and each atom gets the whole force.
 An atom within 1 Å of its own image sits on a special position and is not repelled by it;
 partially occupied atoms whose occupancies (in the model the topology was built from) sum to at
-most 1 are not repelled by each other's images (disorder across a symmetry element).
+most 1 are not repelled by each other's images (disorder across a symmetry element); nor are
+the atoms of a link to a symmetry mate (1-2) and each of them and the other's bonded
+neighbours (1-3).
 
 Minimum distances: the sum of the two atoms' radii below (reduced van der Waals radii, so that
 well-refined deposited structures have almost no violations), 2.6 Å between N/O atoms (they may
@@ -63,6 +65,17 @@ def _keys(i, j, n):
     return lo.astype(np.int64) * n + hi
 
 
+def _link_exclusions(links, adjacency, n):
+    """Keys of the atom pairs (i, mate of j) not to repel across links (K, 2) to symmetry
+    mates: the linked atoms, and each with the other's bonded neighbours."""
+    keys = []
+    for i, j in np.asarray(links, dtype=np.int64).reshape(-1, 2):
+        ni, nj = adjacency[i].indices, adjacency[j].indices
+        keys += [_keys(np.array([i]), np.array([j]), n), _keys(ni, np.full(len(ni), j), n),
+                 _keys(np.full(len(nj), i), nj, n)]
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+
+
 class PairList:
     """Nonbonded pairs (R,2), their minimum distances (R,) and weights, for one topology."""
 
@@ -88,6 +101,7 @@ class PairList:
         self._excluded = np.unique(_keys(near.row, near.col, n))
         far = a3.tocoo()
         self._one_four = np.setdiff1d(np.unique(_keys(far.row, far.col, n)), self._excluded)
+        self._mate_excluded = _link_exclusions(topology.symmetry_links, a, n)
         self.max_dmin = 2 * float(self.radius.max()) if n else 0.0
         self.crystal = None   # (cell, fractional operations) where mates are searched
         if self.settings.symmetry and topology.cell is not None:
@@ -157,7 +171,8 @@ class PairList:
         occ_i, occ_j = self.occupancy[i], self.occupancy[j]
         exclusive = (occ_i < 1) & (occ_j < 1) & (occ_i + occ_j <= 1 + 1e-3)
         keep = (self._allowed(i, j) & ~exclusive
-                & ~((i == j) & (d < self.settings.special_position)))
+                & ~((i == j) & (d < self.settings.special_position))
+                & ~np.isin(_keys(i, j, self.n_atoms), self._mate_excluded))
         i, j, image_id = i[keep], j[keep], image_id[keep]
         _, first, mate = np.unique(image_id * self.n_atoms + j, return_index=True,
                                    return_inverse=True)

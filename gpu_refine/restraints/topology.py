@@ -8,6 +8,14 @@ Polymers are linked by sequence: consecutive residues whose C(i)-N(i+1) (or O3'(
 distance is beyond gemmi's bond cut-off but within ``link_distance`` still get their peptide
 (phosphodiester) link, as cctbx does.  Otherwise a shaken or badly fitted start loses its chain
 links and refinement pulls the chain apart.
+
+Other covalent links come from the file's records (SSBOND, LINK, struct_conn) and, with
+``find_links`` (default), from distances: gemmi's search for contacts that a library link
+defines (within 1.4 × its bond length), as phenix and Refmac make disulfides (and phenix
+glycosylation links) from distances by default.  Without it a model written without SSBOND
+records would have its disulfides pushed apart by nonbonded repulsion.  A link to a symmetry
+mate is not restrained (the restraint kernels see one copy of the model) but its two atoms do
+not repel each other's images.
 """
 import io
 import logging
@@ -61,6 +69,8 @@ class Topology:
     occupancy: np.ndarray = None  # (N,) of the model the topology was built from
     cell: tuple = None            # (a, b, c, alpha, beta, gamma) of a crystal, else None
     spacegroup: str = None        # its space group (Hermann-Mauguin), else None
+    # (K, 2) atoms linked to each other's symmetry mate: unrestrained, and not repelled by it
+    symmetry_links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
@@ -114,6 +124,40 @@ def _link_by_sequence(st, link_distance):
     return moved
 
 
+def _find_links(st, lib):
+    """Add to ``st`` (build_topology's scratch copy) the links gemmi finds by distance that
+    ``lib`` defines; returns how many of each link id.  gemmi also proposes metal
+    coordination, which has no library link: like phenix and Refmac by default, that is not
+    made a bond."""
+    given = list(st.connections)
+    gemmi.add_automatic_links(st[0], st, lib)
+    found = [c for c in list(st.connections)[len(given):] if c.link_id]
+    for c in found:
+        # gemmi marks a link to a lattice translate of the model (no rotation) as in the
+        # same unit: where the atoms themselves are not at the found distance, it is not.
+        d = st[0].find_cra(c.partner1).atom.pos.dist(st[0].find_cra(c.partner2).atom.pos)
+        if abs(d - c.reported_distance) > 1e-3:
+            c.asu = gemmi.Asu.Different
+    st.connections.clear()
+    for c in given + found:
+        st.connections.append(c)
+    return Counter(c.link_id for c in found)
+
+
+def _symmetry_link_rules(topo):
+    """{restraint kind: set of indices} of the restraints of links to symmetry mates, and
+    the (K, 2) atoms of their bonds."""
+    rules, pairs = {}, []
+    for link in topo.extras:
+        if link.asu != gemmi.Asu.Different:
+            continue
+        for rule in link.link_rules:
+            rules.setdefault(rule.rkind, set()).add(rule.index)
+            if rule.rkind == gemmi.RKind.Bond:
+                pairs.append(_index(topo.bonds[rule.index].atoms))
+    return rules, np.array(pairs, np.int64).reshape(-1, 2)
+
+
 def check_h_distances(value):
     """ParameterError unless ``value`` is one of H_DISTANCES."""
     if value not in H_DISTANCES:
@@ -145,13 +189,15 @@ def _index(atoms):
 
 
 def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
-                   link_distance=LINK_DISTANCE, h_distances="electron"):
+                   link_distance=LINK_DISTANCE, h_distances="electron", find_links=True):
     """Topology of ``model`` (a Model) from a monomer library.
 
     monlib: library directory (else $CLIBD_MON, else the built-in dictionary); dictionaries:
     extra monomer CIF files; ignore_unknown: leave residues without a dictionary unrestrained
     instead of failing; h_distances: X-H bond targets to the electron cloud (X-ray, the
-    library's value_dist) or to the nucleus (neutron; value_dist_nucleus).
+    library's value_dist) or to the nucleus (neutron; value_dist_nucleus); find_links: add
+    the library's links (disulfides, glycosylation, ...) found from distances to those of the
+    file's records.
     """
     check_h_distances(h_distances)
     if model.n_atoms == 0:
@@ -189,6 +235,11 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if moved:
             log.info("%d polymer links made by sequence (C-N or O3'-P beyond bond distance)",
                      moved)
+    if find_links:
+        found = _find_links(st, lib)
+        if found:
+            log.info("links found from distances (not in the file's records): %s",
+                     ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
     warnings = io.StringIO()
     try:
         topo = gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.NoChange,
@@ -205,6 +256,15 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
 
+    skip, symmetry_links = _symmetry_link_rules(topo)
+    if len(symmetry_links):
+        log.warning("%d link(s) to symmetry mates are not restrained (their atoms do not "
+                    "repel each other's images)", len(symmetry_links))
+
+    def kept(items, kind):
+        drop = skip.get(kind, ())
+        return [t for k, t in enumerate(items) if k not in drop]
+
     def simple(items, n):
         if not items:
             return Terms(np.zeros((0, n), np.int32), np.zeros(0), np.zeros(0))
@@ -212,24 +272,26 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                      np.array([t.restr.value for t in items], np.float64),
                      np.array([t.restr.esd for t in items], np.float64))
 
-    bonds = simple(topo.bonds, 2)
+    bond_list = kept(topo.bonds, gemmi.RKind.Bond)
+    bonds = simple(bond_list, 2)
     if h_distances == "nucleus" and len(bonds):
         # Libraries give value_dist_nucleus for X-H bonds; other bonds keep value_dist.
-        nucleus = np.array([b.restr.value_nucleus for b in topo.bonds])
-        esd = np.array([b.restr.esd_nucleus for b in topo.bonds])
+        nucleus = np.array([b.restr.value_nucleus for b in bond_list])
+        esd = np.array([b.restr.esd_nucleus for b in bond_list])
         use = np.isfinite(nucleus) & (nucleus > 0) & np.isfinite(esd) & (esd > 0)
         bonds.ideal = np.where(use, nucleus, bonds.ideal)
         bonds.sigma = np.where(use, esd, bonds.sigma)
-    angles = simple(topo.angles, 3)
-    torsions = simple(topo.torsions, 4)
-    torsions.period = np.array([t.restr.period for t in topo.torsions], np.int32)
+    angles = simple(kept(topo.angles, gemmi.RKind.Angle), 3)
+    torsion_list = kept(topo.torsions, gemmi.RKind.Torsion)
+    torsions = simple(torsion_list, 4)
+    torsions.period = np.array([t.restr.period for t in torsion_list], np.int32)
     signs = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1}
-    chirs = list(topo.chirs)
+    chirs = kept(topo.chirs, gemmi.RKind.Chirality)
     chirals = Terms(np.array([_index(c.atoms) for c in chirs], np.int32).reshape(-1, 4),
                     np.array([topo.ideal_chiral_abs_volume(c) for c in chirs], np.float64),
                     np.full(len(chirs), CHIRAL_SIGMA),
                     sign=np.array([signs.get(c.restr.sign, 0) for c in chirs], np.int8))
-    plane_list = list(topo.planes)
+    plane_list = kept(topo.planes, gemmi.RKind.Plane)
     sizes = [len(p.atoms) for p in plane_list]
     planes = Terms(np.array([i for p in plane_list for i in _index(p.atoms)], np.int32),
                    sigma=np.repeat([p.restr.esd for p in plane_list], sizes).astype(np.float64),
@@ -247,7 +309,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
                     unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
                     library=where, occupancy=np.asarray(model.occ, dtype=np.float64),
-                    **_crystal(model.structure))
+                    symmetry_links=symmetry_links, **_crystal(model.structure))
 
 
 def _crystal(st):
