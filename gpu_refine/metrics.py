@@ -169,28 +169,43 @@ def image_radius(d_min, b_iso, element="C", table="electron"):
     return float(r[rising[0]]) if len(rising) else float(r[-1])
 
 
-def per_residue_cc(exp_map, model_map, xyz, residue_index, n_residues, spec, radius):
-    """CC per residue over the points within ``radius`` of its atoms (NumPy arrays)."""
-    g = spec.index_coordinates(xyz)
+def per_residue_cc(exp_map, model_map, xyz, residue_index, n_residues, spec, radius,
+                   chunk_atoms=4096):
+    """CC per residue over the points within ``radius`` of its atoms (NumPy arrays).
+
+    Atoms go in chunks of about ``chunk_atoms`` that keep each residue whole (a residue's
+    atoms are consecutive), so that memory stays small for a large model."""
+    g_all = spec.index_coordinates(xyz)
     rn = np.sqrt((spec.index_from_xyz**2).sum(axis=1))
     h = np.ceil(radius * rn).astype(int)
     offs = np.indices(2 * h + 1).reshape(3, -1).T - h
-    idx = np.round(g).astype(np.int64)[:, None, :] + offs[None]          # (N,K,3)
-    d = (idx - g[:, None, :]) @ spec.xyz_from_index.T
-    near = (d * d).sum(axis=-1) < radius * radius
     n = np.asarray(spec.shape)
-    if spec.periodic:
-        idx = idx % n
-    else:
-        near &= np.all((idx >= 0) & (idx < n), axis=-1)
-    ai, ki = np.nonzero(near)
-    lin = (idx[ai, ki, 0] * n[1] + idx[ai, ki, 1]) * n[2] + idx[ai, ki, 2]
-    key = np.unique(residue_index[ai].astype(np.int64) * int(np.prod(n)) + lin)
-    res, pt = np.divmod(key, int(np.prod(n)))
-    x = exp_map.reshape(-1)[pt].astype(np.float64)
-    y = model_map.reshape(-1)[pt].astype(np.float64)
-    sums = [np.bincount(res, weights=w, minlength=n_residues)
-            for w in (np.ones_like(x), x, y, x * x, y * y, x * y)]
+    size = int(np.prod(n))
+    residue_index = np.asarray(residue_index, dtype=np.int64)
+    starts = np.flatnonzero(np.diff(residue_index)) + 1          # first atom of each residue
+    sums = np.zeros((6, n_residues))
+    first = 0
+    while first < len(residue_index):
+        k = np.searchsorted(starts, first + chunk_atoms)
+        last = int(starts[k]) if k < len(starts) else len(residue_index)
+        g = g_all[first:last]
+        idx = np.round(g).astype(np.int64)[:, None, :] + offs[None]          # (A,K,3)
+        d = (idx - g[:, None, :]) @ spec.xyz_from_index.T
+        near = (d * d).sum(axis=-1) < radius * radius
+        if spec.periodic:
+            idx = idx % n
+        else:
+            near &= np.all((idx >= 0) & (idx < n), axis=-1)
+        ai, ki = np.nonzero(near)
+        lin = (idx[ai, ki, 0] * n[1] + idx[ai, ki, 1]) * n[2] + idx[ai, ki, 2]
+        # A point near several atoms of a residue counts once.
+        key = np.unique(residue_index[first + ai] * size + lin)
+        res, pt = np.divmod(key, size)
+        x = exp_map.reshape(-1)[pt].astype(np.float64)
+        y = model_map.reshape(-1)[pt].astype(np.float64)
+        for row, w in enumerate((np.ones_like(x), x, y, x * x, y * y, x * y)):
+            sums[row] += np.bincount(res, weights=w, minlength=n_residues)
+        first = last
     cnt, sx, sy, sxx, syy, sxy = sums
     with np.errstate(invalid="ignore", divide="ignore"):
         cc = (cnt * sxy - sx * sy) / np.sqrt((cnt * sxx - sx * sx) * (cnt * syy - sy * sy))

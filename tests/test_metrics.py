@@ -10,7 +10,7 @@ import gpu_refine.examples
 from gpu_refine.examples import make_example
 from gpu_refine.mapprep import box_spec
 from gpu_refine.metrics import (correlation, mask_and_box_cc, model_box, molecular_mask,
-                                molecular_masks)
+                                molecular_masks, per_residue_cc)
 from gpu_refine.workflows import validate
 
 # cctbx-base 2025.11 mmtbx.maps.map_model_cc (electron table, resolution 3.2 Å), run on this
@@ -49,6 +49,25 @@ def test_batch_ccs_fall_as_models_are_shaken(backend, rng):
     results = validate(batch, gr.MapData(data, spec), 3.0, backend=backend)
     cc = [r["cc_mask"] for r in results]
     assert cc[0] > 0.85 and cc[0] > cc[1] > cc[2]
+
+
+def test_per_residue_cc_in_chunks_of_atoms_is_the_whole(rng):
+    """Atoms taken a few residues at a time (memory) give each residue the CC of all its
+    atoms' points at once, each point once, as a direct sum does."""
+    model, data, spec = make_example()
+    other = data + rng.normal(scale=0.5 * data.std(), size=data.shape)
+    xyz = model.xyz + rng.normal(scale=0.3, size=model.xyz.shape)
+    args = (data, other, xyz, model.residue_index, len(model.residues), spec, 2.5)
+    whole = per_residue_cc(*args, chunk_atoms=10 ** 9)
+    for chunk in (1, 7, 20):
+        np.testing.assert_allclose(per_residue_cc(*args, chunk_atoms=chunk), whole, atol=1e-12)
+    r = 3
+    g = spec.index_coordinates(xyz[model.residue_index == r])
+    pts = np.indices(spec.shape).reshape(3, -1).T
+    d = ((pts[:, None, :] - g[None]) @ spec.xyz_from_index.T)
+    near = ((d * d).sum(-1) < 2.5 ** 2).any(axis=1)
+    x, y = data.reshape(-1)[near], other.reshape(-1)[near]
+    assert whole[r] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-9)
 
 
 def test_molecular_masks_in_a_box_are_the_maps():
