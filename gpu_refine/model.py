@@ -218,6 +218,20 @@ def structures_as_models(structures):
     return out
 
 
+def check_pdb_format(structure):
+    """InputError where ``structure`` cannot be written in the PDB format as it is: chain
+    names over 2 characters (gemmi refuses them) or residue names over 3 (it would cut
+    them, silently)."""
+    chains = sorted({ch.name for m in structure for ch in m if len(ch.name) > 2})
+    names = sorted({r.name for m in structure for ch in m for r in ch if len(r.name) > 3})
+    problems = ([f"chain name(s) longer than 2 characters ({', '.join(chains[:3])})"]
+                if chains else []) + ([f"residue name(s) longer than 3 characters "
+                                       f"({', '.join(names[:3])})"] if names else [])
+    if problems:
+        raise InputError(f"the model cannot be written in the PDB format: {'; '.join(problems)}"
+                         " (mmCIF, the default output, keeps them)")
+
+
 def write_model(path, structure, fmt=None, overwrite=False):
     """Write mmCIF (default; by extension) or PDB.  Refuses to replace a file unless overwrite."""
     path = os.fspath(path)
@@ -225,6 +239,7 @@ def write_model(path, structure, fmt=None, overwrite=False):
     st = structure.clone()
     st.setup_entities()
     if fmt == "pdb":
+        check_pdb_format(st)
         text = st.make_pdb_string(gemmi.PdbWriteOptions(minimal=False))
     else:
         doc = st.make_mmcif_document()

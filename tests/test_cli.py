@@ -198,6 +198,28 @@ def test_rsr(example, tmp_path):
         assert not list(tmp_path.glob("bad*"))
 
 
+def test_pdb_output_of_a_model_the_pdb_format_cannot_hold(example, tmp_path):
+    """output.pdb=true for a model with a long chain name (mmCIF) or residue name: one-line
+    error before anything runs or is written; without it the mmCIF keeps the names."""
+    st = gr.model.gemmi.read_structure(str(example / "helix.cif"))
+    st[0][0].name = "LONG"
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(tmp_path / "long.cif"))
+    args = ("rsr", tmp_path / "long.cif", example / "helix_3A.mrc", "resolution=3",
+            "macro_cycles=1", "weight=100", "backend=numpy")
+    rc, _, err = cli(*args, f"output.prefix={tmp_path / 'p'}", "output.pdb=true")
+    _one_line_error(rc, err)
+    assert "PDB format" in err and "LONG" in err and not list(tmp_path.glob("p*"))
+    rc, _, err = cli(*args, f"output.prefix={tmp_path / 'c'}")
+    assert rc == 0, err
+    assert gr.model.gemmi.read_structure(str(tmp_path / "c.cif"))[0][0].name == "LONG"
+    st[0][0].name = "A"
+    st[0][0][0].name = "ALAXY"
+    with pytest.raises(gr.InputError, match="residue name.*ALAXY"):
+        gr.write_model(tmp_path / "x.pdb", st)
+    assert not (tmp_path / "x.pdb").exists()
+
+
 def test_every_rsr_setting_is_a_parameter_of_the_command(tmp_path):
     """Each field of RSRSettings can be given as key=value (dictionaries and ignore_unknown
     by their own options) and a run's .params file records it."""

@@ -21,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..maps import read_map
-from ..model import read_batch, structures_as_models, write_model
+from ..model import check_pdb_format, read_batch, structures_as_models, write_model
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 from .map_input import add_labels_argument, default_resolution
@@ -110,6 +110,8 @@ def main(args):
                            dictionaries=list(args.dictionary),
                            ignore_unknown=args.ignore_unknown).check()
     starts = read_batch(args.model, backend="numpy", dtype=np.float64)
+    if args.pdb:
+        check_pdb_format(starts.model.structure)
     names = _outputs(args, starts.size * settings.nmodels * len(settings.weight_grid()))
     root = logging.getLogger("gpu_refine")
     held = logging.handlers.BufferingHandler(capacity=1 << 20)
@@ -145,12 +147,6 @@ def _run(args, names, settings, job):
     write_model(names["cif"], structures_as_models(structures), overwrite=args.overwrite)
     if "best" in names:
         write_model(names["best"], structures[result.best], overwrite=args.overwrite)
-    if "pdb" in names:
-        write_model(names["pdb"], structures_as_models(structures), fmt="pdb",
-                    overwrite=args.overwrite)
-    if "best_pdb" in names:
-        write_model(names["best_pdb"], structures[result.best], fmt="pdb",
-                    overwrite=args.overwrite)
     payload = {"version": __version__, "device": args.device, "command": args.command_line,
                "resolution": settings.resolution, "strategy": settings.strategy,
                "best_model": result.best + 1, "time": round(result.time, 2),
@@ -160,4 +156,10 @@ def _run(args, names, settings, job):
                      overwrite=args.overwrite)
     write_atomically(names["params"], _params_text(args, settings, result).encode(),
                      overwrite=args.overwrite)
+    if "pdb" in names:
+        write_model(names["pdb"], structures_as_models(structures), fmt="pdb",
+                    overwrite=args.overwrite)
+    if "best_pdb" in names:
+        write_model(names["best_pdb"], structures[result.best], fmt="pdb",
+                    overwrite=args.overwrite)
     log.info("wrote %s", ", ".join(names.values()))
