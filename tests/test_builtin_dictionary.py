@@ -41,7 +41,7 @@ def _nucleotide(shared, name, hydrogens=False):
 def _dinucleotides(shared, hydrogens=False):
     """A chain of the NUCLEOTIDE_PAIRS, each second residue moved rigidly so that its P lies
     1.6 Å from O3' of the first and without its OP3 (and the first without HO3'), as inside a
-    strand."""
+    strand; chain k 40 Å from chain k-1 (each starts from the library's coordinates)."""
     st = gemmi.Structure()
     st.add_model(gemmi.Model("1"))
     for k, (n1, n2) in enumerate(NUCLEOTIDE_PAIRS):
@@ -55,6 +55,9 @@ def _dinucleotides(shared, hydrogens=False):
         for atom in r2:
             atom.pos = atom.pos + shift
         del r2[[a.name for a in r2].index("OP3")]
+        apart = gemmi.Position(40.0 * k, 0, 0)
+        for atom in (*r1, *r2):
+            atom.pos = atom.pos + apart
         r1.seqid, r2.seqid = gemmi.SeqId(1, " "), gemmi.SeqId(2, " ")
         chain.add_residue(r1)
         chain.add_residue(r2)
