@@ -165,6 +165,25 @@ def test_automatic_weight_on_a_shaken_batch(helix, backend):
         assert _rms(xyz, model.xyz) < 0.1
 
 
+def test_a_model_without_restraints_is_fitted_to_the_map(helix, backend, caplog):
+    """A CA-only trace has no bonded atoms: no weight to search (its scale would be 0 and
+    the sites would not move); the map alone moves them, with a warning."""
+    model, map_data = helix
+    st = model.structure.clone()
+    for res in st[0][0]:
+        for k in reversed(range(len(res))):
+            if res[k].name != "CA":
+                del res[k]
+    trace = gr.Model.from_gemmi(st)
+    caplog.set_level(logging.INFO, logger="gpu_refine")
+    result = refine_real_space(trace, map_data, 3.0, backend=backend,
+                               strategy="minimization_global", macro_cycles=1)
+    assert "no bonded atoms to restrain" in caplog.text and not result.weight_trials
+    assert result.weight[0] == 1.0
+    moved = _rms(backend.to_numpy(result.batch.xyz)[0], trace.xyz)
+    assert moved > 0.05 and result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]
+
+
 def test_starts_copies_and_a_weight_grid(helix, backend):
     """Given starts (as from a multi-model file), each in ``nmodels`` shaken copies, each copy
     refined with each weight of a grid: members in that order, each copy's start shared by

@@ -564,6 +564,11 @@ class RealSpaceRefinement:
             weight = np.zeros(n)
         elif s.weight is not None:
             weight = np.asarray([w for _, w in members], dtype=np.float64)
+        elif not any(self.topology.counts().values()):
+            # Nothing for a weight to balance the map against: the search would weigh it 0.
+            log.warning("the model has no bonded atoms to restrain (e.g. a CA-only trace): "
+                        "sites are refined against the map alone (weight 1)")
+            weight = np.ones(n)
         else:
             log.info("automatic weight: %d trial weights a factor 2 apart, %s, %d iterations "
                      "each", s.weight_trials,
