@@ -1,5 +1,6 @@
 """Map-model CCs: the shared cryo-EM case against cctbx, and basic properties."""
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -49,6 +50,17 @@ def test_batch_ccs_fall_as_models_are_shaken(backend, rng):
     results = validate(batch, gr.MapData(data, spec), 3.0, backend=backend)
     cc = [r["cc_mask"] for r in results]
     assert cc[0] > 0.85 and cc[0] > cc[1] > cc[2]
+
+
+def test_a_resolution_finer_than_the_grid_is_flagged(caplog):
+    """The example map has 1 Å voxels: model maps hold 2 Å at best; a finer resolution is
+    computed as that, with a warning (none at 2 Å)."""
+    model, data, spec = make_example()
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        validate(model, gr.MapData(data, spec), 2.0, backend="numpy")
+        assert "finer than the map's grid" not in caplog.text
+        validate(model, gr.MapData(data, spec), 1.5, backend="numpy")
+    assert "resolution=1.50 Å is finer than the map's grid holds (1.00 Å voxels)" in caplog.text
 
 
 def test_per_residue_cc_in_chunks_of_atoms_is_the_whole(rng):

@@ -30,7 +30,7 @@ from ..restraints.stats import geometry_statistics
 from ..restraints.topology import build_topology, check_h_distances
 from ..targets import MapValueTarget, ModelMapTarget
 from .geometry import shake_shifts
-from .validate import check_resolution
+from .validate import check_resolution, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ class RealSpaceRefinement:
         if s.nmodels > 1 and s.shake == 0:
             log.warning("nmodels=%d without shake: the copies of each start are identical "
                         "and refine alike (give shake=RMS to vary them)", s.nmodels)
+        check_sampling(s.resolution, map_data.spec)
         self.input_model = model
         if self.strategy["adp"] and model.is_aniso.any():
             # Isotropic B is refined; an anisotropic atom's density would not depend on it.

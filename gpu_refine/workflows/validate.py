@@ -25,6 +25,15 @@ def check_resolution(resolution):
     return d
 
 
+def check_sampling(resolution, spec):
+    """Warn where ``resolution`` is finer than the grid of ``spec`` can hold (two voxels):
+    model maps then stop at the grid's limit, whatever was asked."""
+    finest = 2 * float(np.max(spec.voxel_size))
+    if resolution < finest - 1e-6:
+        log.warning("resolution=%.2f Å is finer than the map's grid holds (%.2f Å voxels): "
+                    "model maps reach %.2f Å at best", resolution, finest / 2, finest)
+
+
 def check_overlap(model_xyz, spec, what="map"):
     """Raise if no atom lies in the map box; warn if some do not."""
     inside = spec.contains(model_xyz)
@@ -53,6 +62,7 @@ def compute_model_map(model, resolution, spec=None, table="electron", backend=No
         spec = box_around(bk.to_numpy(batch.xyz), d / (2 * rate), padding)
     else:
         check_overlap(bk.to_numpy(batch.xyz).reshape(-1, 3), spec)
+        check_sampling(d, spec)
     mapper = ModelMapper(spec, d, DensitySettings(table=table), backend=bk)
     return bk.to_numpy(mapper.image(batch)), spec
 
@@ -67,6 +77,7 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     spec = map_data.spec
     xyz = bk.to_numpy(batch.xyz)
     check_overlap(xyz.reshape(-1, 3), spec)
+    check_sampling(d, spec)
     mapper = ModelMapper(spec, d, DensitySettings(table=table), backend=bk)
     exp_map = bk.asarray(map_data.data)
 
