@@ -573,7 +573,8 @@ class RealSpaceRefinement:
         else:
             log.info("automatic weight: %d trial weights a factor 2 apart, %s, %d iterations "
                      "each", s.weight_trials,
-                     "side by side" if self.backend.is_gpu else "one at a time from the middle",
+                     "side by side" if self.backend.is_gpu
+                     else "one at a time from the middle, as the geometry trends",
                      s.weight_iterations)
             if limits != geometry_limits(s.resolution, s.bond_limit, s.angle_limit):
                 log.info("restraints alone reach bonds %.4f Å, angles %.2f° (model 1): the "
