@@ -93,6 +93,23 @@ def write_mtz(path, map_data, d_min, columns=(("FWT", "F"), ("PHWT", "P"))):
     mtz.write_to_file(str(path))
 
 
+def add_side_chain_atom(res, name, element, bond, angle, chi=-60.0):
+    """Add atom ``name`` to ``res`` bonded to its CB (|CB-X| ``bond`` Å, angle CA-CB-X
+    ``angle``°, torsion N-CA-CB-X ``chi``°); returns its position."""
+    n, ca, cb = (np.array(res[x][0].pos.tolist()) for x in ("N", "CA", "CB"))
+    bc = (cb - ca) / np.linalg.norm(cb - ca)
+    nrm = np.cross(ca - n, bc)
+    nrm /= np.linalg.norm(nrm)
+    a, t = np.radians(angle), np.radians(chi)
+    x = cb + bond * (-np.cos(a) * bc + np.sin(a) * np.cos(t) * np.cross(nrm, bc)
+                     + np.sin(a) * np.sin(t) * nrm)
+    atom = gemmi.Atom()
+    atom.name, atom.element, atom.pos, atom.occ, atom.b_iso = (
+        name, gemmi.Element(element), gemmi.Position(*x), 1.0, 30.0)
+    res.add_atom(atom)
+    return x
+
+
 def disulfide_structure(across_cell=False):
     """Two cysteines (chains A, B) whose SG are 2.03 Å apart (CB-SG-SG' 104°), with no SSBOND
     record; B is A turned by 180° about an axis through the bond's midpoint.  With
@@ -105,17 +122,7 @@ def disulfide_structure(across_cell=False):
     res = chain[0]
     res.name = "CYS"
     pos = {a.name: np.array(a.pos.tolist()) for a in res}
-    # SG from N, CA, CB: |CB-SG| 1.81 Å, angle CA-CB-SG 114°, chi1 -60°.
-    bc = (pos["CB"] - pos["CA"]) / np.linalg.norm(pos["CB"] - pos["CA"])
-    nrm = np.cross(pos["CA"] - pos["N"], bc)
-    nrm /= np.linalg.norm(nrm)
-    a, t = np.radians(114.0), np.radians(-60.0)
-    sg = pos["CB"] + 1.81 * (-np.cos(a) * bc + np.sin(a) * np.cos(t) * np.cross(nrm, bc)
-                             + np.sin(a) * np.sin(t) * nrm)
-    atom = gemmi.Atom()
-    atom.name, atom.element, atom.pos, atom.occ, atom.b_iso = (
-        "SG", gemmi.Element("S"), gemmi.Position(*sg), 1.0, 30.0)
-    res.add_atom(atom)
+    sg = add_side_chain_atom(res, "SG", "S", 1.81, 114.0)
     u = (sg - pos["CB"]) / np.linalg.norm(sg - pos["CB"])
     q = np.cross(u, pos["CA"] - pos["CB"])
     q /= np.linalg.norm(q)

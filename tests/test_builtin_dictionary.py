@@ -6,12 +6,14 @@ import gemmi
 import numpy as np
 import pytest
 
+from gpu_refine.examples import helix_structure
 from gpu_refine.model import Model
 from gpu_refine.restraints.library import BUILTIN
 from gpu_refine.restraints.topology import build_topology
 from gpu_refine.restraints.geometry import GeometryRestraints
 from gpu_refine.restraints.stats import geometry_statistics
 from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
+from helpers import add_side_chain_atom
 
 AMINO_ACIDS = ["ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE", "LEU",
                "LYS", "MET", "MSE", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL"]
@@ -198,6 +200,26 @@ def _same_hands_and_planes(names, ours, ccp4):
         extra = {names[a] for a in plane - cover}
         # ARG CD: NE is sp2, so we keep CD in the guanidinium plane; CCP4 leaves it out.
         assert not extra or extra == {"CD"} and len(plane) == 5
+
+
+def test_unknown_amino_acid_matches_ccp4(shared):
+    """UNK (automated building's residue of unknown type) inside a chain: its bonds and angles
+    within 0.02 Å and 2° of the CCP4 library's UNK, the same hand at CA."""
+    st = helix_structure("AAA")
+    res = st[0][0][1]
+    res.name = "UNK"
+    add_side_chain_atom(res, "CG", "C", 1.509, 114.1)
+    st.setup_entities()
+    model = Model.from_gemmi(st)
+    _, ours = _applied(model, None)
+    _, ccp4 = _applied(model, shared / "monomers")
+    unk = set(np.flatnonzero(model.residue_index == 1).tolist())
+    for kind, tol in (("bonds", 0.02), ("angles", 2.0)):
+        keys = {k for k in ours[kind] if set(k) <= unk}
+        assert len(keys) == {"bonds": 5, "angles": 5}[kind] and keys <= set(ccp4[kind])
+        assert all(abs(ours[kind][k] - ccp4[kind][k]) <= tol for k in keys), kind
+    names = [c.atom.name for c in model.structure[0].all()]
+    _same_hands_and_planes(names, ours, ccp4)
 
 
 def test_chirality_and_planes_match_ccp4(applied):

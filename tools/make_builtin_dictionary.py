@@ -4,7 +4,9 @@ Amino acids: Engh & Huber (2001), "Structure quality and target parameters", Int
 Tables for Crystallography vol. F, ch. 18.3 (bond lengths, angles and their sigmas of the amino
 acids, the peptide link and the disulfide bridge; sigmas rounded).  Where our recollection of
 the 2001 table was uncertain the 1991 value (Engh & Huber, Acta Cryst. A47, 392) is used: MET
-SD-CE and the PRO C-N-CD link angle.
+SD-CE and the PRO C-N-CD link angle.  UNK (an amino acid of unknown type, as automated model
+building writes it) has the atoms of the CCP4 library's UNK, N CA C O CB CG, with the backbone
+values and MET's CA-CB, CB-CG and CA-CB-CG.
 
 Nucleotides (A, C, G, U, DA, DC, DG, DT): Parkinson, Vojtechovsky, Clowney, Brunger & Berman
 (1996), Acta Cryst. D52, 57-64: sugar-phosphate backbone from its RNA (C3'-endo) and DNA
@@ -69,6 +71,8 @@ RESIDUES = {
     "MET": ("CB:C:CH2 CG:C:CH2 SD:S:S2 CE:C:CH3",
             "CA-CB 1.535 0.022, CB-CG 1.509 0.032, CG-SD 1.807 0.026, SD-CE 1.791 0.056",
             "CA-CB-CG 114.1 2.0, CB-CG-SD 112.7 3.0, CG-SD-CE 100.2 1.6", "", ""),
+    "UNK": ("CB:C:CH2 CG:C:CH3", "CA-CB 1.535 0.022, CB-CG 1.509 0.032", "CA-CB-CG 114.1 2.0",
+            "", ""),
     "MSE": ("CB:C:CH2 CG:C:CH2 SE:SE:SE CE:C:CH3",
             "CA-CB 1.535 0.022, CB-CG 1.509 0.032, CG-SE 1.950 0.020, SE-CE 1.950 0.020",
             "CA-CB-CG 114.1 2.0, CB-CG-SE 112.7 3.0, CG-SE-CE 98.9 2.0", "", ""),
@@ -166,6 +170,7 @@ HYDROGENS = {
     "LYS": "CB:HB2,HB3 CG:HG2,HG3 CD:HD2,HD3 CE:HE2,HE3 NZ:HZ1,HZ2,HZ3",
     "MET": "CB:HB2,HB3 CG:HG2,HG3 CE:HE1,HE2,HE3",
     "MSE": "CB:HB2,HB3 CG:HG2,HG3 CE:HE1,HE2,HE3",
+    "UNK": "CB:HB1,HB2 CG:HG1,HG2,HG3",
     "PHE": "CB:HB2,HB3 CD1:HD1 CD2:HD2 CE1:HE1 CE2:HE2 CZ:HZ",
     "PRO": "N:H,H2 CA:HA CB:HB2,HB3 CG:HG2,HG3 CD:HD2,HD3",
     "SER": "CB:HB2,HB3 OG:HG",
