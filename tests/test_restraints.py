@@ -129,6 +129,30 @@ def test_disulfide_without_records(across_cell):
     assert _sg_pair_state(bare, model.xyz) == (False, True, True)
 
 
+def test_a_link_record_the_library_does_not_define(caplog):
+    """A LINK record between atoms that no library link joins (here A/CYS SG - B/CYS CB) is
+    restrained as a bond of the two covalent radii, with a warning, and its atoms do not
+    repel each other (it was dropped, and they were pushed apart)."""
+    st = disulfide_structure()
+    conn = gemmi.Connection()
+    conn.name, conn.type, conn.asu = "link1", gemmi.ConnectionType.Covale, gemmi.Asu.Same
+    conn.partner1 = gemmi.make_address(st[0]["A"], st[0]["A"][0], st[0]["A"][0]["SG"][0])
+    conn.partner2 = gemmi.make_address(st[0]["B"], st[0]["B"][0], st[0]["B"][0]["CB"][0])
+    st.connections.append(conn)
+    model = Model.from_gemmi(st)
+    with caplog.at_level("WARNING", logger="gpu_refine"):
+        topo = build_topology(model, find_links=False)
+    assert "1 link record(s) that the library does not define" in caplog.text
+    sg, cb = model.structure[0]["A"][0]["SG"][0], model.structure[0]["B"][0]["CB"][0]
+    i, j = (topo.labels.tolist().index(f"{c}/CYS 2/{a.name}") for c, a in (("A", sg), ("B", cb)))
+    k = [sorted(b) for b in topo.bonds.atoms.tolist()].index(sorted([i, j]))
+    radii = gemmi.Element("S").covalent_r + gemmi.Element("C").covalent_r
+    assert topo.bonds.ideal[k] == pytest.approx(radii, abs=1e-6)
+    restraints = GeometryRestraints(topo, backend="numpy", dtype=np.float64)
+    restraints.update_pairs(model.xyz[None], force=True)
+    assert sorted([i, j]) not in [sorted(p) for p in restraints.pairs.pairs.tolist()]
+
+
 @pytest.mark.parametrize("name", ["5e5z", "4hg7", "4iid", "4xof", "3j6b"])
 def test_deposited_models_have_deposited_geometry(shared, name):
     # 3J6B's riding hydrogens sit 0.04 Å rms off any X-H ideal; its heavy atoms are judged.

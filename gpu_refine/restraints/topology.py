@@ -9,7 +9,8 @@ distance is beyond gemmi's bond cut-off but within ``link_distance`` still get t
 (phosphodiester) link, as cctbx does.  Otherwise a shaken or badly fitted start loses its chain
 links and refinement pulls the chain apart.
 
-Other covalent links come from the file's records (SSBOND, LINK, struct_conn) and, with
+Other covalent links come from the file's records (SSBOND, LINK, struct_conn; a record that
+the library does not define becomes a bond of the covalent radii) and, with
 ``find_links`` (default), from distances: gemmi's search for contacts that a library link
 defines (within 1.4 × its bond length), as phenix and Refmac make disulfides (and phenix
 glycosylation links) from distances by default.  Without it a model written without SSBOND
@@ -242,9 +243,11 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                      ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
     warnings = io.StringIO()
     try:
+        # A link record that the library does not define becomes a bond of the two atoms'
+        # covalent radii (gemmi's "auto-" links, as Servalcat makes them), not a clash.
         topo = gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.NoChange,
                                       reorder=False, warnings=warnings,
-                                      ignore_unknown_links=True)
+                                      ignore_unknown_links=False)
     except Exception as exc:
         raise InputError(f"cannot build the restraint topology: {exc}") from None
     no_def = re.findall(r"definition not found for (.+)$", warnings.getvalue(), re.M)
@@ -256,6 +259,12 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
 
+    made = Counter(f"{e.res1.name}-{e.res2.name}" for e in topo.extras
+                   if lib.links[e.link_id].name.startswith("auto-"))
+    if made:
+        log.warning("%d link record(s) that the library does not define are restrained as a "
+                    "bond only (covalent radii): %s", sum(made.values()),
+                    ", ".join(f"{k} {v}" for k, v in sorted(made.items())))
     skip, symmetry_links = _symmetry_link_rules(topo)
     if len(symmetry_links):
         log.warning("%d link(s) to symmetry mates are not restrained (their atoms do not "
