@@ -296,6 +296,19 @@ def test_unknown_residue_and_bad_library(shared, tmp_path):
         build_topology(model, monlib=tmp_path)
 
 
+def test_duplicated_atoms_are_an_error():
+    """Two atoms of one name and altloc in a residue: gemmi would restrain one and the other
+    would be pushed off it; the model is refused with the atoms named.  Altlocs make them
+    two conformers."""
+    st = read_model_from_helix().structure.clone()
+    res = st[0][0][2]
+    res.add_atom(res[1])
+    with pytest.raises(InputError, match=r"duplicated atoms.*A/ALA 3/CA;"):
+        build_topology(Model.from_gemmi(st))
+    res[1].altloc, res[len(res) - 1].altloc, res[1].occ, res[len(res) - 1].occ = "A", "B", .5, .5
+    assert build_topology(Model.from_gemmi(st)).n_atoms == len(list(st[0].all()))
+
+
 @pytest.mark.parametrize("library", ["builtin", "ccp4"])
 def test_phenix_style_n_terminal_hydrogens(library, request):
     """reduce/phenix name the three H of a free N-terminus H1, H2, H3, the CCP4 library H, H2,

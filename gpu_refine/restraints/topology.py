@@ -213,6 +213,11 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     resnames = set(st[0].get_all_residue_names())
     lib, where, missing = read_library(resnames, monlib, dictionaries)
     labels, altloc = _labels(st)
+    names, counts = np.unique(labels, return_counts=True)
+    if (counts > 1).any():
+        raise InputError(f"duplicated atoms (the same name and altloc in one residue): "
+                         f"{', '.join(names[counts > 1][:5])}; remove them or give them "
+                         "altlocs")
     unrestrained = []
     index_of = {lab: k for k, lab in enumerate(labels)}
     if missing:
