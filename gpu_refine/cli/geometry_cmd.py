@@ -7,10 +7,10 @@ import json
 import logging
 
 from ..io import write_atomically
-from .params import boolean
 from ..model import read_batch
 from ..restraints.topology import H_DISTANCES
 from ..workflows.geometry import geometry_report
+from .params import boolean
 
 log = logging.getLogger(__name__)
 
