@@ -153,6 +153,39 @@ def test_a_link_record_the_library_does_not_define(caplog):
     assert sorted([i, j]) not in [sorted(p) for p in restraints.pairs.pairs.tolist()]
 
 
+def test_a_metal_link_record_is_left_to_nonbonded_distances(caplog):
+    """A zinc 2.3 Å from SG with a metalc record: covalent radii (2.27 Å here, 1.93 Å for
+    Zn-N) miss coordination distances, so the record is not made a bond; the ion's small
+    nonbonded radius keeps the contact free (no repulsion at 2.3 Å)."""
+    st = disulfide_structure()
+    del st[0]["B"]
+    sg, cb = st[0]["A"][0]["SG"][0], st[0]["A"][0]["CB"][0]
+    ion = gemmi.Residue()
+    ion.name, ion.seqid, ion.het_flag = "ZN", gemmi.SeqId(101, " "), "H"
+    zn = gemmi.Atom()
+    zn.name, zn.element, zn.occ, zn.b_iso = "ZN", gemmi.Element("Zn"), 1.0, 30.0
+    zn.pos = sg.pos + (sg.pos - cb.pos) * (2.3 / sg.pos.dist(cb.pos))     # away from CB
+    ion.add_atom(zn)
+    chain = gemmi.Chain("C")
+    chain.add_residue(ion)
+    st[0].add_chain(chain)
+    st.setup_entities()
+    conn = gemmi.Connection()
+    conn.name, conn.type, conn.asu = "metal1", gemmi.ConnectionType.MetalC, gemmi.Asu.Same
+    conn.partner1 = gemmi.make_address(st[0]["A"], st[0]["A"][0], st[0]["A"][0]["SG"][0])
+    conn.partner2 = gemmi.make_address(st[0]["C"], st[0]["C"][0], st[0]["C"][0][0])
+    st.connections.append(conn)
+    model = Model.from_gemmi(st)
+    with caplog.at_level("INFO", logger="gpu_refine"):
+        topo = build_topology(model, find_links=False)
+    assert "1 metal link record(s) without library values are not restrained" in caplog.text
+    assert "that the library does not define" not in caplog.text
+    n_zn = topo.labels.tolist().index("C/ZN 101/ZN")
+    assert not (topo.bonds.atoms == n_zn).any()
+    _, (r,) = geometry_report(model, find_links=False)
+    assert r["n_overlaps"] == 0
+
+
 @pytest.mark.parametrize("name", ["5e5z", "4hg7", "4iid", "4xof", "3j6b"])
 def test_deposited_models_have_deposited_geometry(shared, name):
     # 3J6B's riding hydrogens sit 0.04 Å rms off any X-H ideal; its heavy atoms are judged.

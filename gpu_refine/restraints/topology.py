@@ -10,7 +10,7 @@ distance is beyond gemmi's bond cut-off but within ``link_distance`` still get t
 links and refinement pulls the chain apart.
 
 Other covalent links come from the file's records (SSBOND, LINK, struct_conn; a record that
-the library does not define becomes a bond of the covalent radii) and, with
+the library does not define becomes a bond of the covalent radii, except to a metal) and, with
 ``find_links`` (default), from distances: gemmi's search for contacts that a library link
 defines (within 1.4 × its bond length), as phenix and Refmac make disulfides (and phenix
 glycosylation links) from distances by default.  Without it a model written without SSBOND
@@ -145,18 +145,29 @@ def _find_links(st, lib):
     return Counter(c.link_id for c in found)
 
 
-def _symmetry_link_rules(topo):
-    """{restraint kind: set of indices} of the restraints of links to symmetry mates, and
-    the (K, 2) atoms of their bonds."""
-    rules, pairs = {}, []
+def _unrestrained_links(topo, lib):
+    """The links whose restraints are left out: links to a symmetry mate, and gemmi's ad-hoc
+    bonds (a record the library does not define) where one atom is a metal, whose covalent
+    radii miss coordination distances by up to 0.1 Å (their nonbonded metal distances stand
+    instead).  Returns ({restraint kind: set of indices}, (K, 2) atoms linked to a symmetry
+    mate, Counter of the ad-hoc bonds kept, by residue pair, number of metal links left out)."""
+    rules, pairs, made, metal = {}, [], Counter(), 0
     for link in topo.extras:
-        if link.asu != gemmi.Asu.Different:
-            continue
-        for rule in link.link_rules:
-            rules.setdefault(rule.rkind, set()).add(rule.index)
-            if rule.rkind == gemmi.RKind.Bond:
-                pairs.append(_index(topo.bonds[rule.index].atoms))
-    return rules, np.array(pairs, np.int64).reshape(-1, 2)
+        ad_hoc = lib.links[link.link_id].name.startswith("auto-")
+        bonds = [topo.bonds[r.index].atoms for r in link.link_rules
+                 if r.rkind == gemmi.RKind.Bond]
+        to_mate = link.asu == gemmi.Asu.Different
+        with_metal = ad_hoc and any(a.element.is_metal for b in bonds for a in b)
+        if to_mate:
+            pairs += [_index(b) for b in bonds]
+        elif with_metal:
+            metal += 1
+        elif ad_hoc:
+            made[f"{link.res1.name}-{link.res2.name}"] += 1
+        if to_mate or with_metal:
+            for rule in link.link_rules:
+                rules.setdefault(rule.rkind, set()).add(rule.index)
+    return rules, np.array(pairs, np.int64).reshape(-1, 2), made, metal
 
 
 def check_h_distances(value):
@@ -264,13 +275,14 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
 
-    made = Counter(f"{e.res1.name}-{e.res2.name}" for e in topo.extras
-                   if lib.links[e.link_id].name.startswith("auto-"))
+    skip, symmetry_links, made, metal = _unrestrained_links(topo, lib)
     if made:
         log.warning("%d link record(s) that the library does not define are restrained as a "
                     "bond only (covalent radii): %s", sum(made.values()),
                     ", ".join(f"{k} {v}" for k, v in sorted(made.items())))
-    skip, symmetry_links = _symmetry_link_rules(topo)
+    if metal:
+        log.info("%d metal link record(s) without library values are not restrained (the "
+                 "metal's nonbonded distances hold them)", metal)
     if len(symmetry_links):
         log.warning("%d link(s) to symmetry mates are not restrained (their atoms do not "
                     "repel each other's images)", len(symmetry_links))
