@@ -16,6 +16,7 @@ from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, _next_trial,
                                       geometry_limits, refine_real_space)
+from gpu_refine.workflows.validate import validate
 
 EMD = "cryoem/emd2566_3j6b_chain9"
 
@@ -182,6 +183,19 @@ def test_a_model_without_restraints_is_fitted_to_the_map(helix, backend, caplog)
     assert result.weight[0] == 1.0
     moved = _rms(backend.to_numpy(result.batch.xyz)[0], trace.xyz)
     assert moved > 0.05 and result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]
+
+
+def test_a_model_with_every_occupancy_zero_is_refused(helix):
+    """No atom above occupancy 0: no density, so no CC to refine or report (it ran to NaN)."""
+    model, map_data = helix
+    st = model.structure.clone()
+    for cra in st[0].all():
+        cra.atom.occ = 0.0
+    empty = gr.Model.from_gemmi(st)
+    with pytest.raises(gr.InputError, match="every atom of model 1 has occupancy 0"):
+        refine_real_space(empty, map_data, 3.0, backend="numpy")
+    with pytest.raises(gr.InputError, match="every atom of model 1 has occupancy 0"):
+        validate(empty, map_data, 3.0, backend="numpy")
 
 
 def test_starts_copies_and_a_weight_grid(helix, backend):

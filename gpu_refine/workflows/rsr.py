@@ -30,7 +30,7 @@ from ..restraints.stats import geometry_statistics
 from ..restraints.topology import build_topology, check_h_distances
 from ..targets import MapValueTarget, ModelMapTarget
 from .geometry import shake_shifts
-from .validate import check_resolution, check_sampling
+from .validate import check_occupancy, check_resolution, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ class RealSpaceRefinement:
         self.backend = bk = get_backend(backend)
         self.dtype = np.dtype(dtype)
         self.starts = self._starts(starts)
+        check_occupancy(self.starts.occ)
         self.topology = build_topology(model, monlib=s.monlib, dictionaries=s.dictionaries,
                                        ignore_unknown=s.ignore_unknown,
                                        h_distances=s.h_distances, find_links=s.find_links)

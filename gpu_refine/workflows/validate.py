@@ -45,6 +45,15 @@ def check_overlap(model_xyz, spec, what="map"):
     return inside
 
 
+def check_occupancy(occ):
+    """Raise where a model (a row of ``occ``, (B, N)) has no atom of occupancy above 0: it has
+    no density to compare with a map."""
+    empty = np.flatnonzero(~(np.asarray(occ) > 0).any(axis=-1).reshape(-1))
+    if len(empty):
+        raise InputError(f"every atom of model {int(empty[0]) + 1} has occupancy 0: the model "
+                         "has no density to compare with the map")
+
+
 def _as_batch(model_or_batch, backend):
     if isinstance(model_or_batch, Batch):
         return model_or_batch
@@ -77,6 +86,7 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     spec = map_data.spec
     xyz = bk.to_numpy(batch.xyz)
     check_overlap(xyz.reshape(-1, 3), spec)
+    check_occupancy(bk.to_numpy(batch.occ))
     check_sampling(d, spec)
     mapper = ModelMapper(spec, d, DensitySettings(table=table), backend=bk)
     exp_map = bk.asarray(map_data.data)
