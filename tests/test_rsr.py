@@ -16,7 +16,7 @@ from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, _next_trial,
                                       geometry_limits, refine_real_space)
-from gpu_refine.workflows.validate import validate
+from gpu_refine.workflows.validate import compute_model_map, validate
 
 EMD = "cryoem/emd2566_3j6b_chain9"
 
@@ -196,6 +196,8 @@ def test_a_model_with_every_occupancy_zero_is_refused(helix):
         refine_real_space(empty, map_data, 3.0, backend="numpy")
     with pytest.raises(gr.InputError, match="every atom of model 1 has occupancy 0"):
         validate(empty, map_data, 3.0, backend="numpy")
+    with pytest.raises(gr.InputError, match="every atom of model 1 has occupancy 0"):
+        compute_model_map(empty, 3.0, backend="numpy")
 
 
 def test_starts_copies_and_a_weight_grid(helix, backend):

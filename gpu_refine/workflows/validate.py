@@ -47,11 +47,11 @@ def check_overlap(model_xyz, spec, what="map"):
 
 def check_occupancy(occ):
     """Raise where a model (a row of ``occ``, (B, N)) has no atom of occupancy above 0: it has
-    no density to compare with a map."""
+    no density to make a map of or compare with one."""
     empty = np.flatnonzero(~(np.asarray(occ) > 0).any(axis=-1).reshape(-1))
     if len(empty):
         raise InputError(f"every atom of model {int(empty[0]) + 1} has occupancy 0: the model "
-                         "has no density to compare with the map")
+                         "has no density")
 
 
 def _as_batch(model_or_batch, backend):
@@ -67,6 +67,7 @@ def compute_model_map(model, resolution, spec=None, table="electron", backend=No
     d = check_resolution(resolution)
     bk = get_backend(backend)
     batch = _as_batch(model, bk)
+    check_occupancy(bk.to_numpy(batch.occ))
     if spec is None:
         spec = box_around(bk.to_numpy(batch.xyz), d / (2 * rate), padding)
     else:
