@@ -13,7 +13,7 @@ _PHI, _PSI, _OMEGA = -57.8, -47.0, 180.0
 _SEQUENCE = "AEAAAKEAAAKEAAAKAAAEAAKA"
 
 
-def _place(a, b, c, bond, angle, torsion):
+def place_atom(a, b, c, bond, angle, torsion):
     """Position of d with |cd| = bond, angle(b,c,d) and torsion(a,b,c,d) in degrees (NeRF)."""
     angle, torsion = np.radians(angle), np.radians(torsion)
     bc = (c - b) / np.linalg.norm(c - b)
@@ -38,14 +38,14 @@ def helix_structure(sequence=_SEQUENCE, b_iso=30.0):
     chain = gemmi.Chain("A")
     for i, aa in enumerate(sequence):
         if i > 0:
-            n_new = _place(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
-            ca_new = _place(ca, c, n_new, _BOND["N-CA"], _ANGLE["C-N-CA"], _OMEGA)
-            c_new = _place(c, n_new, ca_new, _BOND["CA-C"], _ANGLE["N-CA-C"], _PHI)
+            n_new = place_atom(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
+            ca_new = place_atom(ca, c, n_new, _BOND["N-CA"], _ANGLE["C-N-CA"], _OMEGA)
+            c_new = place_atom(c, n_new, ca_new, _BOND["CA-C"], _ANGLE["N-CA-C"], _PHI)
             n, ca, c = n_new, ca_new, c_new
         # O is trans to the next N; CB from the backbone with L chirality.
-        n_next = _place(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
-        o = _place(n_next, ca, c, _BOND["C-O"], _ANGLE["CA-C-O"], 180.0)
-        cb = _place(c, n, ca, _BOND["CA-CB"], _ANGLE["N-CA-CB"], -122.6)
+        n_next = place_atom(n, ca, c, _BOND["C-N"], _ANGLE["CA-C-N"], _PSI)
+        o = place_atom(n_next, ca, c, _BOND["C-O"], _ANGLE["CA-C-O"], 180.0)
+        cb = place_atom(c, n, ca, _BOND["CA-CB"], _ANGLE["N-CA-CB"], -122.6)
         res = gemmi.Residue()
         res.name = names[aa]
         res.seqid = gemmi.SeqId(i + 1, " ")

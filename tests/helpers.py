@@ -5,7 +5,7 @@ import numpy as np
 
 import gpu_refine as gr
 from gpu_refine.density import DensitySettings, ModelMapper
-from gpu_refine.examples import helix_structure
+from gpu_refine.examples import helix_structure, place_atom
 from gpu_refine.grid import GridSpec
 from gpu_refine.scattering import form_factor_table
 
@@ -97,12 +97,7 @@ def add_side_chain_atom(res, name, element, bond, angle, chi=-60.0):
     """Add atom ``name`` to ``res`` bonded to its CB (|CB-X| ``bond`` Å, angle CA-CB-X
     ``angle``°, torsion N-CA-CB-X ``chi``°); returns its position."""
     n, ca, cb = (np.array(res[x][0].pos.tolist()) for x in ("N", "CA", "CB"))
-    bc = (cb - ca) / np.linalg.norm(cb - ca)
-    nrm = np.cross(ca - n, bc)
-    nrm /= np.linalg.norm(nrm)
-    a, t = np.radians(angle), np.radians(chi)
-    x = cb + bond * (-np.cos(a) * bc + np.sin(a) * np.cos(t) * np.cross(nrm, bc)
-                     + np.sin(a) * np.sin(t) * nrm)
+    x = place_atom(n, ca, cb, bond, angle, chi)
     atom = gemmi.Atom()
     atom.name, atom.element, atom.pos, atom.occ, atom.b_iso = (
         name, gemmi.Element(element), gemmi.Position(*x), 1.0, 30.0)
