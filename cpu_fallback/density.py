@@ -9,8 +9,9 @@ blur (Å²), periodic: one bool for every axis or one per axis (3,) — where th
 around (the kernels take it as a bit mask).
 
 Where the kernel loops over the points around each atom, NumPy works on a padded copy of each
-model's grid so that every (atom, point) pair has a flat index ``base[atom] + offset[k]``; the
-squared distances come from one matrix product, and a periodic grid folds its padding back.
+model's grid so that every point of an atom's box has a flat index ``base[atom] + offset[k]``
+(a periodic grid folds its padding back), and computes whole boxes at once, points outside
+the atom's sphere (d² ≥ r²) masked, so the same points take part as in the kernel.
 
 For isotropic atoms on a grid with one index axis a perpendicular to the other two (b, c) —
 every cell but a triclinic one: cryo-EM boxes, orthogonal, monoclinic, hexagonal cells — each
@@ -18,8 +19,10 @@ Gaussian factorises as exp(-k d²) = exp(-k G_aa δa²) · exp(-k Q(δb, δc)), 
 grid steps, G the grid's metric and Q its (b, c) part; the plane factor is itself an outer
 product of per-axis factors where b and c are perpendicular too.  So the density of an atom's
 box is a product of a line and a plane factor, and the sums of the adjoint are contractions
-with them (``_boxes``); the same points (d² < r²) take part, so the values are the same.  The
-chunks of atoms of one model run on worker threads (one per core).
+with them.  Other atoms (anisotropic ones, any atom of a triclinic grid) have exp(-δ^T H δ)
+over the whole box, and their adjoint needs only the box's moments of degree 0-2 weighted by
+each Gaussian (one batched matrix product).  The chunks of atoms of one model run on worker
+threads (one per core).
 """
 import functools
 import logging
@@ -139,28 +142,13 @@ class _PaddedGrid:
         return np.pad(np.pad(grid, wrap, mode="wrap"), zero, mode="constant")
 
 
-class _Offsets:
-    """Displacement vectors d = point - atom of a chunk's pairs, built only when needed."""
-
-    def __init__(self, dbase, doff, ci, ki):
-        self._parts = (dbase, doff, ci, ki)
-        self._d = None
-
-    @property
-    def d(self):
-        if self._d is None:
-            dbase, doff, ci, ki = self._parts
-            self._d = dbase[ci] + doff[ki]
-        return self._d
-
-
-def _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=1):
+def _atom_boxes(xyz_m, radius_m, geom, shape, periodic):
     """Grid coordinates g and box corners lo of the atoms whose sphere touches the grid (along
     its periodic axes every atom does), their radii, index steps per Å along each axis, padded
     grid.
 
-    The padding covers ``reach`` radii beyond the grid (plus one point each): 1 holds every
-    point of an atom's sphere, 2 every point of its whole box."""
+    The padding covers two radii beyond the grid (plus two points each): every point of an
+    atom's whole box."""
     frac_m = geom[:9].reshape(3, 3)
     n = np.asarray(shape, dtype=np.int64)
     r = radius_m.astype(np.float64)
@@ -176,79 +164,64 @@ def _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=1):
         touches = np.all(((hi >= 0) & (lo < n)) | wrap, axis=1)
         atoms, g, lo, r = atoms[touches], g[touches], lo[touches], r[touches]
     rmax = float(r.max()) if len(r) else 0.0
-    grid = _PaddedGrid(shape, np.ceil(reach * rmax * rn).astype(np.int64) + reach, wrap)
+    grid = _PaddedGrid(shape, np.ceil(2 * rmax * rn).astype(np.int64) + 2, wrap)
     return atoms, g, lo, r, rn, grid
 
 
-def _pairs(xyz_m, radius_m, geom, shape, periodic):
-    """For one model: the padded grid and chunks of (atom, offsets, d2 (P,), flat point).
-
-    Distances are computed in the precision of xyz (float32 or float64), as the kernel's inputs.
-    """
-    orth_m = geom[9:18].reshape(3, 3)
-    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
-    if not len(atoms):
-        return grid, []
-    rmax = float(r.max())
-    # Offsets of every point of the largest sphere, relative to the box corner lo.
-    ext = np.ceil(2 * rmax * rn).astype(np.int64) + 1
-    offs = np.indices(ext).reshape(3, -1).T
-    real = _real(xyz_m)
-    doff = (offs @ orth_m.T).astype(real)                         # (K,3) Å
-    doff2 = (doff * doff).sum(1)
-    off_lin = offs @ grid.strides
-    dbase = ((lo - g) @ orth_m.T).astype(real)                    # (A,3) Å
-    base_lin = (lo + grid.pad) @ grid.strides
-    chunk = max(1, _PAIRS_PER_CHUNK // len(offs))
-
-    def chunks():
-        for s in range(0, len(atoms), chunk):
-            db = dbase[s:s + chunk]
-            d2 = (db * db).sum(1)[:, None] + doff2[None, :] + 2 * db @ doff.T
-            ci, ki = np.nonzero(d2 < (r[s:s + chunk] ** 2).astype(real)[:, None])
-            yield (atoms[s + ci], _Offsets(db, doff, ci, ki), d2[ci, ki],
-                   base_lin[s + ci] + off_lin[ki])
-
-    return grid, chunks()
-
-
-class _Factorisation:
-    """A grid whose index axis ``perm[0]`` is perpendicular to the other two: axes in the order
-    ``perm`` (a, b, c), the metric ``gp`` (Å² per grid step², in that order), ``mp`` the xyz of
-    one step along each, and whether b and c are perpendicular too."""
+class _Layout:
+    """The grid's axes in the order ``perm`` (a, b, c), its metric ``gp`` (Å² per grid step², in
+    that order), ``mp`` the xyz of one step along each, and which of the metric's off-diagonal
+    terms vanish: axis a perpendicular to b and c (``line_separable``), b to c
+    (``plane_separable``)."""
 
     def __init__(self, perm, metric, orth):
         self.perm = perm
         self.gp = metric[np.ix_(perm, perm)]
         self.mp = orth[:, perm]
+        self.line_separable = self.gp[0, 1] == 0.0 and self.gp[0, 2] == 0.0
         self.plane_separable = self.gp[1, 2] == 0.0
 
 
-def _factorisation(geom):
-    """The _Factorisation of the grid, or None where no index axis is perpendicular to both
-    others (a triclinic cell)."""
+def _metric(geom):
+    """xyz of one step along each grid axis (3x3, by columns) and the grid's metric, with
+    rounding noise in the off-diagonal terms set to zero."""
     orth = geom[9:18].reshape(3, 3)
     metric = orth.T @ orth
     tiny = 1e-12 * np.abs(np.diag(metric)).max()
-    metric = np.where(np.abs(metric) <= tiny, 0.0, metric)
+    return orth, np.where(np.abs(metric) <= tiny, 0.0, metric)
+
+
+def _factorisation(geom):
+    """The _Layout with an index axis perpendicular to both others first, or None where there
+    is none (a triclinic cell)."""
+    orth, metric = _metric(geom)
     for a in range(3):
         b, c = (x for x in range(3) if x != a)
         if metric[a, b] == 0.0 and metric[a, c] == 0.0:
-            return _Factorisation([a, b, c], metric, orth)
+            return _Layout([a, b, c], metric, orth)
     return None
 
 
-def _boxes(xyz_m, radius_m, geom, shape, periodic, fac):
-    """For one model on a factorisable grid (``fac``): the padded grid and a list of chunks, each
-    a callable returning (atoms (A,), [δa, δb, δc] (A,e_axis) offsets from the atom in grid
-    steps, axes in fac.perm's order, Q(δb, δc) (A,e_b,e_c) Å², inside (A,e_a*e_b*e_c) bool,
-    flat points (A,e_a*e_b*e_c)), the box in (a, b, c) order, over the same boxes and points
-    as ``_pairs``; built when called, on the worker thread that uses it."""
-    real = _real(xyz_m)
-    perm, gp = fac.perm, fac.gp.astype(real)
-    atoms, g, lo, r, rn, grid = _atom_boxes(xyz_m, radius_m, geom, shape, periodic, reach=2)
-    if not len(atoms):
-        return grid, []
+def _general_layout(geom):
+    """The _Layout of the grid's own axis order, for the boxes of atoms whose Gaussians do not
+    factorise (anisotropic atoms, or any atom of a triclinic grid)."""
+    orth, metric = _metric(geom)
+    return _Layout([0, 1, 2], metric, orth)
+
+
+def _boxes(boxes, layout, select, real, per_chunk):
+    """Chunks of the atoms of one model that ``select`` (N,) bool picks among ``boxes``
+    (``_atom_boxes`` with reach 2), each a callable returning (atoms (A,), [δa, δb, δc]
+    (A,e_axis) offsets from the atom in grid steps, axes in layout.perm's order, Q(δb, δc)
+    (A,e_b,e_c) Å², inside (A,e_a*e_b*e_c) bool (|d| < radius), flat points (A,e_a*e_b*e_c)
+    of the padded grid), the box in (a, b, c) order; built when called, on the worker thread
+    that uses it.  At most ``per_chunk`` box points per chunk."""
+    atoms, g, lo, r, rn, grid = boxes
+    keep = np.nonzero(select[atoms])[0]
+    if not len(keep):
+        return []
+    atoms, g, lo, r = atoms[keep], g[keep], lo[keep], r[keep]
+    perm, gp = layout.perm, layout.gp.astype(real)
     base_lin = (lo + grid.pad) @ grid.strides
     # Atoms are grouped by box size, so that one atom of high B does not enlarge every box.
     ext_atom = np.ceil(2 * r[:, None] * rn[None, :]).astype(np.int64) + 1
@@ -261,11 +234,16 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic, fac):
         oa, ob, oc = ((lo[sel, a, None] + np.arange(ext[a]) - g[sel, a, None]).astype(real)
                       for a in perm)
         q = (gp[1, 1] * ob * ob)[:, :, None] + (gp[2, 2] * oc * oc)[:, None, :]
-        if not fac.plane_separable:
+        if not layout.plane_separable:
             q += 2 * gp[1, 2] * ob[:, :, None] * oc[:, None, :]
-        # G_aa δa² < r² - Q, without an (A,e_a,e_b,e_c) array of d²
+        # |d|² = G_aa δa² + 2 δa (G_ab δb + G_ac δc) + Q < r², without an (A,e_a,e_b,e_c)
+        # array of d² where the middle term vanishes
         left = (r[sel] ** 2).astype(real)[:, None] - q.reshape(len(sel), -1)
-        inside = ((gp[0, 0] * oa * oa)[:, :, None] < left[:, None, :]).reshape(len(sel), -1)
+        da = (gp[0, 0] * oa * oa)[:, :, None]
+        if not layout.line_separable:
+            cross = 2 * (gp[0, 1] * ob[:, :, None] + gp[0, 2] * oc[:, None, :])
+            da = da + oa[:, :, None] * cross.reshape(len(sel), 1, -1)
+        inside = (da < left[:, None, :]).reshape(len(sel), -1)
         points = base_lin[sel, None] + off_lin[None, :]     # whole box inside the padding
         return atoms[sel], (oa, ob, oc), q, inside, points
 
@@ -275,11 +253,11 @@ def _boxes(xyz_m, radius_m, geom, shape, periodic, fac):
         # In grid order, so that a chunk's points span a slab of the grid, not all of it.
         members = members[np.argsort(base_lin[members], kind="stable")]
         off_lin = np.indices(ext[perm]).reshape(3, -1).T @ grid.strides[perm]
-        # At least one chunk per worker thread, at most _PAIRS_PER_CHUNK pairs each.
-        chunk = max(1, min(_PAIRS_PER_CHUNK // len(off_lin), -(-len(members) // _WORKERS)))
+        # At least one chunk per worker thread, at most per_chunk points each.
+        chunk = max(1, min(per_chunk // len(off_lin), -(-len(members) // _WORKERS)))
         for s in range(0, len(members), chunk):
             chunks.append(functools.partial(build, members[s:s + chunk], ext, off_lin))
-    return grid, chunks
+    return chunks
 
 
 def _by_worker(fn, chunks):
@@ -344,57 +322,121 @@ def _adjoint_boxes(w, amp, k, bt, d, q, fac):
     return pos, (amp / bt * (k * d2 - 1.5 * s00)).sum(1), (amp * s00).sum(1)
 
 
-def _rho_terms(shapes, m, atom, offsets, d2):
-    """rho_g (P,G) for the pairs of model m; for anisotropic atoms also S d (P,G,3)."""
-    real = d2.dtype
-    amp, k = (a.astype(real)[atom] for a in _model_rows(shapes, m, "amp", "k"))
-    rho = amp * np.exp(-k * d2[:, None])
-    if shapes["s"] is None:
-        return rho, None, None
-    sel = np.nonzero(shapes["aniso"][m, atom])[0]
-    if not len(sel):
-        return rho, None, None
-    d = offsets.d[sel].astype(np.float64)
-    s = shapes["s"][m, atom[sel]]                                  # (P',G,3,3)
-    sd = np.einsum("pgij,pj->pgi", s, d)
-    rho[sel] = amp[sel] * np.exp(-_FOUR_PI2 * np.einsum("pgi,pi->pg", sd, d))
-    return rho, sel, (sd, s)
+def _quadratic_forms(shapes, m, layout):
+    """Per atom and Gaussian of model m the matrix H (N,G,3,3) of the exponent δ^T H δ in grid
+    steps (axes in layout.perm's order): k G for isotropic atoms, 4pi² M^T S M for anisotropic
+    ones."""
+    (k,) = _model_rows(shapes, m, "k")
+    h = k[:, :, None, None] * layout.gp
+    if shapes["s"] is not None:
+        mp = layout.mp
+        aniso = _FOUR_PI2 * (mp.T @ shapes["s"][m] @ mp)
+        h = np.where(shapes["aniso"][m][:, None, None, None], aniso, h)
+    return h
+
+
+def _exponents(h, d):
+    """δ^T H δ for every Gaussian of each atom's box: (A,G,e_a*e_b*e_c)."""
+    oa, ob, oc = d
+    ob, oc = ob[:, None, :, None], oc[:, None, None, :]
+    hh = h[..., None, None]
+    plane = hh[:, :, 1, 1] * ob * ob + hh[:, :, 2, 2] * oc * oc + 2 * hh[:, :, 1, 2] * ob * oc
+    cross = 2 * (hh[:, :, 0, 1] * ob + hh[:, :, 0, 2] * oc)                   # (A,G,e_b,e_c)
+    oa = oa[:, None, :, None, None]
+    e = hh[:, :, 0, 0, None] * oa * oa + plane[:, :, None] + oa * cross[:, :, None]
+    return e.reshape(e.shape[:2] + (-1,))
+
+
+def _spread_general(amp, h, d, inside):
+    """Density of each atom's box, sum over Gaussians of amp exp(-δ^T H δ): (A, e_a*e_b*e_c)."""
+    rho = np.exp(-_exponents(h, d))
+    return np.matmul(amp[:, None, :], rho)[:, 0] * inside
+
+
+def _adjoint_general(w, amp, k, bt, h, s, aniso, d, layout):
+    """For the weights w (A,e_a*e_b*e_c) of each atom's box (zero outside the sphere): per
+    atom sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) (isotropic atoms), sum_p w dρ/dU (A,6)
+    (anisotropic ones) and sum_p w ρ (A,).
+
+    Each Gaussian's weighted density is contracted with the box's monomials of degree 0-2 in
+    one batched matrix product; the gradients are those moments taken to Å through M:
+    d = M δ, dρ_g/dx = 2 ρ_g K_g d with K_g = k_g I or 4pi² S_g, and |d|² or d d^T for B or U."""
+    oa, ob, oc = d
+    a = len(w)
+    wr = amp[:, :, None] * np.exp(-_exponents(h, d)) * w[:, None, :]           # (A,G,K)
+    shape = (a, oa.shape[1], ob.shape[1], oc.shape[1])
+    da, db, dc = (np.broadcast_to(x, shape).reshape(a, -1)
+                  for x in (oa[:, :, None, None], ob[:, None, :, None], oc[:, None, None, :]))
+    mono = np.stack([np.ones_like(da), da, db, dc, da * da, db * db, dc * dc, da * db, da * dc,
+                     db * dc], axis=-1)                                        # (A,K,10)
+    mom = np.matmul(wr, mono)                                                  # (A,G,10)
+    n0 = mom[..., 0]
+    mp = layout.mp.astype(mom.dtype)
+    d1 = mom[..., 1:4] @ mp.T                                                  # Å, (A,G,3)
+    m2 = mom[..., [4, 7, 8, 7, 5, 9, 8, 9, 6]].reshape(mom.shape[:2] + (3, 3))
+    d2 = mp @ m2 @ mp.T                                                        # Å², (A,G,3,3)
+    pos = 2.0 * (k[..., None] * d1).sum(1)
+    dbf = ((k * np.trace(d2, axis1=-2, axis2=-1) - 1.5 * n0) / bt).sum(1)
+    du = np.zeros((a, 6), dtype=mom.dtype)
+    if aniso.any():
+        sel = np.nonzero(aniso)[0]
+        s = s[sel].astype(mom.dtype)
+        pos[sel] = 2.0 * _FOUR_PI2 * np.einsum("agij,agj->ai", s, d1[sel])
+        dbf[sel] = 0.0
+        dbm = 8 * np.pi**2 * (_FOUR_PI2 * s @ d2[sel] @ s - 0.5 * n0[sel, :, None, None] * s).sum(1)
+        du[sel] = np.stack([dbm[:, 0, 0], dbm[:, 1, 1], dbm[:, 2, 2], 2 * dbm[:, 0, 1],
+                            2 * dbm[:, 0, 2], 2 * dbm[:, 1, 2]], axis=1)
+    return pos, dbf, du, n0.sum(1)
+
+
+def _model_chunks(shapes, m, xyz_m, radius_m, geom, shape, periodic, real):
+    """The padded grid of model m and its chunks as (H or None, chunk): isotropic atoms on a
+    grid that factorises go by line and plane factors (H None), the others (anisotropic atoms,
+    every atom of a triclinic grid) by their quadratic forms H (N,G,3,3)."""
+    boxes = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
+    aniso = shapes["aniso"][m]
+    fac = _factorisation(geom)
+    chunks = []
+    if fac is not None:
+        chunks += [(None, fac, c) for c in _boxes(boxes, fac, ~aniso, real, _PAIRS_PER_CHUNK)]
+    rest = aniso if fac is not None else np.ones_like(aniso)
+    if rest.any():
+        general = _general_layout(geom)
+        h = _quadratic_forms(shapes, m, general).astype(real)
+        # (A,G,K) arrays: a fifth of the points per chunk
+        chunks += [(h, general, c)
+                   for c in _boxes(boxes, general, rest, real, _PAIRS_PER_CHUNK // NGAUSS)]
+    return boxes[-1], chunks
 
 
 def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
-    fac = _factorisation(geom) if shapes["s"] is None else None
     real = _real(xyz)
     for m in range(xyz.shape[0]):
         o = occ[m].astype(np.float64)
-        if fac is not None:
-            grid, chunks = _boxes(xyz[m], radius[m], geom, out.shape[1:], periodic, fac)
-            size = int(np.prod(grid.shape))
-            amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m, "amp", "k"))
+        grid, chunks = _model_chunks(shapes, m, xyz[m], radius[m], geom, out.shape[1:],
+                                     periodic, real)
+        size = int(np.prod(grid.shape))
+        amp_all, k_all = (a.astype(real) for a in _model_rows(shapes, m, "amp", "k"))
 
-            def share(chunks):
-                acc = np.zeros(size)
-                for chunk in chunks:
-                    atom, d, q, inside, point = chunk()
-                    box = _spread_boxes((amp_all[atom] * o[atom, None]).astype(real),
-                                        k_all[atom], d, q, inside, fac)
-                    first, last = int(point.min()), int(point.max()) + 1
-                    acc[first:last] += np.bincount((point - first).ravel(),
-                                                   weights=box.ravel(),
-                                                   minlength=last - first)
-                return acc
-            parts = _by_worker(share, chunks)
-            for part in parts[1:]:
-                parts[0] += part
-            out[m] = grid.fold(parts[0])
-            continue
-        grid, chunks = _pairs(xyz[m], radius[m], geom, out.shape[1:], periodic)
-        acc = np.zeros(int(np.prod(grid.shape)))
-        for atom, offsets, d2, point in chunks:
-            rho, _, _ = _rho_terms(shapes, m, atom, offsets, d2)
-            acc += np.bincount(point, weights=o[atom] * rho.sum(axis=1), minlength=acc.size)
-        out[m] = grid.fold(acc)
+        def share(chunks):
+            acc = np.zeros(size)
+            for h, layout, chunk in chunks:
+                atom, d, q, inside, point = chunk()
+                amp = (amp_all[atom] * o[atom, None]).astype(real)
+                if h is None:
+                    box = _spread_boxes(amp, k_all[atom], d, q, inside, layout)
+                else:
+                    box = _spread_general(amp, h[atom], d, inside)
+                first, last = int(point.min()), int(point.max()) + 1
+                acc[first:last] += np.bincount((point - first).ravel(), weights=box.ravel(),
+                                               minlength=last - first)
+            return acc
+        parts = _by_worker(share, chunks) if chunks else [np.zeros(size)]
+        for part in parts[1:]:
+            parts[0] += part
+        out[m] = grid.fold(parts[0])
     return out
 
 
@@ -409,54 +451,40 @@ def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, 
     nm, na = xyz.shape[:2]
     gx, gb = np.zeros((nm, na, 3)), np.zeros((nm, na))
     gu, go = np.zeros((nm, na, 6)), np.zeros((nm, na))
-    fac = _factorisation(geom) if shapes["s"] is None else None
     real = _real(xyz)
     for m in range(nm):
-        k_all, bt_all = _model_rows(shapes, m, "k", "bt")
-        if fac is not None:
-            grid, chunks = _boxes(xyz[m], radius[m], geom, dmap.shape[1:], periodic, fac)
-            w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
-            amp_all, k_r, bt_r = (a.astype(real)
-                                  for a in _model_rows(shapes, m, "amp", "k", "bt"))
-
-            def share(chunks):
-                results = []
-                for chunk in chunks:
-                    atom, d, q, inside, point = chunk()
-                    w = (w_flat[point] * inside).reshape(len(atom), d[0].shape[1], -1)
-                    results.append((atom, _adjoint_boxes(w, amp_all[atom], k_r[atom],
-                                                         bt_r[atom], d, q, fac)))
-                return results
-            for part in _by_worker(share, chunks):
-                for atom, (pos, db, dn) in part:
-                    gx[m, atom] += pos
-                    gb[m, atom] += db
-                    go[m, atom] += dn
+        grid, chunks = _model_chunks(shapes, m, xyz[m], radius[m], geom, dmap.shape[1:],
+                                     periodic, real)
+        if not chunks:
             continue
-        grid, chunks = _pairs(xyz[m], radius[m], geom, dmap.shape[1:], periodic)
-        w_flat = grid.expand(np.asarray(dmap[m])).reshape(-1)
-        for atom, offsets, d2, point in chunks:
-            rho, sel, aniso = _rho_terms(shapes, m, atom, offsets, d2)
-            d = offsets.d
-            wr = w_flat[point][:, None] * rho                          # (P,G)
-            k, bt = k_all[atom], bt_all[atom]
-            pos = 2.0 * (k * wr).sum(axis=1)[:, None] * d              # d rho / d x, isotropic
-            db = (wr * (k * d2[:, None] - 1.5) / bt).sum(axis=1)
-            if sel is not None:
-                sd, s = aniso
-                wrs = wr[sel]
-                pos[sel] = 2.0 * _FOUR_PI2 * np.einsum("pg,pgi->pi", wrs, sd)
-                db[sel] = 0.0
-                outer = _FOUR_PI2 * np.einsum("pgi,pgj->pgij", sd, sd) - 0.5 * s
-                dbm = 8 * np.pi**2 * np.einsum("pg,pgij->pij", wrs, outer)
-                du = np.stack([dbm[:, 0, 0], dbm[:, 1, 1], dbm[:, 2, 2],
-                               2 * dbm[:, 0, 1], 2 * dbm[:, 0, 2], 2 * dbm[:, 1, 2]], axis=1)
-                for c in range(6):
-                    gu[m, :, c] += np.bincount(atom[sel], weights=du[:, c], minlength=na)
-            for c in range(3):
-                gx[m, :, c] += np.bincount(atom, weights=pos[:, c], minlength=na)
-            gb[m] += np.bincount(atom, weights=db, minlength=na)
-            go[m] += np.bincount(atom, weights=wr.sum(axis=1), minlength=na)
+        w_flat = grid.expand(np.asarray(dmap[m], dtype=real)).reshape(-1)
+        amp_all, k_r, bt_r = (a.astype(real) for a in _model_rows(shapes, m, "amp", "k", "bt"))
+        aniso_m = shapes["aniso"][m]
+        s_m = shapes["s"][m] if shapes["s"] is not None else None
+
+        def share(chunks):
+            results = []
+            for h, layout, chunk in chunks:
+                atom, d, q, inside, point = chunk()
+                w = w_flat[point] * inside
+                if h is None:
+                    pos, db, dn = _adjoint_boxes(w.reshape(len(atom), d[0].shape[1], -1),
+                                                 amp_all[atom], k_r[atom], bt_r[atom], d, q,
+                                                 layout)
+                    du = None
+                else:
+                    pos, db, du, dn = _adjoint_general(
+                        w, amp_all[atom], k_r[atom], bt_r[atom], h[atom],
+                        None if s_m is None else s_m[atom], aniso_m[atom], d, layout)
+                results.append((atom, pos, db, du, dn))
+            return results
+        for part in _by_worker(share, chunks):
+            for atom, pos, db, du, dn in part:
+                gx[m, atom] += pos
+                gb[m, atom] += db
+                go[m, atom] += dn
+                if du is not None:
+                    gu[m, atom] += du
     o = occ.astype(np.float64)
     result = (gx * o[..., None], gb * o, gu * o[..., None], go)
     if out is None:
