@@ -84,13 +84,21 @@ class GridSpec:
         if ops is None:
             return None
         n = np.asarray(self.shape, dtype=np.int64)
-        start = np.asarray(self.start, dtype=np.int64)[:, None]
-        cell_index = np.indices(self.shape).reshape(3, -1) + start
+        start = np.asarray(self.start, dtype=np.int64)
         dtype = np.int32 if n.prod() < 2**31 else np.int64
+        strides = np.array([n[1] * n[2], n[2], 1], dtype=np.int64)
+        # Cell index of each stored point along each axis, shaped to broadcast over the grid.
+        axis_index = [(np.arange(n[b]) + start[b]).reshape([-1 if a == b else 1 for a in range(3)])
+                      for b in range(3)]
         sources = []
         for m, shift in ops:
-            c = (m @ cell_index + shift[:, None] - start) % n[:, None]
-            sources.append(((c[0] * n[1] + c[1]) * n[2] + c[2]).astype(dtype))
+            # Each output axis depends only on the input axes its row of M names (one or two
+            # for every crystallographic setting): small terms, one broadcast sum per operation.
+            flat = 0
+            for a in range(3):
+                c = shift[a] - start[a] + sum(m[a, b] * axis_index[b] for b in range(3) if m[a, b])
+                flat = flat + (c % n[a] * strides[a]).astype(dtype)
+            sources.append(np.broadcast_to(flat, tuple(n)).reshape(-1).astype(dtype, copy=False))
         return sources
 
     @property
