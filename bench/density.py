@@ -11,7 +11,8 @@ adjoint ("map+grad"), in ms per model and in atom×grid-point evaluations per se
 
 ``--cell box`` (default) is a cryo-EM-like box around the atoms; the others are periodic unit
 cells of the same volume with a crystal's angles (monoclinic, hexagonal: the NumPy path
-factorises each Gaussian into a line and a plane; triclinic: it cannot, and takes pairs).
+factorises each Gaussian into a line and a plane; triclinic: it cannot, and computes whole
+boxes).  ``--aniso`` gives every atom an anisotropic U (whole boxes on every grid).
 ``--spacegroup`` makes the cell a crystal's, as many times larger as the group has operations,
 sampled to suit the group: the maps hold the mates, summed over the group on the grid (and,
 in rows "(mates as atoms)", by placing the mates' atoms again); gemmi's rows add its
@@ -31,7 +32,7 @@ from gpu_refine.grid import space_group_operations
 from gpu_refine.scattering import form_factor_table
 
 
-def random_model(n_atoms, seed=0):
+def random_model(n_atoms, seed=0, aniso=False):
     rng = np.random.default_rng(seed)
     edge = (n_atoms / 0.05) ** (1 / 3)
     st = gemmi.Structure()
@@ -50,6 +51,8 @@ def random_model(n_atoms, seed=0):
             a.element = gemmi.Element(elements[i])
             a.pos = gemmi.Position(*xyz[i])
             a.b_iso = b[i]
+            if aniso:
+                a.aniso = gemmi.SMat33f(*random_u(rng, b[i]))
             a.occ = 1.0
             res.add_atom(a)
         chain.add_residue(res)
@@ -57,6 +60,15 @@ def random_model(n_atoms, seed=0):
     st.add_model(model)
     st.spacegroup_hm = "P 1"
     return st
+
+
+def random_u(rng, b):
+    """An anisotropic U (U11, U22, U33, U12, U13, U23) with B_eq = b: principal values 0.5-1.5
+    times U_iso along random axes."""
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    w = rng.uniform(0.5, 1.5, 3)
+    u = q @ np.diag(w * 3 / w.sum() * b / (8 * np.pi**2)) @ q.T
+    return u[0, 0], u[1, 1], u[2, 2], u[0, 1], u[0, 2], u[1, 2]
 
 
 def timed(fn, sync, repeat):
@@ -101,12 +113,13 @@ def pairs_per_model(model, spec, blur):
     return float((4 / 3 * np.pi * r**3).sum() / abs(np.linalg.det(spec.xyz_from_index)))
 
 
-def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box", spacegroup="P 1"):
+def run(sizes, batches, resolutions, numpy_max_atoms, repeat, cell="box", spacegroup="P 1",
+        aniso=False):
     rows = []
     backends = available_backends()
     for d in resolutions:
         for n in sizes:
-            st = random_model(n)
+            st = random_model(n, aniso=aniso)
             model = gr.Model.from_gemmi(st)
             spec, st.cell = grid_for(model, d, cell, spacegroup)
             st2 = st.clone()
@@ -168,6 +181,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cell", default="box", choices=["box"] + list(CELL_ANGLES))
+    ap.add_argument("--aniso", action="store_true",
+                    help="every atom anisotropic (ANISOU with B_eq = B)")
     ap.add_argument("--spacegroup", default="P 1",
                     help="a crystal's space group for a periodic --cell (default P 1)")
     args = ap.parse_args()
@@ -180,8 +195,9 @@ def main():
     bk = get_backend()
     print(f"hardware: {platform.processor() or platform.machine()}, {bk.device}; "
           f"gemmi {gemmi.__version__}, numpy {np.__version__}; grid: {args.cell}, "
-          f"{args.spacegroup}")
-    print(table(run(sizes, batches, res, nmax, args.repeat, args.cell, args.spacegroup)))
+          f"{args.spacegroup}; atoms: {'anisotropic' if args.aniso else 'isotropic'}")
+    print(table(run(sizes, batches, res, nmax, args.repeat, args.cell, args.spacegroup,
+                    args.aniso)))
 
 
 if __name__ == "__main__":

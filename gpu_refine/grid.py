@@ -6,11 +6,13 @@ points per cell edge (MRC MX, MY, MZ), ``start`` the index of the first stored p
 and ``origin`` a Cartesian shift in Å (MRC ORIGIN).  A grid that covers the whole cell is periodic;
 a box cut from a map says along which axes it wraps around (``wrap``).
 """
+import itertools
 from dataclasses import dataclass
 
 import gemmi
 import numpy as np
 from scipy import fft as sp_fft
+from scipy.spatial import cKDTree
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,35 @@ def space_group_operations(spacegroup):
     return [(np.array(op.rot, dtype=np.float64) / op.DEN,
              np.array(op.tran, dtype=np.float64) / op.DEN)
             for op in gemmi.SpaceGroup(spacegroup).operations()]
+
+
+def symmetry_contacts(xyz, cell, operations, radius):
+    """Contacts within ``radius`` Å between positions (N,3) and their symmetry mates in a
+    crystal of ``cell`` (a, b, c, alpha, beta, gamma) with fractional ``operations``: yields,
+    for each image (an operation and a lattice shift, the identity itself left out) that has
+    any, the positions i, the mates' positions j, their distances, and the image's Cartesian
+    R and t (the mate of j at R x_j + t)."""
+    uc = gemmi.UnitCell(*cell)
+    orth = np.array(uc.orth.mat.tolist())
+    frac = np.array(uc.frac.mat.tolist())
+    xyz = np.asarray(xyz, dtype=np.float64)
+    f = xyz @ frac.T
+    reach = radius * np.sqrt((frac ** 2).sum(axis=1))   # the radius in cell fractions
+    tree = cKDTree(xyz)
+    for rot, tran in operations:
+        g = f @ rot.T + tran
+        lo = np.floor(f.min(axis=0) - g.max(axis=0) - reach).astype(int)
+        hi = np.ceil(f.max(axis=0) - g.min(axis=0) + reach).astype(int)
+        identity = np.allclose(rot, np.eye(3)) and np.allclose(tran, 0)
+        r_cart = orth @ rot @ frac
+        for shift in itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi))):
+            if identity and not any(shift):
+                continue
+            t_cart = orth @ (tran + np.asarray(shift, dtype=np.float64))
+            image = xyz @ r_cart.T + t_cart
+            hits = tree.sparse_distance_matrix(cKDTree(image), radius, output_type="ndarray")
+            if len(hits):
+                yield hits["i"], hits["j"], hits["v"], r_cart, t_cart
 
 
 def box_around(xyz, spacing, padding=5.0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+from gpu_refine import examples
 from gpu_refine.errors import InputError
 from gpu_refine.model import Model, read_model
 from gpu_refine.restraints.adp import ADPRestraints
@@ -443,6 +444,25 @@ def test_symmetry_mates_repel_in_a_crystal(shared, backend):
             assert grad[0, a, c] == pytest.approx(fd, rel=1e-5, abs=1e-6)
     em = build_topology(without_h(shared / MODELS["3j6b"]), monlib=shared / "monomers")
     assert em.cell is None and GeometryRestraints(em).pairs.crystal is None
+
+
+@pytest.mark.parametrize("edge,crystal", [(8.0, False), (60.0, True)])
+def test_a_cell_smaller_than_the_model_is_not_a_crystal(caplog, edge, crystal):
+    """A map's box written as CRYST1 (P 1) smaller than the model puts lattice translates on
+    top of it: taken as no crystal (no mates to repel, no links to them), with a warning; a
+    cell that holds the model keeps its mates."""
+    st = examples.helix_structure("AEAKAEAKAEAKAEAK")     # ~18 Å across
+    st.cell = gemmi.UnitCell(edge, edge, edge, 90, 90, 90)
+    st.spacegroup_hm = "P 1"
+    model = Model.from_gemmi(st)
+    topo = build_topology(model)
+    assert (topo.cell is not None) == crystal
+    assert len(topo.symmetry_links) == 0
+    assert ("not a crystal's packing" in caplog.text) != crystal
+    restraints = GeometryRestraints(topo)
+    restraints.update_pairs(model.xyz[None], force=True)
+    assert (restraints.pairs.crystal is not None) == crystal
+    assert restraints.pairs.n_mates == 0
 
 
 @pytest.mark.parametrize("occ,repelled", [(1.0, True), (0.6, True), (0.5, False)])

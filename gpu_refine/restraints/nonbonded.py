@@ -23,7 +23,6 @@ well-refined deposited structures have almost no violations), 2.6 Å between N/O
 be hydrogen-bonded), 1.8 Å between a hydrogen and N/O; metal ions use a small radius since their
 coordination distances are short.
 """
-import itertools
 from dataclasses import dataclass
 
 import gemmi
@@ -31,7 +30,7 @@ import numpy as np
 import scipy.sparse
 from scipy.spatial import cKDTree
 
-from ..grid import space_group_operations
+from ..grid import space_group_operations, symmetry_contacts
 
 RADII = {"H": 1.0, "C": 1.6, "N": 1.45, "O": 1.4, "S": 1.7, "P": 1.7, "SE": 1.8, "F": 1.35,
          "CL": 1.6, "BR": 1.7, "I": 1.85}
@@ -137,28 +136,7 @@ class PairList:
         """Contacts of the mean model with symmetry mates within ``radius``: atoms i (P,) and
         mates (atom j (M,), Cartesian R (M,3,3) and t (M,3) placing it at R x_j + t), with the
         mate of each contact (P,).  A mate near several atoms is listed once."""
-        cell_params, operations = self.crystal
-        cell = gemmi.UnitCell(*cell_params)
-        orth = np.array(cell.orth.mat.tolist())
-        frac = np.array(cell.frac.mat.tolist())
-        f = mean @ frac.T
-        reach = radius * np.sqrt((frac ** 2).sum(axis=1))   # the radius in cell fractions
-        tree = cKDTree(mean)
-        found = []
-        for rot, tran in operations:
-            g = f @ rot.T + tran
-            lo = np.floor(f.min(axis=0) - g.max(axis=0) - reach).astype(int)
-            hi = np.ceil(f.max(axis=0) - g.min(axis=0) + reach).astype(int)
-            identity = np.allclose(rot, np.eye(3)) and np.allclose(tran, 0)
-            r_cart = orth @ rot @ frac
-            for shift in itertools.product(*(range(a, b + 1) for a, b in zip(lo, hi))):
-                if identity and not any(shift):
-                    continue
-                t_cart = orth @ (tran + np.asarray(shift, dtype=np.float64))
-                image = mean @ r_cart.T + t_cart
-                hits = tree.sparse_distance_matrix(cKDTree(image), radius, output_type="ndarray")
-                if len(hits):
-                    found.append((hits["i"], hits["j"], hits["v"], r_cart, t_cart))
+        found = list(symmetry_contacts(mean, *self.crystal, radius))
         if not found:
             return None
         i = np.concatenate([h[0] for h in found])

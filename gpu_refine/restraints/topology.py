@@ -28,12 +28,14 @@ import gemmi
 import numpy as np
 
 from ..errors import InputError, ParameterError
+from ..grid import space_group_operations, symmetry_contacts
 from .library import read_library
 
 log = logging.getLogger(__name__)
 
 CHIRAL_SIGMA = 0.2     # Å³, as refmac and servalcat use for chiral volumes
 LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by sequence
+PACKING_CLASH = 1.0    # Å, closer than this to a symmetry mate an atom's cell is not a crystal's
 H_DISTANCES = ("electron", "nucleus")
 
 
@@ -244,6 +246,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     del ch[k]
         log.warning("%d atoms of residue(s) %s have no dictionary and are left unrestrained",
                     len(unrestrained), ", ".join(missing))
+    crystal = _crystal(st, model)
     renamed = ccp4_hydrogen_names(st)
     if renamed:
         log.info("%d N-terminal H1 restrained as the library's H", renamed)
@@ -335,14 +338,35 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
                     unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
                     library=where, occupancy=np.asarray(model.occ, dtype=np.float64),
-                    symmetry_links=symmetry_links, **_crystal(model.structure))
+                    symmetry_links=symmetry_links, **crystal)
 
 
-def _crystal(st):
-    """Cell and space group of a crystal model (none for a cryo-EM model's 1 Å or missing
-    cell), for contacts with symmetry mates."""
+def _crystal(st, model):
+    """Cell and space group of a crystal model, for contacts with symmetry mates: none for a
+    cryo-EM model's 1 Å or missing cell, nor for a cell that puts mates on top of the model
+    (a cryo-EM map's box written as CRYST1, smaller than the model), whose "mates" would
+    repel and link the model to itself; ``st`` (the scratch copy) then loses its cell too."""
     sg = st.find_spacegroup()
     if not st.cell.is_crystal() or sg is None:
         return {}
     c = st.cell
-    return {"cell": (c.a, c.b, c.c, c.alpha, c.beta, c.gamma), "spacegroup": sg.hm}
+    cell = (c.a, c.b, c.c, c.alpha, c.beta, c.gamma)
+    # Atoms of full occupancy within PACKING_CLASH of another atom's image cannot both be
+    # there (an atom near its own image sits on a special position).
+    full = np.asarray(model.occ) >= 1.0
+    limit = max(10, 0.01 * model.n_atoms)
+    clashing = set()
+    for i, j, _, _, _ in symmetry_contacts(model.xyz, cell, space_group_operations(sg.hm),
+                                           PACKING_CLASH):
+        both = (i != j) & full[i] & full[j]
+        clashing.update(i[both].tolist())
+        if len(clashing) > limit:      # a small cell has many images: enough seen
+            break
+    if len(clashing) > limit:
+        log.warning("the model's cell (%s, %s) puts symmetry mates within %.1f Å of more than "
+                    "%d of its atoms: not a crystal's packing (a map box written as the cell?); "
+                    "symmetry mates are left out", " ".join(f"{x:g}" for x in cell), sg.hm,
+                    PACKING_CLASH, int(limit))
+        st.cell = gemmi.UnitCell()
+        return {}
+    return {"cell": cell, "spacegroup": sg.hm}
