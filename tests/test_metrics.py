@@ -63,6 +63,14 @@ def test_a_resolution_finer_than_the_grid_is_flagged(caplog):
     assert "resolution=1.50 Å is finer than the map's grid holds (1.00 Å voxels)" in caplog.text
 
 
+def test_a_flat_map_gives_undefined_ccs_with_a_warning(caplog):
+    model, data, spec = make_example()
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        result = validate(model, gr.MapData(np.zeros_like(data), spec), 3.0, backend="numpy")[0]
+    assert np.isnan(result["cc_mask"]) and np.isnan(result["cc_box"])
+    assert "the map is flat" in caplog.text
+
+
 def test_per_residue_cc_in_chunks_of_atoms_is_the_whole(rng):
     """Atoms taken a few residues at a time (memory) give each residue the CC of all its
     atoms' points at once, each point once, as a direct sum does."""

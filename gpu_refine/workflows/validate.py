@@ -99,6 +99,10 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     parts, _ = map_in_chunks(bk, batch, maps_and_ccs)
     mm = np.concatenate([m for m, _ in parts])
     ccs = {k: np.concatenate([c[k] for _, c in parts]) for k in parts[0][1]}
+    if not np.isfinite(ccs["cc_box"]).all():
+        log.warning("the map is flat: its correlations with the model are undefined (NaN)")
+    elif not np.isfinite(ccs["cc_mask"]).all():
+        log.warning("the map is flat where the model is: CCmask is undefined (NaN)")
     b_mean = float(bk.to_numpy(batch.b).mean())
     # mmtbx's per-atom radius is the atom image's first minimum; bounded by d as cctbx reports.
     radius = atom_radius or min(d, image_radius(d, b_mean, table=table))
