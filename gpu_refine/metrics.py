@@ -71,7 +71,9 @@ def correlation(xp, x, y, weight=None):
         x, y = x[weight], y[weight]
     dx, dy = _deviations(xp, x), _deviations(xp, y)
     sxy = (dx * dy).sum(dtype=xp.float64)
-    return sxy / xp.sqrt((dx * dx).sum(dtype=xp.float64) * (dy * dy).sum(dtype=xp.float64))
+    den = xp.sqrt((dx * dx).sum(dtype=xp.float64) * (dy * dy).sum(dtype=xp.float64))
+    # A flat map has no correlation: NaN, without a division by zero.
+    return xp.where(den > 0, sxy, xp.nan) / xp.where(den > 0, den, 1.0)
 
 
 def _deviations(xp, x):
