@@ -335,22 +335,42 @@ def _quadratic_forms(shapes, m, layout):
     return h
 
 
-def _exponents(h, d):
-    """δ^T H δ for every Gaussian of each atom's box: (A,G,e_a*e_b*e_c)."""
+def _densities(h, d):
+    """exp(-δ^T H δ) for every Gaussian of each atom's box: (A,G,e_a*e_b*e_c), built in
+    place (three passes over the box, one array)."""
     oa, ob, oc = d
     ob, oc = ob[:, None, :, None], oc[:, None, None, :]
-    hh = h[..., None, None]
+    hh = -h[..., None, None]
     plane = hh[:, :, 1, 1] * ob * ob + hh[:, :, 2, 2] * oc * oc + 2 * hh[:, :, 1, 2] * ob * oc
     cross = 2 * (hh[:, :, 0, 1] * ob + hh[:, :, 0, 2] * oc)                   # (A,G,e_b,e_c)
     oa = oa[:, None, :, None, None]
-    e = hh[:, :, 0, 0, None] * oa * oa + plane[:, :, None] + oa * cross[:, :, None]
-    return e.reshape(e.shape[:2] + (-1,))
+    e = oa * cross[:, :, None]
+    e += plane[:, :, None]
+    e += hh[:, :, 0, 0, None] * oa * oa
+    e = e.reshape(e.shape[:2] + (-1,))
+    return np.exp(e, out=e)
 
 
 def _spread_general(amp, h, d, inside):
     """Density of each atom's box, sum over Gaussians of amp exp(-δ^T H δ): (A, e_a*e_b*e_c)."""
-    rho = np.exp(-_exponents(h, d))
-    return np.matmul(amp[:, None, :], rho)[:, 0] * inside
+    return np.matmul(amp[:, None, :], _densities(h, d))[:, 0] * inside
+
+
+def _box_moments(wr, d):
+    """Sums over each box of wr (A,G,e_a*e_b*e_c) times 1, δa, δb, δc, δa², δb², δc², δaδb,
+    δaδc, δbδc: (A,G,10).  One axis at a time (powers 0-2 of δc, then of δb, then of δa), so
+    that the box is read once and no (A,K,10) array of monomials is made."""
+    oa, ob, oc = d
+    a, g = wr.shape[:2]
+    ea, eb, ec = oa.shape[1], ob.shape[1], oc.shape[1]
+
+    def powers(o):                                  # (A,3,e): 1, δ, δ²
+        return np.stack([np.ones_like(o), o, o * o], axis=1)
+    t = np.matmul(wr.reshape(a, g * ea * eb, ec), powers(oc).transpose(0, 2, 1))
+    t = np.matmul(powers(ob)[:, None], t.reshape(a, g * ea, eb, 3))          # (A,G·e_a,3,3)
+    t = np.matmul(powers(oa)[:, None], t.reshape(a, g, ea, 9))               # (A,G,3,9)
+    # t[..., i, 3j + k] = sum δa^i δb^j δc^k
+    return t[:, :, [0, 1, 0, 0, 2, 0, 0, 1, 1, 0], [0, 0, 3, 1, 0, 6, 2, 3, 1, 4]]
 
 
 def _adjoint_general(w, amp, k, bt, h, s, aniso, d, layout):
@@ -358,18 +378,14 @@ def _adjoint_general(w, amp, k, bt, h, s, aniso, d, layout):
     atom sum_p w dρ/dx (A,3), sum_p w dρ/dB (A,) (isotropic atoms), sum_p w dρ/dU (A,6)
     (anisotropic ones) and sum_p w ρ (A,).
 
-    Each Gaussian's weighted density is contracted with the box's monomials of degree 0-2 in
-    one batched matrix product; the gradients are those moments taken to Å through M:
+    Each Gaussian's weighted density is contracted with the box's monomials of degree 0-2
+    (``_box_moments``); the gradients are those moments taken to Å through M:
     d = M δ, dρ_g/dx = 2 ρ_g K_g d with K_g = k_g I or 4pi² S_g, and |d|² or d d^T for B or U."""
-    oa, ob, oc = d
     a = len(w)
-    wr = amp[:, :, None] * np.exp(-_exponents(h, d)) * w[:, None, :]           # (A,G,K)
-    shape = (a, oa.shape[1], ob.shape[1], oc.shape[1])
-    da, db, dc = (np.broadcast_to(x, shape).reshape(a, -1)
-                  for x in (oa[:, :, None, None], ob[:, None, :, None], oc[:, None, None, :]))
-    mono = np.stack([np.ones_like(da), da, db, dc, da * da, db * db, dc * dc, da * db, da * dc,
-                     db * dc], axis=-1)                                        # (A,K,10)
-    mom = np.matmul(wr, mono)                                                  # (A,G,10)
+    wr = _densities(h, d)                                                      # (A,G,K)
+    wr *= amp[:, :, None]
+    wr *= w[:, None, :]
+    mom = _box_moments(wr, d)                                                  # (A,G,10)
     n0 = mom[..., 0]
     mp = layout.mp.astype(mom.dtype)
     d1 = mom[..., 1:4] @ mp.T                                                  # Å, (A,G,3)
