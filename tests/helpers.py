@@ -137,3 +137,36 @@ def disulfide_structure(across_cell=False):
         st.spacegroup_hm = "P 1"
     st.setup_entities()
     return st
+
+
+def self_linked_cysteine():
+    """One cysteine whose SG lies 2.03 Å from its image across the 2-fold of a P 1 2 1 cell
+    (disulfide_structure's B is that image), with an SSBOND record to it: a residue linked to
+    its own symmetry mate."""
+    st = disulfide_structure()
+    a, b = (np.array([x.pos.tolist() for x in st[0][c][0]]) for c in "AB")
+    # B = R A + t, R a 2-fold: its axis u and a point c on it; turn the frame so that the
+    # axis runs along y through the origin, where P 1 2 1 has its 2-fold.
+    ca, cb = a.mean(0), b.mean(0)
+    v, _, wt = np.linalg.svd((a - ca).T @ (b - cb))
+    rot = wt.T @ np.diag([1, 1, np.linalg.det(wt.T @ v.T)]) @ v.T
+    t = cb - rot @ ca
+    w, vecs = np.linalg.eig(rot)
+    u = np.real(vecs[:, np.argmin(np.abs(w - 1))])
+    c = np.linalg.lstsq(np.eye(3) - rot, t, rcond=None)[0]
+    y = u / np.linalg.norm(u)
+    x = np.cross(y, [0.0, 0.0, 1.0] if abs(y[2]) < 0.9 else [1.0, 0.0, 0.0])
+    x /= np.linalg.norm(x)
+    frame = np.array([x, y, np.cross(x, y)])
+    del st[0]["B"]
+    for atom in st[0]["A"][0]:
+        atom.pos = gemmi.Position(*(frame @ (np.array(atom.pos.tolist()) - c)))
+    st.cell = gemmi.UnitCell(30, 30, 30, 90, 90, 90)
+    st.spacegroup_hm = "P 1 2 1"
+    con = gemmi.Connection()
+    con.name, con.type, con.asu = "disulf1", gemmi.ConnectionType.Disulf, gemmi.Asu.Different
+    con.partner1 = con.partner2 = gemmi.make_address(st[0]["A"], st[0]["A"][0],
+                                                     st[0]["A"][0]["SG"][0])
+    st.connections.append(con)
+    st.setup_entities()
+    return st

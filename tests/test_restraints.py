@@ -16,7 +16,7 @@ from gpu_refine.restraints.nonbonded import NonbondedSettings
 from gpu_refine.restraints.stats import geometry_statistics
 from gpu_refine.restraints.topology import build_topology, ccp4_hydrogen_names
 from gpu_refine.workflows.geometry import geometry_report, regularize, shaken_batch
-from helpers import disulfide_structure
+from helpers import disulfide_structure, self_linked_cysteine
 
 MODELS = {"5e5z": "xray/5e5z/5e5z.pdb", "1l2h": "xray/1l2h/1l2h.cif.gz",
           "4hg7": "xray/4hg7/4hg7.cif", "4iid": "xray/4iid/4iid.pdb", "4xof": "xray/4xof/4xof.pdb",
@@ -96,11 +96,12 @@ def _sg_pair_state(topology, xyz):
     """(SG-SG bonded?, SG-SG repelled?, CB-SG' repelled?) for disulfide_structure's model."""
     sg = [i for i, lab in enumerate(topology.labels) if lab.endswith("/SG")]
     cb = [i for i, lab in enumerate(topology.labels) if lab.endswith("/CB")]
-    bonded = any(sorted(b) == sg for b in topology.bonds.atoms.tolist())
+    n = topology.n_atoms
+    real = np.concatenate([np.arange(n), topology.mate_atom])     # an image's atom
+    bonded = any(sorted(real[b]) == sg for b in topology.bonds.atoms)
     restraints = GeometryRestraints(topology, backend="numpy", dtype=np.float64)
     restraints.update_pairs(xyz[None], force=True)
     pl = restraints.pairs
-    n = topology.n_atoms
     mate_atom = np.concatenate([pl.mate_atom, [0]]).astype(np.int64)
     partner = np.where(pl.pairs[:, 1] < n, pl.pairs[:, 1],
                        mate_atom[np.clip(pl.pairs[:, 1] - n, 0, len(pl.mate_atom))])
@@ -112,22 +113,86 @@ def _sg_pair_state(topology, xyz):
 def test_disulfide_without_records(across_cell):
     """Two cysteines 2.03 Å apart with no SSBOND record: found from the distance they are
     bonded (not repelled, nor CB from the other SG); without find_links they repel.  Linked
-    to a symmetry mate (B one cell edge away) the link is not restrained, and the two SG and
-    their neighbours do not repel each other's images."""
+    to a symmetry mate (B one cell edge away) the link is restrained on B's image, and the
+    two SG and their neighbours do not repel each other's images."""
     model = Model.from_gemmi(disulfide_structure(across_cell))
     topo = build_topology(model)
     assert topo.links == {"SS": 1}
+    assert _sg_pair_state(topo, model.xyz) == (True, False, False)
+    _, (r,) = geometry_report(model)
+    assert r["n_overlaps"] == 0 and r["rmsd_bonds"] < 0.05
     if across_cell:
-        assert _sg_pair_state(topo, model.xyz) == (False, False, False)
         assert [sorted(p) for p in topo.symmetry_links.tolist()] == [[5, 11]]
-        assert build_topology(model, find_links=False).counts() == topo.counts()
-    else:
-        assert _sg_pair_state(topo, model.xyz) == (True, False, False)
-        _, (r,) = geometry_report(model)
-        assert r["n_overlaps"] == 0 and r["rmsd_bonds"] < 0.05
+        inside = build_topology(Model.from_gemmi(disulfide_structure(False)))
+        assert topo.counts() == inside.counts() and topo.n_mates > 0
     bare = build_topology(model, find_links=False)
-    assert not bare.links and not len(bare.symmetry_links)
+    assert not bare.links and not len(bare.symmetry_links) and bare.n_mates == 0
     assert _sg_pair_state(bare, model.xyz) == (False, True, True)
+
+
+def test_a_link_to_a_symmetry_mate_is_restrained_on_its_image(backend, rng):
+    """The disulfide to B's lattice translate has the energy of the same disulfide within the
+    cell (the two models differ by that translation of B), and its gradient, B's image's
+    part returned to B's atoms, matches finite differences."""
+    across = Model.from_gemmi(disulfide_structure(True))
+    inside = Model.from_gemmi(disulfide_structure(False))
+    n = across.n_atoms
+    move = rng.normal(scale=0.1, size=(2, n, 3))
+    shift = np.where(np.arange(n)[:, None] >= n // 2, [40.0, 0.0, 0.0], 0.0)
+    assert np.allclose(across.xyz - inside.xyz, shift)
+    results = []
+    for model, offset in ((inside, 0.0), (across, shift)):
+        restraints = GeometryRestraints(build_topology(model), backend=backend, dtype=np.float64,
+                                        nonbonded=NonbondedSettings(enabled=False))
+        xyz = backend.asarray(inside.xyz + offset + move)
+        energy, grad = restraints.energy_and_gradient(xyz)
+        results.append((backend.to_numpy(energy), backend.to_numpy(grad), restraints, xyz))
+    assert results[0][0][0] > 1.0
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-9)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-7, atol=1e-9)
+    _, grad, restraints, xyz = results[1]
+    _check_gradient(restraints, backend.to_numpy(xyz), grad, (5, 11, 4, 10), backend)
+
+
+def _check_gradient(restraints, x0, grad, atoms, backend, model=-1, h=1e-6):
+    """Restraint gradient of ``atoms`` of one model vs central differences."""
+    def energy(x):
+        return backend.to_numpy(restraints.energy_and_gradient(backend.asarray(x))[0])[model]
+    for atom in atoms:
+        for c in range(3):
+            plus, minus = x0.copy(), x0.copy()
+            plus[model, atom, c] += h
+            minus[model, atom, c] -= h
+            fd = (energy(plus) - energy(minus)) / (2 * h)
+            assert grad[model, atom, c] == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+def test_a_residue_linked_to_its_own_image(backend, rng):
+    """A cysteine whose SSBOND record links it to its own image across a 2-fold (P 1 2 1):
+    the link is restrained on the image, with the deviations of the two-chain model the
+    residue was cut from (B is the image), and its gradient matches finite differences."""
+    model = Model.from_gemmi(self_linked_cysteine())
+    topo = build_topology(model)
+    assert topo.links == {"SS": 1} and topo.symmetry_links.tolist() == [[5, 5]]
+    assert sorted(topo.mate_atom.tolist()) == [4, 5]        # the image's SG and CB
+    pair = build_topology(Model.from_gemmi(disulfide_structure()))
+    deltas = []
+    link_bonds = (np.nonzero((topo.bonds.atoms >= model.n_atoms).any(axis=1))[0],
+                  np.nonzero((np.sort(pair.bonds.atoms, axis=1) == [5, 11]).all(axis=1))[0])
+    for t, m, link_bond in ((topo, model, link_bonds[0]),
+                            (pair, Model.from_gemmi(disulfide_structure()), link_bonds[1])):
+        assert len(link_bond) == 1
+        terms = GeometryRestraints(t, backend=backend, dtype=np.float64).terms(m.xyz[None])
+        deltas.append((backend.to_numpy(terms["bonds"][1])[0, link_bond],
+                       backend.to_numpy(terms["torsions"][1])[0]))
+    np.testing.assert_allclose(deltas[0][0], deltas[1][0], atol=1e-9)
+    np.testing.assert_allclose(deltas[0][1], deltas[1][1], atol=1e-9)
+    _, (r,) = geometry_report(model)
+    assert r["rmsd_bonds"] < 0.05 and r["n_overlaps"] == 0
+    restraints = GeometryRestraints(topo, backend=backend, dtype=np.float64)
+    x0 = model.xyz[None] + rng.normal(scale=0.1, size=(1,) + model.xyz.shape)
+    grad = backend.to_numpy(restraints.energy_and_gradient(backend.asarray(x0))[1])
+    _check_gradient(restraints, x0, grad, (4, 5), backend)
 
 
 def test_a_link_record_the_library_does_not_define(caplog):

@@ -24,7 +24,9 @@ class ADPRestraints:
         self.backend = bk = get_backend(backend)
         self.dtype = np.dtype(dtype)
         self.settings = s = settings or ADPSettings()
-        pairs = np.unique(np.sort(topology.bonds.atoms, axis=1), axis=0).reshape(-1, 2)
+        # Bonds to a symmetry mate's image (links across the lattice) carry no ADP restraint.
+        bonds = topology.bonds.atoms[(topology.bonds.atoms < topology.n_atoms).all(axis=1)]
+        pairs = np.unique(np.sort(bonds, axis=1), axis=0).reshape(-1, 2)
         self.pairs = bk.asarray(pairs, dtype=np.int32)
         self._w_b = bk.asarray(np.full(len(pairs), 1.0 / s.sigma_b ** 2), dtype=self.dtype)
         aniso = np.zeros(topology.n_atoms, bool) if is_aniso is None else np.asarray(is_aniso)

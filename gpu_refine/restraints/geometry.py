@@ -3,7 +3,8 @@
 ``GeometryRestraints(topology)`` moves the topology's index arrays to the backend once; each
 call then evaluates every restraint type for all B models with one kernel launch per type.
 T = sum over types of sum_r w_r delta_r^2 with w_r = 1 / sigma_r^2 (restraints with sigma 0 are
-counted but carry no weight).
+counted but carry no weight).  Links to symmetry mates are restrained on images of the mates'
+atoms (``Topology.mate_atom``), placed from the coordinates before each evaluation.
 """
 import numpy as np
 
@@ -48,6 +49,11 @@ class GeometryRestraints:
                                        arr(_weights(t.planes.sigma)))),
         }
         self.pairs = PairList(topology, self.nonbonded_settings)
+        # Images that links to symmetry mates restrain (restraint atoms past n_atoms).
+        self._images = None
+        if topology.n_mates:
+            self._images = (bk.asarray(topology.mate_atom, dtype=np.int64),
+                            arr(topology.mate_rot), arr(topology.mate_shift))
         self._mates = None
         self._reference = None
 
@@ -93,21 +99,34 @@ class GeometryRestraints:
         getattr(self.backend.ops, function)(xyz, *args, energy, grad, delta)
 
     def _run_with_mates(self, args, xyz, energy, grad, delta):
-        """Nonbonded terms on the atoms followed by their symmetry mates; a mate's gradient
-        returns to its atom through R^T (mate = R x + t)."""
+        """Nonbonded terms on the atoms followed by their symmetry mates."""
         xp = self.backend.xp
-        atom, rot, shift = self._mates
-        ext = self.pairs.extend(xyz, self.backend, atom, rot, shift)
+        ext = self.pairs.extend(xyz, self.backend, *self._mates)
         g_ext = xp.zeros(ext.shape, dtype=grad.dtype)
         self.backend.ops.nonbonded_terms(ext, *args, energy, g_ext, delta)
-        n_models, n = xyz.shape[:2]
+        grad += self._fold(g_ext, self._mates)
+
+    def _fold(self, g_ext, images):
+        """Gradient (B,N,3) on the atoms given one (B,N+M,3) on the atoms followed by
+        ``images`` (atom, R, t): an image's part returns to its atom through R^T (image =
+        R x + t)."""
+        xp = self.backend.xp
+        atom, rot, _ = images
+        n_models, n = g_ext.shape[0], self.n_atoms
         back = xp.einsum("mji,bmj->bmi", rot, g_ext[:, n:])
         flat = (xp.arange(n_models)[:, None] * n + atom[None, :]).ravel()
         total = g_ext[:, :n].reshape(-1, 3)
         for c in range(3):
             total[:, c] += xp.bincount(flat, weights=back[..., c].ravel(),
-                                       minlength=n_models * n).astype(grad.dtype)
-        grad += total.reshape(grad.shape)
+                                       minlength=n_models * n).astype(g_ext.dtype)
+        return total.reshape(n_models, n, 3)
+
+    def _bonded_frame(self, xyz):
+        """Coordinates the bonded restraints see: the atoms, followed by the images that links
+        to symmetry mates restrain, if any."""
+        if self._images is None:
+            return xyz
+        return self.pairs.extend(xyz, self.backend, *self._images)
 
     def _n_deltas(self, name):
         _, args = self._kernels[name]
@@ -127,8 +146,15 @@ class GeometryRestraints:
         xp = self.backend.xp
         energy = xp.zeros(xyz.shape[0], dtype=xp.float64)
         grad = xp.zeros(xyz.shape, dtype=self.dtype)
+        ext = self._bonded_frame(xyz)
+        g_ext = grad if ext is xyz else xp.zeros(ext.shape, dtype=self.dtype)
         for name in types:
-            self._run(name, xyz, energy, grad, None)
+            if name == "nonbonded":
+                self._run(name, xyz, energy, grad, None)
+            else:
+                self._run(name, ext, energy, g_ext, None)
+        if ext is not xyz:
+            grad += self._fold(g_ext, self._images)
         return energy, grad
 
     def terms(self, xyz):
@@ -137,11 +163,13 @@ class GeometryRestraints:
         xyz, types = self._prepare(xyz)
         xp = self.backend.xp
         out = {}
+        ext = self._bonded_frame(xyz)
         for name in types:
+            x = xyz if name == "nonbonded" else ext
             n = self._n_deltas(name)
             energy = xp.zeros(xyz.shape[0], dtype=xp.float64)
-            grad = xp.zeros(xyz.shape, dtype=self.dtype)
+            grad = xp.zeros(x.shape, dtype=self.dtype)
             delta = xp.zeros((xyz.shape[0], n), dtype=self.dtype)
-            self._run(name, xyz, energy, grad, delta)
+            self._run(name, x, energy, grad, delta)
             out[name] = (energy, delta)
         return out

@@ -90,7 +90,8 @@ class PairList:
         # neighbours, so they take no part in nonbonded repulsion either.
         self._unrestrained = np.zeros(n, dtype=bool)
         self._unrestrained[topology.unrestrained] = True
-        bonds = topology.bonds.atoms
+        # Bonds to a mate's image exclude pairs through symmetry_links instead.
+        bonds = topology.bonds.atoms[(topology.bonds.atoms < n).all(axis=1)]
         ones = np.ones(len(bonds), dtype=np.int32)
         a = scipy.sparse.coo_matrix((ones, (bonds[:, 0], bonds[:, 1])), shape=(n, n)).tocsr()
         a = ((a + a.T) > 0).astype(np.int32)

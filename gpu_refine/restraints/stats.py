@@ -110,7 +110,7 @@ def _overlaps(restraints, delta, results):
 
 def _outlier(topo, name, k, delta, sigma, ideal):
     """The record of restraint ``k`` of type ``name`` at deviation ``delta``."""
-    return {"type": name[:-1], "atoms": [str(topo.labels[a]) for a in _member_atoms(topo, name)[k]],
+    return {"type": name[:-1], "atoms": [topo.label(a) for a in _member_atoms(topo, name)[k]],
             "ideal": float(ideal[k]),
             "model": float(ideal[k] + delta) if name != "planes" else delta,
             "delta": delta, "sigma": float(sigma[k]), "z": delta / float(sigma[k]),

@@ -15,10 +15,12 @@ the library does not define becomes a bond of the covalent radii, except to a me
 defines (within 1.4 × its bond length), as phenix and Refmac make disulfides (and phenix
 glycosylation links) from distances by default.  Without it a model written without SSBOND
 records would have its disulfides pushed apart by nonbonded repulsion.  A link to a symmetry
-mate is not restrained (the restraint kernels see one copy of the model) but its two atoms do
-not repel each other's images.
+mate is restrained on the mate's image of its second residue: restraint atoms past the model's
+atoms are images (R x + t, ``Topology.mate_atom``), which the restraints place before each
+evaluation; the linked atoms do not repel each other's images.
 """
 import io
+import itertools
 import logging
 import re
 from collections import Counter
@@ -72,8 +74,23 @@ class Topology:
     occupancy: np.ndarray = None  # (N,) of the model the topology was built from
     cell: tuple = None            # (a, b, c, alpha, beta, gamma) of a crystal, else None
     spacegroup: str = None        # its space group (Hermann-Mauguin), else None
-    # (K, 2) atoms linked to each other's symmetry mate: unrestrained, and not repelled by it
+    # (K, 2) atoms linked to each other's symmetry mate: not repelled by its image
     symmetry_links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    # Images that links to symmetry mates restrain: restraint atom n_atoms + v is atom
+    # mate_atom[v] placed at mate_rot[v] x + mate_shift[v] (Cartesian, Å).
+    mate_atom: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    mate_rot: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 3)))
+    mate_shift: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+
+    @property
+    def n_mates(self):
+        return len(self.mate_atom)
+
+    def label(self, a):
+        """Label of restraint atom ``a`` (an index past the atoms is a symmetry mate's)."""
+        if a < self.n_atoms:
+            return str(self.labels[a])
+        return f"{self.labels[self.mate_atom[a - self.n_atoms]]} (symmetry mate)"
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
@@ -147,29 +164,129 @@ def _find_links(st, lib):
     return Counter(c.link_id for c in found)
 
 
-def _unrestrained_links(topo, lib):
-    """The links whose restraints are left out: links to a symmetry mate, and gemmi's ad-hoc
-    bonds (a record the library does not define) where one atom is a metal, whose covalent
-    radii miss coordination distances by up to 0.1 Å (their nonbonded metal distances stand
-    instead).  Returns ({restraint kind: set of indices}, (K, 2) atoms linked to a symmetry
-    mate, Counter of the ad-hoc bonds kept, by residue pair, number of metal links left out)."""
-    rules, pairs, made, metal = {}, [], Counter(), 0
+def _link_comps(kind, t):
+    """The residue (1 or 2, the library link's comp) of each atom of ``t``, a link's restraint
+    of ``kind``; None where a plane's atoms cannot be matched to its definition."""
+    r = t.restr
+    if kind == gemmi.RKind.Plane:
+        # The plane's atoms are those of its definition that were found, in that order.
+        names, comps = [a.name for a in t.atoms], []
+        for aid in r.ids:
+            if len(comps) < len(names) and names[len(comps)] == aid.atom:
+                comps.append(aid.comp)
+        return comps if len(comps) == len(names) else None
+    ids = {gemmi.RKind.Bond: ("id1", "id2"), gemmi.RKind.Angle: ("id1", "id2", "id3"),
+           gemmi.RKind.Torsion: ("id1", "id2", "id3", "id4"),
+           gemmi.RKind.Chirality: ("id_ctr", "id1", "id2", "id3")}[kind]
+    return [getattr(r, name).comp for name in ids]
+
+
+class _MateImages:
+    """The images of atoms that links to symmetry mates restrain (virtual atoms past the
+    model's ``n_atoms``), for a crystal's ``cell`` and ``spacegroup`` at positions ``xyz``."""
+
+    def __init__(self, n_atoms, xyz, crystal):
+        self.n, self.xyz = n_atoms, np.asarray(xyz, dtype=np.float64)
+        self.ops = None
+        if crystal:
+            uc = gemmi.UnitCell(*crystal["cell"])
+            self.orth = np.array(uc.orth.mat.tolist())
+            self.frac = np.array(uc.frac.mat.tolist())
+            self.ops = space_group_operations(crystal["spacegroup"])
+        self.atom, self.rot, self.shift, self._where = [], [], [], {}
+
+    def _transform(self, i, j):
+        """Cartesian (R, t) of the image of atom j nearest atom i, the identity left out."""
+        fi, fj = self.frac @ self.xyz[i], self.frac @ self.xyz[j]
+        best = None
+        for rot, tran in self.ops:
+            g = rot @ fj + tran
+            identity = np.allclose(rot, np.eye(3)) and np.allclose(tran, 0)
+            for step in itertools.product((-1, 0, 1), repeat=3):
+                shift = np.round(fi - g) + step
+                if identity and not shift.any():
+                    continue
+                d = float(np.linalg.norm(self.orth @ (g + shift - fi)))
+                if best is None or d < best[0]:
+                    best = (d, rot, tran + shift)
+        _, rot, tran = best
+        return self.orth @ rot @ self.frac, self.orth @ tran
+
+    def _virtual(self, j, rot, shift):
+        key = (j, np.round(rot, 6).tobytes(), np.round(shift, 4).tobytes())
+        if key not in self._where:
+            self._where[key] = self.n + len(self.atom)
+            self.atom.append(j)
+            self.rot.append(rot)
+            self.shift.append(shift)
+        return self._where[key]
+
+    def restraints(self, link, restraint_lists):
+        """{(rkind, index): atoms} for the restraints of ``link`` with the atoms of its second
+        residue (the library link's comp 2) replaced by their images, placed where the bond's
+        second atom has its image nearest the first; None where there is no crystal to place
+        them, or the comps cannot be told."""
+        if self.ops is None:
+            return None
+        rules = {}
+        for r in link.link_rules:
+            t = restraint_lists[r.rkind][r.index]
+            comps = _link_comps(r.rkind, t)
+            if comps is None:
+                return None
+            rules[(r.rkind, r.index)] = (_index(t.atoms), comps)
+        bond = next((v for (kind, _), v in rules.items() if kind == gemmi.RKind.Bond), None)
+        if bond is None or sorted(bond[1]) != [1, 2]:
+            return None
+        i, j = (a for a, _ in sorted(zip(*bond), key=lambda p: p[1]))
+        rot, shift = self._transform(i, j)
+        return {key: [self._virtual(a, rot, shift) if c == 2 else a for a, c in zip(*v)]
+                for key, v in rules.items()}
+
+    def arrays(self):
+        return {"mate_atom": np.array(self.atom, np.int64),
+                "mate_rot": np.array(self.rot, np.float64).reshape(-1, 3, 3),
+                "mate_shift": np.array(self.shift, np.float64).reshape(-1, 3)}
+
+
+def _link_rules(topo, lib, images):
+    """How the restraints of the extra links (``topo.extras``) are kept.  A link to a
+    symmetry mate is restrained on the image of its second residue (``images``); where
+    that cannot be placed it is left out.  Gemmi's ad-hoc bonds (a record the library does
+    not define) where one atom is a metal are left out, their covalent radii missing
+    coordination distances by up to 0.1 Å (the metal's nonbonded distances stand instead).
+    Returns ({restraint kind: set of indices left out}, {(kind, index): atoms on images},
+    (K, 2) atoms linked to a symmetry mate, Counter of the ad-hoc bonds kept, by residue
+    pair, number of metal links left out, numbers of links to mates restrained on images and
+    left out)."""
+    restraint_lists = {gemmi.RKind.Bond: topo.bonds, gemmi.RKind.Angle: topo.angles,
+                       gemmi.RKind.Torsion: topo.torsions, gemmi.RKind.Chirality: topo.chirs,
+                       gemmi.RKind.Plane: topo.planes}
+    rules, on_images, pairs, made, metal = {}, {}, [], Counter(), 0
+    placed_links, unplaced = 0, 0
     for link in topo.extras:
         ad_hoc = lib.links[link.link_id].name.startswith("auto-")
         bonds = [topo.bonds[r.index].atoms for r in link.link_rules
                  if r.rkind == gemmi.RKind.Bond]
         to_mate = link.asu == gemmi.Asu.Different
         with_metal = ad_hoc and any(a.element.is_metal for b in bonds for a in b)
+        placed = None
         if to_mate:
             pairs += [_index(b) for b in bonds]
-        elif with_metal:
+            placed = None if with_metal else images.restraints(link, restraint_lists)
+            placed_links += placed is not None
+            unplaced += placed is None and not with_metal
+        if with_metal:
             metal += 1
         elif ad_hoc:
             made[f"{link.res1.name}-{link.res2.name}"] += 1
-        if to_mate or with_metal:
+        if placed is not None:
+            on_images.update(placed)
+        elif to_mate or with_metal:
             for rule in link.link_rules:
                 rules.setdefault(rule.rkind, set()).add(rule.index)
-    return rules, np.array(pairs, np.int64).reshape(-1, 2), made, metal
+    return (rules, on_images, np.array(pairs, np.int64).reshape(-1, 2), made, metal,
+            placed_links, unplaced)
 
 
 def check_h_distances(value):
@@ -278,7 +395,9 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
 
-    skip, symmetry_links, made, metal = _unrestrained_links(topo, lib)
+    images = _MateImages(model.n_atoms, model.xyz, crystal)
+    (skip, on_images, symmetry_links, made, metal, placed,
+     unplaced) = _link_rules(topo, lib, images)
     if made:
         log.warning("%d link record(s) that the library does not define are restrained as a "
                     "bond only (covalent radii): %s", sum(made.values()),
@@ -286,44 +405,49 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     if metal:
         log.info("%d metal link record(s) without library values are not restrained (the "
                  "metal's nonbonded distances hold them)", metal)
-    if len(symmetry_links):
-        log.warning("%d link(s) to symmetry mates are not restrained (their atoms do not "
-                    "repel each other's images)", len(symmetry_links))
+    if placed:
+        log.info("%d link(s) to symmetry mates restrained on the mates' images (their atoms "
+                 "do not repel each other's images)", placed)
+    if unplaced:
+        log.warning("%d link(s) to symmetry mates are not restrained (no crystal cell to "
+                    "place the mate, or atoms not matched to the link's definition)", unplaced)
 
     def kept(items, kind):
+        """(restraint, its atom indices) of the restraints of ``kind`` kept."""
         drop = skip.get(kind, ())
-        return [t for k, t in enumerate(items) if k not in drop]
+        return [(t, on_images.get((kind, k)) or _index(t.atoms))
+                for k, t in enumerate(items) if k not in drop]
 
     def simple(items, n):
         if not items:
             return Terms(np.zeros((0, n), np.int32), np.zeros(0), np.zeros(0))
-        return Terms(np.array([_index(t.atoms) for t in items], np.int32),
-                     np.array([t.restr.value for t in items], np.float64),
-                     np.array([t.restr.esd for t in items], np.float64))
+        return Terms(np.array([atoms for _, atoms in items], np.int32),
+                     np.array([t.restr.value for t, _ in items], np.float64),
+                     np.array([t.restr.esd for t, _ in items], np.float64))
 
     bond_list = kept(topo.bonds, gemmi.RKind.Bond)
     bonds = simple(bond_list, 2)
     if h_distances == "nucleus" and len(bonds):
         # Libraries give value_dist_nucleus for X-H bonds; other bonds keep value_dist.
-        nucleus = np.array([b.restr.value_nucleus for b in bond_list])
-        esd = np.array([b.restr.esd_nucleus for b in bond_list])
+        nucleus = np.array([b.restr.value_nucleus for b, _ in bond_list])
+        esd = np.array([b.restr.esd_nucleus for b, _ in bond_list])
         use = np.isfinite(nucleus) & (nucleus > 0) & np.isfinite(esd) & (esd > 0)
         bonds.ideal = np.where(use, nucleus, bonds.ideal)
         bonds.sigma = np.where(use, esd, bonds.sigma)
     angles = simple(kept(topo.angles, gemmi.RKind.Angle), 3)
     torsion_list = kept(topo.torsions, gemmi.RKind.Torsion)
     torsions = simple(torsion_list, 4)
-    torsions.period = np.array([t.restr.period for t in torsion_list], np.int32)
+    torsions.period = np.array([t.restr.period for t, _ in torsion_list], np.int32)
     signs = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1}
     chirs = kept(topo.chirs, gemmi.RKind.Chirality)
-    chirals = Terms(np.array([_index(c.atoms) for c in chirs], np.int32).reshape(-1, 4),
-                    np.array([topo.ideal_chiral_abs_volume(c) for c in chirs], np.float64),
+    chirals = Terms(np.array([atoms for _, atoms in chirs], np.int32).reshape(-1, 4),
+                    np.array([topo.ideal_chiral_abs_volume(c) for c, _ in chirs], np.float64),
                     np.full(len(chirs), CHIRAL_SIGMA),
-                    sign=np.array([signs.get(c.restr.sign, 0) for c in chirs], np.int8))
+                    sign=np.array([signs.get(c.restr.sign, 0) for c, _ in chirs], np.int8))
     plane_list = kept(topo.planes, gemmi.RKind.Plane)
-    sizes = [len(p.atoms) for p in plane_list]
-    planes = Terms(np.array([i for p in plane_list for i in _index(p.atoms)], np.int32),
-                   sigma=np.repeat([p.restr.esd for p in plane_list], sizes).astype(np.float64),
+    sizes = [len(atoms) for _, atoms in plane_list]
+    planes = Terms(np.array([i for _, atoms in plane_list for i in atoms], np.int32),
+                   sigma=np.repeat([p.restr.esd for p, _ in plane_list], sizes).astype(np.float64),
                    ptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
     links = Counter()
     for chain_info in topo.chain_infos:
@@ -338,7 +462,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
                     torsions=torsions, chirals=chirals, planes=planes, links=links,
                     unrestrained=np.array(sorted(set(unrestrained)), dtype=np.int64),
                     library=where, occupancy=np.asarray(model.occ, dtype=np.float64),
-                    symmetry_links=symmetry_links, **crystal)
+                    symmetry_links=symmetry_links, **images.arrays(), **crystal)
 
 
 def _crystal(st, model):
