@@ -187,6 +187,7 @@ def symmetry_contacts(xyz, cell, operations, radius):
     f = xyz @ frac.T
     reach = radius * np.sqrt((frac ** 2).sum(axis=1))   # the radius in cell fractions
     tree = cKDTree(xyz)
+    near_lo, near_hi = xyz.min(axis=0) - radius, xyz.max(axis=0) + radius
     for rot, tran in operations:
         g = f @ rot.T + tran
         lo = np.floor(f.min(axis=0) - g.max(axis=0) - reach).astype(int)
@@ -198,9 +199,14 @@ def symmetry_contacts(xyz, cell, operations, radius):
                 continue
             t_cart = orth @ (tran + np.asarray(shift, dtype=np.float64))
             image = xyz @ r_cart.T + t_cart
-            hits = tree.sparse_distance_matrix(cKDTree(image), radius, output_type="ndarray")
+            # Only mates inside the model's bounding box (plus the radius) can be near it.
+            near = np.nonzero(((image >= near_lo) & (image <= near_hi)).all(axis=1))[0]
+            if not len(near):
+                continue
+            hits = tree.sparse_distance_matrix(cKDTree(image[near]), radius,
+                                               output_type="ndarray")
             if len(hits):
-                yield hits["i"], hits["j"], hits["v"], r_cart, t_cart
+                yield hits["i"], near[hits["j"]], hits["v"], r_cart, t_cart
 
 
 def box_around(xyz, spacing, padding=5.0):

@@ -167,13 +167,20 @@ def _check_gradient(restraints, x0, grad, atoms, backend, model=-1, h=1e-6):
             assert grad[model, atom, c] == pytest.approx(fd, rel=1e-5, abs=1e-6)
 
 
-def test_a_residue_linked_to_its_own_image(backend, rng):
-    """A cysteine whose SSBOND record links it to its own image across a 2-fold (P 1 2 1):
-    the link is restrained on the image, with the deviations of the two-chain model the
-    residue was cut from (B is the image), and its gradient matches finite differences."""
-    model = Model.from_gemmi(self_linked_cysteine())
+@pytest.mark.parametrize("record", [True, False])
+def test_a_residue_linked_to_its_own_image(backend, rng, record):
+    """A cysteine linked to its own image across a 2-fold (P 1 2 1), by an SSBOND record or
+    found from the distance (gemmi's search passes over a residue's own image): the link is
+    restrained on the image, with the deviations of the two-chain model the residue was cut
+    from (B is the image), and its gradient matches finite differences."""
+    st = self_linked_cysteine()
+    if not record:
+        st.connections.clear()
+    model = Model.from_gemmi(st)
     topo = build_topology(model)
     assert topo.links == {"SS": 1} and topo.symmetry_links.tolist() == [[5, 5]]
+    if not record:
+        assert not build_topology(model, find_links=False).links
     assert sorted(topo.mate_atom.tolist()) == [4, 5]        # the image's SG and CB
     pair = build_topology(Model.from_gemmi(disulfide_structure()))
     deltas = []

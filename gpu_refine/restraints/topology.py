@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHIRAL_SIGMA = 0.2     # Å³, as refmac and servalcat use for chiral volumes
 LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by sequence
+SELF_LINK_REACH = 3.0  # Å, longest contact of a residue with its own image taken for a link
 PACKING_CLASH = 1.0    # Å, closer than this to a symmetry mate an atom's cell is not a crystal's
 H_DISTANCES = ("electron", "nucleus")
 
@@ -146,12 +147,12 @@ def _link_by_sequence(st, link_distance):
 
 def _find_links(st, lib):
     """Add to ``st`` (build_topology's scratch copy) the links gemmi finds by distance that
-    ``lib`` defines; returns how many of each link id.  gemmi also proposes metal
-    coordination, which has no library link: like phenix and Refmac by default, that is not
-    made a bond."""
+    ``lib`` defines, and those of a residue to its own symmetry image, which gemmi's search
+    passes over; returns how many of each link id.  gemmi also proposes metal coordination,
+    which has no library link: like phenix and Refmac by default, that is not made a bond."""
     given = list(st.connections)
     gemmi.add_automatic_links(st[0], st, lib)
-    found = [c for c in list(st.connections)[len(given):] if c.link_id]
+    found = [c for c in list(st.connections)[len(given):] if c.link_id] + _self_image_links(st, lib)
     for c in found:
         # gemmi marks a link to a lattice translate of the model (no rotation) as in the
         # same unit: where the atoms themselves are not at the found distance, it is not.
@@ -162,6 +163,52 @@ def _find_links(st, lib):
     for c in given + found:
         st.connections.append(c)
     return Counter(c.link_id for c in found)
+
+
+def _self_image_links(st, lib):
+    """Connections of a residue to its own symmetry image (a disulfide across a 2-fold between
+    equal cysteines): atom pairs that a library link joins, within 1.4 × its bond length as
+    gemmi's search takes them, in a crystal (``st``'s cell and space group)."""
+    sg = st.find_spacegroup()
+    if not st.cell.is_crystal() or sg is None:
+        return []
+    residues = [(ch, res) for ch in st[0] for res in ch]
+    atoms = [(ch, res, at) for ch, res in residues for at in res]
+    residue = np.repeat(np.arange(len(residues)), [len(res) for _, res in residues])
+    if not atoms:
+        return []
+    xyz = np.array([at.pos.tolist() for *_, at in atoms])
+    c = st.cell
+
+    def key(address):
+        return (address.chain_name, str(address.res_id.seqid), address.atom_name,
+                address.altloc)
+    given = {frozenset((key(con.partner1), key(con.partner2))) for con in st.connections}
+    found = []
+    for i, j, d, _, _ in symmetry_contacts(xyz, (c.a, c.b, c.c, c.alpha, c.beta, c.gamma),
+                                           space_group_operations(sg.hm), SELF_LINK_REACH):
+        for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist()):
+            if residue[a] != residue[b] or a > b:
+                continue
+            ch, res, a1 = atoms[a]
+            a2 = atoms[b][2]
+            link, inverted, _, _ = lib.match_link(res, a1.name, a1.altloc, res, a2.name,
+                                                  a2.altloc)
+            bonds = list(link.rt.bonds) if link is not None else []
+            if not bonds or dist > 1.4 * bonds[0].value:
+                continue
+            ends = (gemmi.make_address(ch, res, a1), gemmi.make_address(ch, res, a2))
+            if frozenset(map(key, ends)) in given:     # a record, or another image's contact
+                continue
+            given.add(frozenset(map(key, ends)))
+            con = gemmi.Connection()
+            con.name, con.link_id, con.asu = f"self{len(found) + 1}", link.id, gemmi.Asu.Different
+            con.type = (gemmi.ConnectionType.Disulf if a1.name == a2.name == "SG"
+                        else gemmi.ConnectionType.Covale)
+            con.partner1, con.partner2 = ends[::-1] if inverted else ends
+            con.reported_distance = dist
+            found.append(con)
+    return found
 
 
 def _link_comps(kind, t):
