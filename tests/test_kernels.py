@@ -64,8 +64,8 @@ def test_spread_and_adjoint_parity(gpu, rng, name, dtype, rtol, aniso):
                                             ("hexagonal-box", False)])
 def test_factorised_numpy_path_equals_the_general_one(rng, monkeypatch, name, periodic):
     """Where one grid axis is perpendicular to the others NumPy factorises each Gaussian into a
-    line and a plane factor; it must give what the pair-list path (the one for a triclinic
-    cell and for anisotropic atoms) gives."""
+    line and a plane factor; it must give what the general path (whole boxes of exp(-δ^T H δ),
+    the one for a triclinic cell and for anisotropic atoms) gives."""
     spec = {"ortho": ortho_box_spec(), "monoclinic": monoclinic_spec(),
             "hexagonal-box": hexagonal_box_spec()}[name]
     fac = cpu_fallback.density._factorisation(spec.geom)
