@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STRATEGY_WORDS = ("minimization_global", "individual_sites", "adp", "occupancy")
 B_BOUNDS = (1.0, 500.0)
+ADP_SAMPLING = 0.7  # refined B keep B + blur >= this share of Refmac's 8pi²/1.1 spacing²
 # The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
 # the chosen weight sits 2^6 below the raw ratio of restraint forces at 0.05 Å noise.
 WEIGHT_SCALE = 2.0 ** -6
@@ -247,8 +248,14 @@ class RealSpaceRefinement:
         self.prepared = prepare_map(map_data, self.starts.xyz, s.cushion, s.mask_radius,
                                     s.mask_edge)
         spacing = float(min(self.prepared.spec.voxel_size))
-        # One blur for the whole run, so every evaluation sees the same function of B.
+        # One blur for the whole run, so every evaluation sees the same function of B: where
+        # the start's atoms need it (Refmac's rule).  Refined B may fall far below the start's
+        # (from B 400 for every atom, EMD-2566 ended at CCmask 0.826 instead of 0.846, its
+        # atoms sampled too coarsely): then every B the refinement may reach is kept sampled
+        # to ADP_SAMPLING of that rule.
         blur = refmac_blur(spacing, min(float(self.starts.b.min()), B_BOUNDS[1]))
+        if self.strategy["adp"]:
+            blur = max(blur, ADP_SAMPLING * refmac_blur(spacing, 0.0) - B_BOUNDS[0])
         self.cc_target = ModelMapTarget(self.prepared, s.resolution, backend=bk,
                                         settings=DensitySettings(table=s.table, blur=blur,
                                                                  cutoff=1e-4))
