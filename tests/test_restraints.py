@@ -125,6 +125,9 @@ def test_disulfide_without_records(across_cell):
         assert [sorted(p) for p in topo.symmetry_links.tolist()] == [[5, 11]]
         inside = build_topology(Model.from_gemmi(disulfide_structure(False)))
         assert topo.counts() == inside.counts() and topo.n_mates > 0
+        # B is restrained across the link as within the cell (an image's B is its atom's).
+        assert (ADPRestraints(topo).pairs.tolist() == ADPRestraints(inside).pairs.tolist()
+                and [5, 11] in ADPRestraints(topo).pairs.tolist())
     bare = build_topology(model, find_links=False)
     assert not bare.links and not len(bare.symmetry_links) and bare.n_mates == 0
     assert _sg_pair_state(bare, model.xyz) == (False, True, True)

@@ -24,14 +24,19 @@ class ADPRestraints:
         self.backend = bk = get_backend(backend)
         self.dtype = np.dtype(dtype)
         self.settings = s = settings or ADPSettings()
-        # Bonds to a symmetry mate's image (links across the lattice) carry no ADP restraint.
-        bonds = topology.bonds.atoms[(topology.bonds.atoms < topology.n_atoms).all(axis=1)]
-        pairs = np.unique(np.sort(bonds, axis=1), axis=0).reshape(-1, 2)
+        n, atoms = topology.n_atoms, topology.bonds.atoms
+        # An image's B is its atom's: a link to a symmetry mate restrains B across it too
+        # (bar a link to the atom's own image).  U would need the image's rotation: U pairs
+        # keep to the model's own bonds.
+        real = np.concatenate([np.arange(n), topology.mate_atom])[atoms]
+        real = np.sort(real, axis=1)
+        pairs = np.unique(real[real[:, 0] != real[:, 1]], axis=0).reshape(-1, 2)
         self.pairs = bk.asarray(pairs, dtype=np.int32)
         self._w_b = bk.asarray(np.full(len(pairs), 1.0 / s.sigma_b ** 2), dtype=self.dtype)
-        aniso = np.zeros(topology.n_atoms, bool) if is_aniso is None else np.asarray(is_aniso)
-        both = aniso[pairs[:, 0]] & aniso[pairs[:, 1]] if len(pairs) else np.zeros(0, bool)
-        self.u_pairs = bk.asarray(pairs[both], dtype=np.int32)
+        aniso = np.zeros(n, bool) if is_aniso is None else np.asarray(is_aniso)
+        own = np.unique(np.sort(atoms[(atoms < n).all(axis=1)], axis=1), axis=0).reshape(-1, 2)
+        both = aniso[own[:, 0]] & aniso[own[:, 1]] if len(own) else np.zeros(0, bool)
+        self.u_pairs = bk.asarray(own[both], dtype=np.int32)
         w_u = 1.0 / (s.sigma_b / EIGHT_PI2) ** 2
         self._w_u = bk.asarray(np.full(int(both.sum()), w_u), dtype=self.dtype)
         self.aniso = bk.asarray(aniso, dtype=self.dtype)
