@@ -4,6 +4,7 @@
 (B, N, ...) arrays on a backend: ensemble members, shaken starts and trial weights are all just
 batch members.
 """
+import logging
 import os
 from dataclasses import dataclass, field, replace
 
@@ -13,6 +14,8 @@ import numpy as np
 from .backend import get_backend
 from .errors import InputError, ParameterError
 from .io import check_readable, write_atomically
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +74,11 @@ class Model:
                     occ=np.array(occ, dtype=np.float64), element=np.array(el),
                     residue_index=np.array(rix), residues=residues)
         model.check_finite()
+        negative = model.b < 0
+        if negative.any():
+            log.warning("%d atoms have B below 0 (lowest %.1f Å²), which no displacement has: "
+                        "model maps take them as given; refined B start them at 1 Å²",
+                        int(negative.sum()), float(model.b.min()))
         return model
 
     def check_finite(self):

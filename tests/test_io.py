@@ -41,6 +41,15 @@ def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
         gr.write_model(tmp_path / "out.cif", structures[0])
 
 
+def test_negative_b_is_flagged(caplog):
+    st = helix_structure("AAK")
+    atoms = list(st[0].all())
+    atoms[0].atom.b_iso, atoms[1].atom.b_iso = -5.0, 0.0
+    model = gr.Model.from_gemmi(st)
+    assert model.b[0] == -5.0
+    assert "1 atoms have B below 0 (lowest -5.0 Å²)" in caplog.text
+
+
 def test_read_batch_from_multimodel_file(tmp_path):
     st = helix_structure("AAK")
     m2 = st[0].clone()
