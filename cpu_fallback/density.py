@@ -406,9 +406,10 @@ def _adjoint_general(w, amp, k, bt, h, s, aniso, d, layout):
 
 
 def _model_chunks(shapes, m, xyz_m, radius_m, geom, shape, periodic, real):
-    """The padded grid of model m and its chunks as (H or None, chunk): isotropic atoms on a
-    grid that factorises go by line and plane factors (H None), the others (anisotropic atoms,
-    every atom of a triclinic grid) by their quadratic forms H (N,G,3,3)."""
+    """The padded grid of model m and its chunks as (H or None, layout, chunk): isotropic atoms
+    on a grid that factorises go by line and plane factors (H None, the factorised layout),
+    the others (anisotropic atoms, every atom of a triclinic grid) by their quadratic forms
+    H (N,G,3,3) in the grid's own axis order."""
     boxes = _atom_boxes(xyz_m, radius_m, geom, shape, periodic)
     aniso = shapes["aniso"][m]
     fac = _factorisation(geom)

@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 
 from .density import Copy
 from .errors import InputError, ParameterError
-from .grid import GridSpec, is_identity
+from .grid import GridSpec, is_identity, space_group_operations, symmetry_contacts
 
 log = logging.getLogger(__name__)
 
@@ -159,31 +159,23 @@ def mate_copies(cell, xyz, reach, wrap=(False, False, False)):
     for several starting models of one topology: an atom counts where any of them is near."""
     xyz = np.asarray(xyz, dtype=np.float64)
     n_atoms = xyz.shape[-2]
-    xyz = xyz.reshape(-1, 3)
     wrap = np.asarray(wrap, dtype=bool)
-    tree = cKDTree(xyz)
-    frac = np.linalg.inv(cell.orth)
-    f_model = xyz @ frac.T
-    margin = reach * np.sqrt((frac ** 2).sum(axis=1))
+    orth = cell.orth
+    frac = np.linalg.inv(orth)
     found = {}
-    for op, (rot, shift) in enumerate(cell.cartesian_operations()):
-        mates = xyz @ rot.T + shift
-        f = mates @ frac.T
-        first = np.floor(f_model.min(axis=0) - margin - f.max(axis=0)).astype(int)
-        last = np.ceil(f_model.max(axis=0) + margin - f.min(axis=0)).astype(int)
-        for cells in np.ndindex(*(last - first + 1)):
-            lattice = first + np.asarray(cells)
-            kept = np.where(wrap, 0, lattice)          # the translate that stands for them all
-            t = shift + cell.orth @ kept
-            if is_identity(rot, t):
-                continue                                        # the model itself
-            d, _ = tree.query(mates + cell.orth @ lattice, distance_upper_bound=reach)
-            near = np.unique(np.nonzero(np.isfinite(d))[0] % n_atoms)
-            if len(near):
-                key = (op,) + tuple(kept)
-                if key in found:
-                    near = np.union1d(found[key].atoms, near)
-                found[key] = Copy(rot, t, near)
+    for _, j, _, rot, t in symmetry_contacts(xyz.reshape(-1, 3), cell.cell,
+                                             space_group_operations(cell.spacegroup), reach):
+        # t is the operation's translation (in [0, 1) of the cell) plus a lattice translation.
+        lattice = np.floor(frac @ t + 1e-6)
+        kept = np.where(wrap, 0.0, lattice)            # the translate that stands for them all
+        t = t - orth @ (lattice - kept)
+        if is_identity(rot, t):
+            continue                                        # the model itself
+        near = np.unique(j % n_atoms)
+        key = (np.round(rot, 6).tobytes(), np.round(frac @ t, 6).tobytes())
+        if key in found:
+            near = np.union1d(found[key].atoms, near)
+        found[key] = Copy(rot, t, near)
     return list(found.values())
 
 

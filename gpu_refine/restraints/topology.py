@@ -20,7 +20,6 @@ atoms are images (R x + t, ``Topology.mate_atom``), which the restraints place b
 evaluation; the linked atoms do not repel each other's images.
 """
 import io
-import itertools
 import logging
 import re
 from collections import Counter
@@ -145,14 +144,15 @@ def _link_by_sequence(st, link_distance):
     return moved
 
 
-def _find_links(st, lib):
+def _find_links(st, lib, crystal):
     """Add to ``st`` (build_topology's scratch copy) the links gemmi finds by distance that
-    ``lib`` defines, and those of a residue to its own symmetry image, which gemmi's search
-    passes over; returns how many of each link id.  gemmi also proposes metal coordination,
+    ``lib`` defines, and, in a ``crystal`` (``_crystal``), those of a residue to its own
+    symmetry image, which gemmi's search passes over; returns how many of each link id.  gemmi also proposes metal coordination,
     which has no library link: like phenix and Refmac by default, that is not made a bond."""
     given = list(st.connections)
     gemmi.add_automatic_links(st[0], st, lib)
-    found = [c for c in list(st.connections)[len(given):] if c.link_id] + _self_image_links(st, lib)
+    found = [c for c in list(st.connections)[len(given):] if c.link_id]
+    found += _self_image_links(st, lib, crystal) if crystal else []
     for c in found:
         # gemmi marks a link to a lattice translate of the model (no rotation) as in the
         # same unit: where the atoms themselves are not at the found distance, it is not.
@@ -165,28 +165,25 @@ def _find_links(st, lib):
     return Counter(c.link_id for c in found)
 
 
-def _self_image_links(st, lib):
+def _self_image_links(st, lib, crystal):
     """Connections of a residue to its own symmetry image (a disulfide across a 2-fold between
     equal cysteines): atom pairs that a library link joins, within 1.4 × its bond length as
-    gemmi's search takes them, in a crystal (``st``'s cell and space group)."""
-    sg = st.find_spacegroup()
-    if not st.cell.is_crystal() or sg is None:
-        return []
+    gemmi's search takes them, in ``crystal`` (``_crystal``: cell and space group)."""
     residues = [(ch, res) for ch in st[0] for res in ch]
     atoms = [(ch, res, at) for ch, res in residues for at in res]
     residue = np.repeat(np.arange(len(residues)), [len(res) for _, res in residues])
     if not atoms:
         return []
     xyz = np.array([at.pos.tolist() for *_, at in atoms])
-    c = st.cell
 
     def key(address):
         return (address.chain_name, str(address.res_id.seqid), address.atom_name,
                 address.altloc)
     given = {frozenset((key(con.partner1), key(con.partner2))) for con in st.connections}
     found = []
-    for i, j, d, _, _ in symmetry_contacts(xyz, (c.a, c.b, c.c, c.alpha, c.beta, c.gamma),
-                                           space_group_operations(sg.hm), SELF_LINK_REACH):
+    for i, j, d, _, _ in symmetry_contacts(xyz, crystal["cell"],
+                                           space_group_operations(crystal["spacegroup"]),
+                                           SELF_LINK_REACH):
         for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist()):
             if residue[a] != residue[b] or a > b:
                 continue
@@ -230,33 +227,25 @@ def _link_comps(kind, t):
 
 class _MateImages:
     """The images of atoms that links to symmetry mates restrain (virtual atoms past the
-    model's ``n_atoms``), for a crystal's ``cell`` and ``spacegroup`` at positions ``xyz``."""
+    model's ``n_atoms``), at positions ``xyz`` in a crystal's ``cell`` (a gemmi UnitCell with
+    its images set up, or None where the model is no crystal)."""
 
-    def __init__(self, n_atoms, xyz, crystal):
-        self.n, self.xyz = n_atoms, np.asarray(xyz, dtype=np.float64)
-        self.ops = None
-        if crystal:
-            uc = gemmi.UnitCell(*crystal["cell"])
-            self.orth = np.array(uc.orth.mat.tolist())
-            self.frac = np.array(uc.frac.mat.tolist())
-            self.ops = space_group_operations(crystal["spacegroup"])
+    def __init__(self, n_atoms, xyz, cell):
+        self.n, self.xyz, self.cell = n_atoms, np.asarray(xyz, dtype=np.float64), cell
+        if cell is not None:
+            self.orth = np.array(cell.orth.mat.tolist())
+            self.frac = np.array(cell.frac.mat.tolist())
         self.atom, self.rot, self.shift, self._where = [], [], [], {}
 
     def _transform(self, i, j):
         """Cartesian (R, t) of the image of atom j nearest atom i, the identity left out."""
-        fi, fj = self.frac @ self.xyz[i], self.frac @ self.xyz[j]
-        best = None
-        for rot, tran in self.ops:
-            g = rot @ fj + tran
-            identity = np.allclose(rot, np.eye(3)) and np.allclose(tran, 0)
-            for step in itertools.product((-1, 0, 1), repeat=3):
-                shift = np.round(fi - g) + step
-                if identity and not shift.any():
-                    continue
-                d = float(np.linalg.norm(self.orth @ (g + shift - fi)))
-                if best is None or d < best[0]:
-                    best = (d, rot, tran + shift)
-        _, rot, tran = best
+        near = self.cell.find_nearest_image(gemmi.Position(*self.xyz[i]),
+                                            gemmi.Position(*self.xyz[j]), gemmi.Asu.Different)
+        rot, tran = np.eye(3), np.zeros(3)
+        if near.sym_idx:
+            image = self.cell.images[near.sym_idx - 1]
+            rot, tran = np.array(image.mat.tolist()), np.array(image.vec.tolist())
+        tran = tran + np.asarray(near.pbc_shift, dtype=np.float64)
         return self.orth @ rot @ self.frac, self.orth @ tran
 
     def _virtual(self, j, rot, shift):
@@ -273,7 +262,7 @@ class _MateImages:
         residue (the library link's comp 2) replaced by their images, placed where the bond's
         second atom has its image nearest the first; None where there is no crystal to place
         them, or the comps cannot be told."""
-        if self.ops is None:
+        if self.cell is None:
             return None
         rules = {}
         for r in link.link_rules:
@@ -420,7 +409,7 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
             log.info("%d polymer links made by sequence (C-N or O3'-P beyond bond distance)",
                      moved)
     if find_links:
-        found = _find_links(st, lib)
+        found = _find_links(st, lib, crystal)
         if found:
             log.info("links found from distances (not in the file's records): %s",
                      ", ".join(f"{k} {v}" for k, v in sorted(found.items())))
@@ -442,7 +431,9 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
 
-    images = _MateImages(model.n_atoms, model.xyz, crystal)
+    if crystal:
+        st.setup_cell_images()
+    images = _MateImages(model.n_atoms, model.xyz, st.cell if crystal else None)
     (skip, on_images, symmetry_links, made, metal, placed,
      unplaced) = _link_rules(topo, lib, images)
     if made:
