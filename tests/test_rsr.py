@@ -11,6 +11,7 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.grid import GridSpec
+from gpu_refine.mapprep import cut_box
 from gpu_refine.metrics import five_cc, model_box, molecular_mask
 from gpu_refine.model import Batch
 from gpu_refine.workflows.geometry import shaken_batch
@@ -293,6 +294,36 @@ def test_b_refined_from_a_start_of_high_b():
                                    monlib=None)
         means.append(float(result.batch.b.mean()))
     assert abs(means[0] - means[1]) < 1.0, means
+
+
+@pytest.mark.parametrize("adp", ["individual", "group"])
+def test_atoms_outside_the_map_keep_their_b(helix, backend, caplog, adp):
+    """A map that holds half of the model: the B of atoms beyond it stay as they were (the
+    target would only shrink the density they send into the box), those inside are refined;
+    with one B per residue, a residue is kept where all its atoms are outside."""
+    caplog.set_level(logging.INFO, logger="gpu_refine")
+    model, map_data = helix
+    spec = map_data.spec
+    axis = int(np.argmax(np.ptp(model.xyz, axis=0)))
+    hi = list(spec.shape)
+    hi[axis] = int(np.median(spec.index_coordinates(model.xyz)[:, axis]))
+    data, box, _ = cut_box(map_data.data, spec, (0, 0, 0), hi)
+    half = gr.MapData(data, box)
+    st = model.structure.clone()
+    for cra in st[0].all():
+        cra.atom.b_iso = 60.0
+    start = gr.Model.from_gemmi(st)
+    result = refine_real_space(start, half, 3.0, backend=backend, weight=5.0, adp=adp,
+                               macro_cycles=1, monlib=None)
+    b = backend.to_numpy(result.batch.b)[0]
+    outside = ~box.contains(start.xyz)
+    kept = outside
+    if adp == "group":
+        kept = np.bincount(start.residue_index, weights=~outside)[start.residue_index] == 0
+    assert 0 < kept.sum() < start.n_atoms
+    assert np.all(b[kept] == 60.0)
+    assert np.all(b[~outside] != 60.0)
+    assert f"ADP: {outside.sum()} atom(s) outside the map keep their B" in caplog.text
 
 
 def test_altloc_occupancies_sum_to_one(helix):

@@ -273,9 +273,16 @@ class RealSpaceRefinement:
             log.info("occupancy: %d atoms in %d group(s)%s", len(grp.atoms), grp.n,
                      f"; the altloc conformers of {n_alt} residue(s) sum to 1"
                      if n_alt else " (partially occupied, no altlocs)")
+        # Atoms of a start outside the map have no data for their B: the CC target would only
+        # shrink the tails they send into the box (EMD-2566 cut in half: atoms 2-10 Å beyond
+        # the cut went from B ~140 to 1).  They keep their B.
+        self.b_kept = ~map_data.spec.contains(self.starts.xyz)
         if self.strategy["adp"]:
             log.info("ADP: %s", f"one isotropic B per residue ({len(model.residues)} residues)"
                      if s.adp == "group" else f"individual isotropic B ({model.n_atoms} atoms)")
+            if self.b_kept.any():
+                log.warning("ADP: %d atom(s) outside the map keep their B (no data to refine "
+                            "them against)", int(self.b_kept.any(axis=0).sum()))
 
     # -- one parameter class at a time ------------------------------------------------------
     def _view(self, batch, xyz=None, b=None, occ=None):
@@ -333,6 +340,12 @@ class RealSpaceRefinement:
             p0 = xp.asarray(np.stack([np.bincount(rix, weights=bi, minlength=len(counts))
                                       / np.maximum(counts, 1) for bi in b]), dtype=batch.dtype)
 
+        kept = self.b_kept[batch.mask_index]
+        if counts is not None:   # a residue's B is kept where all its atoms are
+            kept = np.stack([np.bincount(self.model.residue_index, weights=k,
+                                         minlength=len(counts)) for k in kept]) == counts
+        hold = xp.asarray(kept) if kept.any() else None
+
         def fg(p):
             b = to_atoms(p)
             fd, gd = target.value_and_gradient(self._view(batch, b=b), ("b",))
@@ -340,7 +353,9 @@ class RealSpaceRefinement:
             if counts is None:
                 fr, gr = adp.b_energy_and_gradient(b)
                 f, g = f + fr, g + gr
-            return f, back(g)
+            g = back(g)
+            # Zero in every step, so the L-BFGS history never moves a kept B.
+            return f, g if hold is None else xp.where(hold, 0, g)
 
         res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
                              lower=B_BOUNDS[0], upper=B_BOUNDS[1], xp=xp)
