@@ -297,10 +297,11 @@ def test_b_refined_from_a_start_of_high_b():
 
 
 @pytest.mark.parametrize("adp", ["individual", "group"])
-def test_atoms_outside_the_map_keep_their_b(helix, backend, caplog, adp):
-    """A map that holds half of the model: the B of atoms beyond it stay as they were (the
-    target would only shrink the density they send into the box), those inside are refined;
-    with one B per residue, a residue is kept where all its atoms are outside."""
+def test_atoms_outside_the_map_keep_their_b_and_occupancy(helix, backend, caplog, adp):
+    """A map that holds half of the model: the B and occupancies of atoms beyond it stay as
+    they were (the target would only shrink the density they send into the box), those
+    inside are refined; a residue's B, or an occupancy group, is kept where all its atoms
+    are outside."""
     caplog.set_level(logging.INFO, logger="gpu_refine")
     model, map_data = helix
     spec = map_data.spec
@@ -308,22 +309,24 @@ def test_atoms_outside_the_map_keep_their_b(helix, backend, caplog, adp):
     hi = list(spec.shape)
     hi[axis] = int(np.median(spec.index_coordinates(model.xyz)[:, axis]))
     data, box, _ = cut_box(map_data.data, spec, (0, 0, 0), hi)
-    half = gr.MapData(data, box)
     st = model.structure.clone()
     for cra in st[0].all():
         cra.atom.b_iso = 60.0
+        cra.atom.occ = 0.5     # one occupancy group per residue
     start = gr.Model.from_gemmi(st)
-    result = refine_real_space(start, half, 3.0, backend=backend, weight=5.0, adp=adp,
+    result = refine_real_space(start, gr.MapData(data, box), 3.0, backend=backend, weight=5.0,
+                               adp=adp, strategy="minimization_global+adp+occupancy",
                                macro_cycles=1, monlib=None)
     b = backend.to_numpy(result.batch.b)[0]
+    occ = backend.to_numpy(result.batch.occ)[0]
     outside = ~box.contains(start.xyz)
-    kept = outside
-    if adp == "group":
-        kept = np.bincount(start.residue_index, weights=~outside)[start.residue_index] == 0
-    assert 0 < kept.sum() < start.n_atoms
-    assert np.all(b[kept] == 60.0)
-    assert np.all(b[~outside] != 60.0)
-    assert f"ADP: {outside.sum()} atom(s) outside the map keep their B" in caplog.text
+    residue_kept = np.bincount(start.residue_index, weights=~outside)[start.residue_index] == 0
+    b_kept = residue_kept if adp == "group" else outside
+    assert 0 < residue_kept.sum() and outside.sum() < start.n_atoms
+    assert np.all(b[b_kept] == 60.0) and np.all(b[~outside] != 60.0)
+    assert np.all(occ[residue_kept] == 0.5) and np.all(occ[~outside] != 0.5)
+    assert (f"{outside.sum()} atom(s) outside the map keep their B and occupancy"
+            in caplog.text)
 
 
 def test_altloc_occupancies_sum_to_one(helix):

@@ -184,6 +184,7 @@ class _Groups:
                 member[k, residues.index(r)] = 1.0
         self.n = g
         self.atoms = np.nonzero(gid >= 0)[0]
+        self.group_of = gid[self.atoms]
         onehot = np.zeros((len(self.atoms), g))
         onehot[np.arange(len(self.atoms)), gid[self.atoms]] = 1.0
         self.xp = xp
@@ -273,16 +274,18 @@ class RealSpaceRefinement:
             log.info("occupancy: %d atoms in %d group(s)%s", len(grp.atoms), grp.n,
                      f"; the altloc conformers of {n_alt} residue(s) sum to 1"
                      if n_alt else " (partially occupied, no altlocs)")
-        # Atoms of a start outside the map have no data for their B: the CC target would only
-        # shrink the tails they send into the box (EMD-2566 cut in half: atoms 2-10 Å beyond
-        # the cut went from B ~140 to 1).  They keep their B.
-        self.b_kept = ~map_data.spec.contains(self.starts.xyz)
+        # Atoms of a start outside the map have no data for their B and occupancy: the CC
+        # target would only shrink the tails they send into the box (EMD-2566 cut in half:
+        # atoms 2-10 Å beyond the cut went from B ~140 to 1).  They keep them.
+        self.kept = ~map_data.spec.contains(self.starts.xyz)
         if self.strategy["adp"]:
             log.info("ADP: %s", f"one isotropic B per residue ({len(model.residues)} residues)"
                      if s.adp == "group" else f"individual isotropic B ({model.n_atoms} atoms)")
-            if self.b_kept.any():
-                log.warning("ADP: %d atom(s) outside the map keep their B (no data to refine "
-                            "them against)", int(self.b_kept.any(axis=0).sum()))
+        kept_what = [name for key, name in (("adp", "B"), ("occupancy", "occupancy"))
+                     if self.strategy[key]]
+        if self.kept.any() and kept_what:
+            log.warning("%d atom(s) outside the map keep their %s (no data to refine them "
+                        "against)", int(self.kept.any(axis=0).sum()), " and ".join(kept_what))
 
     # -- one parameter class at a time ------------------------------------------------------
     def _view(self, batch, xyz=None, b=None, occ=None):
@@ -340,10 +343,9 @@ class RealSpaceRefinement:
             p0 = xp.asarray(np.stack([np.bincount(rix, weights=bi, minlength=len(counts))
                                       / np.maximum(counts, 1) for bi in b]), dtype=batch.dtype)
 
-        kept = self.b_kept[batch.mask_index]
+        kept = self.kept[batch.mask_index]
         if counts is not None:   # a residue's B is kept where all its atoms are
-            kept = np.stack([np.bincount(self.model.residue_index, weights=k,
-                                         minlength=len(counts)) for k in kept]) == counts
+            kept = _all_kept(kept, self.model.residue_index, len(counts))
         hold = xp.asarray(kept) if kept.any() else None
 
         def fg(p):
@@ -369,6 +371,8 @@ class RealSpaceRefinement:
         xp = self.backend.xp
         atoms = xp.asarray(grp.atoms)
         p0 = xp.asarray(np.broadcast_to(grp.start, (batch.size, grp.n)), dtype=xp.float64)
+        kept = _all_kept(self.kept[batch.mask_index][:, grp.atoms], grp.group_of, grp.n)
+        hold = xp.asarray(kept) if kept.any() else None
 
         def occ_of(p):
             occ = batch.occ.copy()
@@ -377,7 +381,8 @@ class RealSpaceRefinement:
 
         def fg(p):
             fd, gd = self.cc_target.value_and_gradient(self._view(batch, occ=occ_of(p)), ("occ",))
-            return fd, grp.gradient(p, gd.occ[:, atoms].astype(xp.float64))
+            g = grp.gradient(p, gd.occ[:, atoms].astype(xp.float64))
+            return fd, g if hold is None else xp.where(hold, 0, g)
 
         res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=0.2),
                              lower=xp.asarray(grp.lower), upper=1.0, xp=xp)
@@ -726,6 +731,13 @@ def _next_trial(excess, first, last):
     if end <= first:        # every trial beyond them: down
         return None
     return max(end - int(np.clip(np.ceil(distance), 1, MAX_JUMP)), first)
+
+
+def _all_kept(kept, index, n):
+    """(B, n): parameters all of whose atoms are kept, from ``kept`` (B, atoms) and the
+    parameter ``index`` of each atom."""
+    free = np.stack([np.bincount(index, weights=~k, minlength=n) for k in kept])
+    return free == 0
 
 
 def _lbfgs(iterations, max_step):
