@@ -71,6 +71,18 @@ def test_a_flat_map_gives_undefined_ccs_with_a_warning(caplog):
     assert "the map is flat" in caplog.text
 
 
+def test_an_inverted_map_is_pointed_out(caplog):
+    """A map drawn with negative density correlates negatively with its model: validate says
+    so (and reports the CCs), none is said for the map itself."""
+    model, data, spec = make_example()
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        assert validate(model, gr.MapData(data, spec), 3.0, backend="numpy")[0]["cc_mask"] > 0.9
+        assert "inverted" not in caplog.text
+        result = validate(model, gr.MapData(-data, spec), 3.0, backend="numpy")[0]
+    assert result["cc_mask"] < -0.9
+    assert "the map correlates negatively with the model" in caplog.text
+
+
 def test_per_residue_cc_in_chunks_of_atoms_is_the_whole(rng):
     """Atoms taken a few residues at a time (memory) give each residue the CC of all its
     atoms' points at once, each point once, as a direct sum does."""

@@ -363,6 +363,9 @@ def test_bad_input(helix):
     far = dataclasses.replace(map_data.spec, origin=(500.0, 0.0, 0.0))
     with pytest.raises(gr.InputError, match="does not overlap"):
         refine_real_space(model, gr.MapData(map_data.data, far), 3.0, backend="numpy")
+    with pytest.raises(gr.InputError, match="contrast looks inverted"):
+        refine_real_space(model, gr.MapData(-map_data.data, map_data.spec), 3.0,
+                          backend="numpy")
     for d in (None, 0.01, "x", 500):
         with pytest.raises(gr.ParameterError, match="resolution"):
             refine_real_space(model, map_data, d, backend="numpy")

@@ -30,7 +30,7 @@ from ..restraints.stats import geometry_statistics
 from ..restraints.topology import build_topology, check_h_distances
 from ..targets import MapValueTarget, ModelMapTarget
 from .geometry import shake_shifts
-from .validate import check_occupancy, check_resolution, check_sampling
+from .validate import check_fit, check_occupancy, check_resolution, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -565,6 +565,7 @@ class RealSpaceRefinement:
         copies = self.copy_batch()
         n = copies.size * grid
         cc_start = np.repeat(self.map_statistics(copies)["cc_mask"], grid)
+        check_fit(cc_start, refuse=True)
         phases.lap("statistics")
         n_starts = members[-1][0]
         log.info("%d model(s)%s, %d atoms; start CCmask %s", n,

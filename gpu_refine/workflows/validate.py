@@ -54,6 +54,23 @@ def check_occupancy(occ):
                          "has no density")
 
 
+INVERTED_CC = -0.1   # CCmask below this for every model: the map's contrast is inverted
+
+
+def check_fit(cc_mask, refuse=False):
+    """Point out a map that correlates negatively with every model (CCmask below
+    INVERTED_CC): density drawn negative, as some reconstructions write it.  ``refuse``:
+    raise instead (a refinement would push the atoms out of the density)."""
+    cc = np.asarray(cc_mask, dtype=np.float64)
+    if not (np.isfinite(cc).all() and (cc < INVERTED_CC).all()):
+        return
+    text = (f"the map correlates negatively with the model (CCmask {cc.max():.3f}): its "
+            "contrast looks inverted (negate the map), or it is not this model's map")
+    if refuse:
+        raise InputError(text)
+    log.warning(text)
+
+
 def _as_batch(model_or_batch, backend):
     if isinstance(model_or_batch, Batch):
         return model_or_batch
@@ -103,6 +120,7 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
         log.warning("the map is flat: its correlations with the model are undefined (NaN)")
     elif not np.isfinite(ccs["cc_mask"]).all():
         log.warning("the map is flat where the model is: CCmask is undefined (NaN)")
+    check_fit(ccs["cc_mask"])
     b_mean = float(bk.to_numpy(batch.b).mean())
     # mmtbx's per-atom radius is the atom image's first minimum; bounded by d as cctbx reports.
     radius = atom_radius or min(d, image_radius(d, b_mean, table=table))
