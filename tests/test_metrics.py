@@ -72,15 +72,21 @@ def test_a_flat_map_gives_undefined_ccs_with_a_warning(caplog):
 
 
 def test_an_inverted_map_is_pointed_out(caplog):
-    """A map drawn with negative density correlates negatively with its model: validate says
-    so (and reports the CCs), none is said for the map itself."""
+    """A map drawn with negative density correlates negatively with its model, and one of
+    noise hardly at all: validate says so (and reports the CCs); nothing is said for the
+    model's own map."""
     model, data, spec = make_example()
     with caplog.at_level(logging.WARNING, logger="gpu_refine"):
         assert validate(model, gr.MapData(data, spec), 3.0, backend="numpy")[0]["cc_mask"] > 0.9
-        assert "inverted" not in caplog.text
+        assert "inverted" not in caplog.text and "hardly" not in caplog.text
         result = validate(model, gr.MapData(-data, spec), 3.0, backend="numpy")[0]
     assert result["cc_mask"] < -0.9
     assert "the map correlates negatively with the model" in caplog.text
+    caplog.clear()
+    noise = np.random.default_rng(1).normal(size=data.shape).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        cc = validate(model, gr.MapData(noise, spec), 3.0, backend="numpy")[0]["cc_mask"]
+    assert abs(cc) < 0.1 and "the model hardly matches the map" in caplog.text
 
 
 def test_per_residue_cc_in_chunks_of_atoms_is_the_whole(rng):

@@ -55,20 +55,26 @@ def check_occupancy(occ):
 
 
 INVERTED_CC = -0.1   # CCmask below this for every model: the map's contrast is inverted
+UNRELATED_CC = 0.1   # below this for every model: the model is not where its density is
 
 
 def check_fit(cc_mask, refuse=False):
     """Point out a map that correlates negatively with every model (CCmask below
-    INVERTED_CC): density drawn negative, as some reconstructions write it.  ``refuse``:
-    raise instead (a refinement would push the atoms out of the density)."""
+    INVERTED_CC: density drawn negative, as some reconstructions write it; ``refuse``: raise
+    instead, as a refinement would push the atoms out of the density), or hardly at all."""
     cc = np.asarray(cc_mask, dtype=np.float64)
-    if not (np.isfinite(cc).all() and (cc < INVERTED_CC).all()):
+    if not np.isfinite(cc).all() or cc.max() >= UNRELATED_CC:
         return
-    text = (f"the map correlates negatively with the model (CCmask {cc.max():.3f}): its "
-            "contrast looks inverted (negate the map), or it is not this model's map")
-    if refuse:
-        raise InputError(text)
-    log.warning(text)
+    if cc.max() < INVERTED_CC:
+        text = (f"the map correlates negatively with the model (CCmask {cc.max():.3f}): its "
+                "contrast looks inverted (negate the map), or it is not this model's map")
+        if refuse:
+            raise InputError(text)
+        log.warning(text)
+    else:
+        log.warning("the model hardly matches the map (CCmask %.3f): check that the map is "
+                    "placed by its header as the model expects (ORIGIN, NSTART) and that it "
+                    "is this model's map", cc.max())
 
 
 def _as_batch(model_or_batch, backend):
