@@ -20,7 +20,7 @@ def add_arguments(parser):
     add_resolution_argument(parser)
     parser.add_argument("--output", default="model_map.mrc", help="output map (MRC)")
     parser.add_argument("--table", default="electron", choices=["electron", "xray"],
-                        help="scattering table")
+                        help="scattering factors: electron (cryo-EM, default) or xray")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 

@@ -29,14 +29,38 @@ from .params import boolean
 
 log = logging.getLogger(__name__)
 
-# command-line option -> RSRSettings field
-SETTINGS = {"resolution": float, "strategy": str, "adp": str, "macro_cycles": int,
-            "weight": str, "target": str, "nmodels": int, "shake": float, "seed": int,
-            "sites_iterations": int, "adp_iterations": int, "adp_weight": float,
-            "bond_limit": float, "angle_limit": float, "weight_trials": int,
-            "weight_iterations": int, "regularize_iterations": int, "mask_radius": float,
-            "mask_edge": float, "cushion": float, "monlib": str, "h_distances": str,
-            "table": str, "find_links": boolean}
+# command-line option -> RSRSettings field: (type, help)
+SETTINGS = {
+    "resolution": (float, "map resolution d in Å (required; an MTZ's d_min by default)"),
+    "strategy": (str, "minimization_global (sites), +adp, +occupancy"),
+    "adp": (str, "individual | group (one B per residue)"),
+    "macro_cycles": (int, "cycles of sites, then ADP, then occupancy"),
+    "weight": (str, "map weight for sites: W, or a grid W1,W2,... (each copy refined with "
+                    "each); automatic if not given"),
+    "target": (str, "sites target: cc (model map against the map in the mask) | map_value "
+                    "(map at the atoms, phenix's simple target)"),
+    "nmodels": (int, "copies of each starting model"),
+    "shake": (float, "Å rms random shift of each copy"),
+    "seed": (int, "random seed of the shifts"),
+    "sites_iterations": (int, "L-BFGS iterations of sites per macro-cycle"),
+    "adp_iterations": (int, "L-BFGS iterations of ADP and of occupancy per macro-cycle"),
+    "adp_weight": (float, "map weight for ADP against the B restraints"),
+    "bond_limit": (float, "Å: the automatic weight keeps rmsd(bonds) at or below this"),
+    "angle_limit": (float, "°: the automatic weight keeps rmsd(angles) at or below this"),
+    "weight_trials": (int, "trial weights of the automatic search, a factor 2 apart"),
+    "weight_iterations": (int, "L-BFGS iterations of each trial weight"),
+    "regularize_iterations": (int, "restraints-only L-BFGS iterations on each start first "
+                                   "(0: none)"),
+    "mask_radius": (float, "Å around the atoms where the map is fitted"),
+    "mask_edge": (float, "Å of the mask's cosine edge"),
+    "cushion": (float, "Å of map boxed beyond the mask"),
+    "monlib": (str, "monomer library directory (CCP4 layout); default $CLIBD_MON, else the "
+                    "built-in dictionary"),
+    "h_distances": (str, "X-H bond targets: electron (cloud) | nucleus"),
+    "table": (str, "scattering factors: electron (cryo-EM) | xray"),
+    "find_links": (boolean, "also link what the library defines from distances (disulfides, "
+                            "glycosylation, ...): true | false"),
+}
 
 
 def add_arguments(parser):
@@ -46,10 +70,10 @@ def add_arguments(parser):
                                     "map coefficients (see --labels)")
     add_labels_argument(parser)
     defaults = RSRSettings()
-    for name, kind in SETTINGS.items():
+    for name, (kind, text) in SETTINGS.items():
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
-                            help=f"(default {default})" if default is not None else None)
+                            help=text if default is None else f"{text} (default {default})")
     parser.add_argument("--dictionary", action="append", default=[],
                         help="extra monomer CIF (repeatable)")
     parser.add_argument("--ignore-unknown", action="store_true",

@@ -22,7 +22,8 @@ def add_arguments(parser):
     add_labels_argument(parser)
     add_resolution_argument(parser)
     parser.add_argument("--json", help="write the results as JSON here")
-    parser.add_argument("--table", default="electron", choices=["electron", "xray"])
+    parser.add_argument("--table", default="electron", choices=["electron", "xray"],
+                        help="scattering factors: electron (cryo-EM, default) or xray")
     parser.add_argument("--atom-radius", type=float, default=None,
                         help="radius (Å) for per-residue CC; default from the atom image")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
