@@ -8,9 +8,11 @@ then where the time went (set-up: map box, masks and topology; statistics: CCmas
 and end; start: regularisation and B; weight: the automatic search; macro-cycles).  The CPU peer is Servalcat
 ``refine_spa_norefmac`` (10 cycles, sites + B) from the same start when ``--servalcat`` names
 its executable; its map gets the MRC ORIGIN moved into NSTART, which Servalcat reads.
+``--cctbx PYTHON`` (a Python with cctbx-base) adds every row's CCmask by mmtbx's
+map_model_cc, the issue's measure, next to ours.
 
     python bench/rsr.py [--data ../shared/data] [--batches 1,16,128] [--numpy-batches 1]
-                        [--servalcat PATH] [--repeat R] [--weights W1,W2,...]
+                        [--servalcat PATH] [--cctbx PYTHON] [--repeat R] [--weights W1,W2,...]
 
 With ``--weights`` (a weight grid, as ``gpu-refine rsr weight=W1,W2,...``) each start of a row is
 refined with each weight instead of the automatic weight: the row's batch is starts × weights,
@@ -48,8 +50,58 @@ def load(data):
     return Model.from_gemmi(st), read_map(data / EMD / "2566_3J6B_9.mrc")
 
 
+# mmtbx.maps.map_model_cc's CCmask of each model file, printed one per line: the peer's
+# metric of the issue (run by a Python with cctbx-base, which must not import gemmi first).
+CCTBX_CC_MASK = """
+import sys
+import iotbx.mrcfile, iotbx.pdb
+from mmtbx.maps import map_model_cc
+reader = iotbx.mrcfile.map_reader(file_name=sys.argv[1])
+params = map_model_cc.master_params().extract().map_model_cc
+params.resolution = float(sys.argv[2])
+params.scattering_table = "electron"
+for path in sys.argv[3:]:
+    hierarchy = iotbx.pdb.input(file_name=path).construct_hierarchy()
+    hierarchy.remove_hd()
+    for atom in hierarchy.atoms():   # its electron table has no ions (e.g. OXT as O1-)
+        atom.set_charge("  ")
+    task = map_model_cc.map_model_cc(map_data=reader.map_data(), pdb_hierarchy=hierarchy,
+                                     crystal_symmetry=reader.crystal_symmetry(), params=params)
+    task.validate()
+    task.run()
+    print(task.get_results().cc_mask)
+"""
+
+
+def write_nstart_map(path, map_data):
+    """The map with its ORIGIN moved into NSTART, which Servalcat and cctbx read."""
+    spec = map_data.spec
+    voxel = np.asarray(spec.voxel_size)
+    nstart = tuple(int(round(o / v)) for o, v in zip(spec.origin, voxel))
+    moved = type(spec)(cell=spec.cell, sampling=spec.sampling, shape=spec.shape,
+                       start=nstart, origin=(0.0, 0.0, 0.0))
+    write_map(path, map_data.data, moved)
+
+
+def cctbx_cc_mask(python, structures, map_data):
+    """CCmask of each gemmi Structure by cctbx's map_model_cc, run by ``python``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_nstart_map(tmp / "map.mrc", map_data)
+        files = []
+        for i, st in enumerate(structures):
+            files.append(str(tmp / f"model{i}.pdb"))
+            st.write_pdb(files[-1])
+        p = subprocess.run([python, "-c", CCTBX_CC_MASK, str(tmp / "map.mrc"), "3.2", *files],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError("cctbx map_model_cc failed: " + p.stderr[-500:])
+        return np.array([float(x) for x in p.stdout.split()])
+
+
 def run_ours(model, map_data, monlib, backend, n, weights=None):
-    """(wall s, per-model stats, seconds per phase: the set-up, then those of the run)."""
+    """(wall s, per-model stats, seconds per phase: the set-up, then those of the run, the
+    refined models as gemmi Structures)."""
     settings = RSRSettings(resolution=3.2, monlib=str(monlib), weight=weights)
     t = time.perf_counter()
     job = RealSpaceRefinement(model, map_data, settings, backend=backend,
@@ -57,22 +109,18 @@ def run_ours(model, map_data, monlib, backend, n, weights=None):
     setup = time.perf_counter() - t
     result = job.run()
     wall = time.perf_counter() - t
-    return wall, result.stats, {"set-up": setup, **result.phases}
+    return wall, result.stats, {"set-up": setup, **result.phases}, result.batch.to_structures()
 
 
 def run_servalcat(exe, model, map_data, monlib):
-    """Servalcat from the seed-0 start; returns (wall s, CCmask, bonds, angles) by our metrics."""
+    """Servalcat from the seed-0 start; returns (wall s, CCmask, bonds, angles) by our metrics
+    and the refined model (a gemmi Structure, without H)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = shaken_batch(model, 1, 0.5, seed=0, backend="numpy")
         st = start.to_structures()[0]
         st.write_pdb(str(tmp / "start.pdb"))
-        spec = map_data.spec
-        voxel = np.asarray(spec.voxel_size)
-        nstart = tuple(int(round(o / v)) for o, v in zip(spec.origin, voxel))
-        moved = type(spec)(cell=spec.cell, sampling=spec.sampling, shape=spec.shape,
-                           start=nstart, origin=(0.0, 0.0, 0.0))
-        write_map(tmp / "map.mrc", map_data.data, moved)
+        write_nstart_map(tmp / "map.mrc", map_data)
         cmd = [exe, "refine_spa_norefmac", "--model", "start.pdb", "--map", "map.mrc",
                "--resolution", "3.2", "--ncycle", "10", "--monlib", str(monlib),
                "--output_prefix", "out"]
@@ -88,7 +136,7 @@ def run_servalcat(exe, model, map_data, monlib):
         refined = Model.from_gemmi(out)
         cc = validate(refined, map_data, 3.2, backend="numpy")[0]["cc_mask"]
         geo = geometry_report(refined, monlib=str(monlib))[1][0]
-        return wall, cc, geo["rmsd_bonds"], geo["rmsd_angles"]
+        return wall, cc, geo["rmsd_bonds"], geo["rmsd_angles"], out
 
 
 def hardware():
@@ -123,6 +171,8 @@ def main():
     ap.add_argument("--numpy-batches", default="1", type=_sizes,
                     help="batch sizes on NumPy (comma-separated; 0 for none)")
     ap.add_argument("--servalcat", default=None, help="servalcat executable (CPU peer)")
+    ap.add_argument("--cctbx", default=None, metavar="PYTHON",
+                    help="a Python with cctbx-base: every row's CCmask by mmtbx map_model_cc too")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every row, taking turns")
     ap.add_argument("--weights", default=None,
                     help="a weight grid (comma-separated): every start with every weight")
@@ -133,28 +183,32 @@ def main():
     print(f"# EMD-2566 / 3J6B chain 9 ({model.n_atoms} atoms, no H), 3.2 Å, sites + ADP, "
           f"shake 0.5 Å\n# hardware: {hardware()}")
     print("| program | batch | wall (s) | s per model | CCmask mean | CCmask min | "
-          "bonds max (Å) | angles max (°) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "bonds max (Å) | angles max (°) | cctbx CCmask mean | cctbx CCmask min |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [(name, b) for name, sizes in (("numpy", args.numpy_batches),
                                           ("cupy", args.batches)) for b in sizes
             if name in available_backends()]
     if args.servalcat:
         rows.append(("servalcat", 1))
     walls = {row: [] for row in rows}
-    results, grids, phases = {}, {}, {}
+    results, grids, phases, peer = {}, {}, {}, {}
     for _ in range(max(1, args.repeat)):
         for row in rows:
             name, n = row
             if name == "servalcat":
-                wall, cc, bonds, angles = run_servalcat(args.servalcat, model, map_data, monlib)
+                wall, cc, bonds, angles, st = run_servalcat(args.servalcat, model, map_data,
+                                                            monlib)
                 results[row] = (np.array([cc]), bonds, angles)
+                refined = [st]
             else:
-                wall, stats, phases[row] = run_ours(model, map_data, monlib, get_backend(name),
-                                                    n, args.weights)
+                wall, stats, phases[row], refined = run_ours(model, map_data, monlib,
+                                                             get_backend(name), n, args.weights)
                 results[row] = (np.array([s["cc_mask_final"] for s in stats]),
                                 max(s["rmsd_bonds"] for s in stats),
                                 max(s["rmsd_angles"] for s in stats))
                 grids[row] = [s for s in stats if s["start"] == 1]
+            if args.cctbx:
+                peer[row] = cctbx_cc_mask(args.cctbx, refined, map_data)
             walls[row].append(wall)
             print(f"# {name} batch {n}: {wall:.1f} s, CCmask {results[row][0].mean():.4f}",
                   file=sys.stderr, flush=True)
@@ -166,9 +220,11 @@ def main():
                  else f"gpu_refine {name}")
         members = n * (len(grids[row]) if row in grids else 1)
         spread = f" ({w.min():.1f}-{w.max():.1f})" if len(w) > 1 else ""
+        by_cctbx = (f"{peer[row].mean():.4f} | {peer[row].min():.4f}" if row in peer
+                    else "– | –")
         print(f"| {label} | {members} | {np.median(w):.1f}{spread} | "
               f"{np.median(w) / members:.3f} | {cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | "
-              f"{angles:.2f} |", flush=True)
+              f"{angles:.2f} | {by_cctbx} |", flush=True)
     if phases:
         names = list(next(iter(phases.values())))
         print("\nWhere the time goes (seconds; the last run of each row):\n\n"
