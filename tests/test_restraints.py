@@ -1,11 +1,13 @@
 """Restraints from gemmi topologies: counts and values against gemmi's own Topo calculations,
 deposited-model statistics, nonbonded pair lists, ADP restraints, regularisation, bad input."""
 import io
+import logging
 
 import gemmi
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
 
 from gpu_refine import examples
 from gpu_refine.errors import InputError
@@ -284,9 +286,44 @@ def test_polymers_linked_by_sequence_after_a_shake(shared):
         cra.atom.pos = gemmi.Position(*(model.xyz[k] + 0.5 * shift[k] / np.sqrt(3)))
     topo = build_topology(Model.from_gemmi(shaken), monlib=shared / "monomers")
     assert topo.counts() == ref.counts()
-    # gemmi decides cis / trans from the (shaken) omega angle, so only the total is compared.
+    # gemmi decides cis / trans from the (shaken) omega angle, so only the total is compared;
+    # with every peptide trans the links are the deposited model's.
     assert sum(topo.links.values()) == sum(ref.links.values())
     np.testing.assert_array_equal(topo.bonds.atoms, ref.bonds.atoms)
+    trans = build_topology(Model.from_gemmi(shaken), monlib=shared / "monomers",
+                           apply_all_trans=True)
+    assert trans.links == ref.links
+
+
+def test_cis_peptides_are_pointed_out_or_made_trans(caplog):
+    """A peptide of the helix turned to omega 30° is linked cis, as gemmi links one within 60°
+    of cis, with a warning that names it; apply_all_trans restrains it trans: the topology is
+    then the untouched helix's, and the model's coordinates are left as they are."""
+    st = examples.helix_structure()
+    ref = build_topology(Model.from_gemmi(st))
+    residues = list(st[0][0])
+    c, n = (np.array(residues[i][name][0].pos.tolist()) for i, name in ((4, "C"), (5, "N")))
+    omega = gemmi.calculate_omega(residues[4], residues[5])
+    turn = Rotation.from_rotvec((np.radians(30) - omega) * (n - c) / np.linalg.norm(n - c))
+    for res in residues[5:]:
+        for atom in res:
+            atom.pos = gemmi.Position(*turn.apply(np.array(atom.pos.tolist()) - c) + c)
+    assert np.degrees(gemmi.calculate_omega(residues[4], residues[5])) == pytest.approx(30)
+    model = Model.from_gemmi(st)
+    xyz = model.xyz.copy()
+    with caplog.at_level(logging.WARNING, logger="gpu_refine"):
+        cis = build_topology(model)
+    assert cis.links["CIS"] == 1
+    assert "1 non-proline cis peptide(s)" in caplog.text and "A/ALA 5-LYS 6" in caplog.text
+    trans = build_topology(model, apply_all_trans=True)
+    assert trans.links == ref.links
+    for kind in ("bonds", "angles", "torsions", "chirals", "planes"):
+        a, b = getattr(trans, kind), getattr(ref, kind)
+        np.testing.assert_array_equal(a.atoms, b.atoms)
+        np.testing.assert_allclose(a.sigma, b.sigma)
+        if a.ideal is not None:
+            np.testing.assert_allclose(a.ideal, b.ideal)
+    np.testing.assert_array_equal(model.xyz, xyz)
 
 
 def test_pair_list_is_the_union_over_the_batch(shared, backend):

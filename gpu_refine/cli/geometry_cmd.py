@@ -2,6 +2,7 @@
 
 gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ignore_unknown=true]
                     [h_distances=electron|nucleus] [find_links=true|false]
+                    [apply_all_trans=true|false]
 """
 import json
 import logging
@@ -31,6 +32,9 @@ def add_arguments(parser):
     parser.add_argument("--find-links", type=boolean, default=True, metavar="true|false",
                         help="also link what the library defines from distances (disulfides, "
                         "glycosylation, ...), not only the file's records (default true)")
+    parser.add_argument("--apply-all-trans", type=boolean, default=False, metavar="true|false",
+                        help="restrain every peptide trans, whatever its omega in the model "
+                        "(else one within 60° of cis is cis; default false)")
     parser.add_argument("--json", help="write the statistics as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -59,7 +63,9 @@ def main(args):
                                         dictionaries=args.dictionary,
                                         ignore_unknown=args.ignore_unknown, xyz=xyz,
                                         h_distances=args.h_distances,
-                                        find_links=args.find_links, backend=args.backend)
+                                        find_links=args.find_links,
+                                        apply_all_trans=args.apply_all_trans,
+                                        backend=args.backend)
     links = ", ".join(f"{k} {v}" for k, v in sorted(topology.links.items()))
     log.info("restraints from %s; links: %s", topology.library, links or "none")
     for i, r in enumerate(results, start=1):

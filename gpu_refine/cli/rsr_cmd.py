@@ -3,7 +3,8 @@
 gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
     [weight=W | weight=W1,W2,...] [nmodels=B shake=RMS seed=S] [macro_cycles=5]
     [adp=individual|group] [h_distances=electron|nucleus] [table=electron|xray]
-    [labels=F,PHI] [find_links=true|false] [output.pdb=true] [--overwrite]
+    [labels=F,PHI] [find_links=true|false] [apply_all_trans=true] [output.pdb=true]
+    [--overwrite]
 The starts are MODEL's models (every MODEL of a multi-model file), each in nmodels copies
 (shaken by shake Å rms), each copy refined with each weight of a grid.  Writes P.cif (a batch
 as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with output.pdb=true P.pdb
@@ -60,6 +61,8 @@ SETTINGS = {
     "table": (str, "scattering factors: electron (cryo-EM) | xray"),
     "find_links": (boolean, "also link what the library defines from distances (disulfides, "
                             "glycosylation, ...): true | false"),
+    "apply_all_trans": (boolean, "restrain every peptide trans, whatever its omega in the "
+                                 "model (else one within 60° of cis is cis): true | false"),
 }
 
 

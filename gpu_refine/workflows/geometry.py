@@ -14,12 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def geometry_report(model, monlib=None, dictionaries=(), ignore_unknown=False, xyz=None,
-                    backend=None, h_distances="electron", find_links=True):
+                    backend=None, h_distances="electron", find_links=True,
+                    apply_all_trans=False):
     """(topology, [statistics per model]) for ``model`` or for coordinates ``xyz`` (B,N,3) of
     its topology."""
     topology = build_topology(model, monlib=monlib, dictionaries=dictionaries,
                               ignore_unknown=ignore_unknown, h_distances=h_distances,
-                              find_links=find_links)
+                              find_links=find_links, apply_all_trans=apply_all_trans)
     restraints = GeometryRestraints(topology, backend=backend, dtype=np.float64)
     coords = model.xyz[None] if xyz is None else xyz
     return topology, geometry_statistics(restraints, coords)

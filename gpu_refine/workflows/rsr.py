@@ -75,6 +75,7 @@ class RSRSettings:
     ignore_unknown: bool = False
     h_distances: str = "electron"      # X-H bond targets: electron (cloud) | nucleus
     find_links: bool = True            # library links found from distances (disulfides, ...)
+    apply_all_trans: bool = False      # every peptide restrained trans, whatever its omega
 
     def parsed_strategy(self):
         words = [w.strip() for w in str(self.strategy).replace(",", "+").split("+") if w.strip()]
@@ -96,8 +97,10 @@ class RSRSettings:
         if self.adp not in ("individual", "group"):
             raise ParameterError(f"adp must be individual or group, not {self.adp!r}")
         check_h_distances(self.h_distances)
-        if not isinstance(self.find_links, (bool, np.bool_)):
-            raise ParameterError(f"find_links must be true or false, not {self.find_links!r}")
+        for name in ("find_links", "apply_all_trans"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ParameterError(f"{name} must be true or false, not "
+                                     f"{getattr(self, name)!r}")
         if self.table not in ("electron", "xray"):
             raise ParameterError(f"table must be electron or xray, not {self.table!r}")
         if self.target not in ("cc", "map_value"):
@@ -243,7 +246,8 @@ class RealSpaceRefinement:
         check_occupancy(self.starts.occ)
         self.topology = build_topology(model, monlib=s.monlib, dictionaries=s.dictionaries,
                                        ignore_unknown=s.ignore_unknown,
-                                       h_distances=s.h_distances, find_links=s.find_links)
+                                       h_distances=s.h_distances, find_links=s.find_links,
+                                       apply_all_trans=s.apply_all_trans)
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.prepared = prepare_map(map_data, self.starts.xyz, s.cushion, s.mask_radius,
