@@ -37,10 +37,12 @@ class Model:
 
     @classmethod
     def from_gemmi(cls, st, model_index=0):
-        """Arrays from model ``model_index`` of a gemmi Structure (which is copied and trimmed)."""
+        """Arrays from model ``model_index`` of a gemmi Structure (which is copied and trimmed;
+        its entities set up, without which gemmi's topology sees no polymer to link)."""
         if len(st) == 0:
             raise InputError("the model file has no models")
         st = st.clone()
+        st.setup_entities()
         while len(st) > model_index + 1:
             del st[len(st) - 1]
         for _ in range(model_index):

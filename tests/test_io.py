@@ -41,6 +41,18 @@ def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
         gr.write_model(tmp_path / "out.cif", structures[0])
 
 
+def test_a_structure_read_by_gemmi_alone_keeps_its_polymer_links():
+    """gemmi.read_structure of a PDB file sets up no entities, without which gemmi's topology
+    links no polymer: Model.from_gemmi sets them up, as read_model does."""
+    from gpu_refine.restraints.topology import build_topology
+    text = helix_structure().make_pdb_string()
+    plain = gemmi.read_pdb_string(text)
+    assert len(plain.entities) == 0
+    links = build_topology(gr.Model.from_gemmi(plain)).links
+    assert links["TRANS"] == len(plain[0][0]) - 1
+    assert links == build_topology(gr.Model.from_gemmi(helix_structure())).links
+
+
 def test_negative_b_is_flagged(caplog):
     st = helix_structure("AAK")
     atoms = list(st[0].all())

@@ -297,8 +297,9 @@ def test_polymers_linked_by_sequence_after_a_shake(shared):
 
 def test_cis_peptides_are_pointed_out_or_made_trans(caplog):
     """A peptide of the helix turned to omega 30° is linked cis, as gemmi links one within 60°
-    of cis, with a warning that names it; apply_all_trans restrains it trans: the topology is
-    then the untouched helix's, and the model's coordinates are left as they are."""
+    of cis, with a warning that names it (none where the file's records list it);
+    apply_all_trans restrains it trans: the topology is then the untouched helix's, and the
+    model's coordinates are left as they are."""
     st = examples.helix_structure()
     ref = build_topology(Model.from_gemmi(st))
     residues = list(st[0][0])
@@ -315,6 +316,16 @@ def test_cis_peptides_are_pointed_out_or_made_trans(caplog):
         cis = build_topology(model)
     assert cis.links["CIS"] == 1
     assert "1 non-proline cis peptide(s)" in caplog.text and "A/ALA 5-LYS 6" in caplog.text
+    record = gemmi.CisPep()
+    record.partner_c, record.partner_n = (gemmi.AtomAddress("A", r.seqid, r.name, "")
+                                          for r in residues[4:6])
+    listed = st.clone()
+    listed.cispeps = [record]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gpu_refine"):
+        assert build_topology(Model.from_gemmi(listed)).links["CIS"] == 1
+    assert "non-proline" not in caplog.text
+    assert "1 cis peptide(s) (before a proline, or in the file's records)" in caplog.text
     trans = build_topology(model, apply_all_trans=True)
     assert trans.links == ref.links
     for kind in ("bonds", "angles", "torsions", "chirals", "planes"):

@@ -153,15 +153,16 @@ def _all_trans(st):
     for ch in st[0]:
         residues = list(ch)
         for i, (r1, r2) in enumerate(zip(residues, residues[1:])):
+            info = gemmi.find_tabulated_residue(r1.name)
             atoms = (r1.find_atom("CA", "*"), r1.find_atom("C", "*"), r2.find_atom("N", "*"),
                      r2.find_atom("CA", "*"))
-            if not _consecutive(r1, r2) or None in atoms or not (
-                    gemmi.find_tabulated_residue(r1.name) or gemmi.ResidueInfo()).is_amino_acid():
+            if (info is None or not info.is_amino_acid() or not _consecutive(r1, r2)
+                    or None in atoms or atoms[1].pos.dist(atoms[2].pos) > 2.0):
                 continue
-            ca1, c1, n2, ca2 = (np.array(a.pos.tolist()) for a in atoms)
             omega = gemmi.calculate_dihedral(*(a.pos for a in atoms))
-            if np.linalg.norm(n2 - c1) > 2.0 or abs(omega) >= np.pi / 2:
+            if abs(omega) >= np.pi / 2:
                 continue
+            c1, n2 = (np.array(a.pos.tolist()) for a in atoms[1:3])
             # A right-handed turn by t about C->N adds t to the dihedral CA-C-N-CA.
             axis = (n2 - c1) / np.linalg.norm(n2 - c1)
             t = np.pi - omega
@@ -175,18 +176,24 @@ def _all_trans(st):
     return turned
 
 
-def _cis_peptides(topo):
-    """Labels ("chain/RES n-RES m") of the peptides gemmi linked cis: (non-proline, proline)."""
-    found = {"CIS": [], "PCIS": []}
+def _cis_peptides(topo, st):
+    """Labels ("chain/RES n-RES m") of the peptides gemmi linked cis: (non-proline ones the
+    file's cis-peptide records (CISPEP, struct_mon_prot_cis) of ``st`` do not list, the
+    others)."""
+    recorded = {(c.partner_c.chain_name, str(c.partner_c.res_id.seqid).strip())
+                for c in st.cispeps}
+    unlisted, others = [], []
     for chain_info in topo.chain_infos:
         for ri in chain_info.res_infos:
             for link in ri.prev:
-                if link.link_id in found:
-                    found[link.link_id].append(
-                        f"{chain_info.chain_ref.name}/{link.res1.name} "
-                        f"{str(link.res1.seqid).strip()}-{link.res2.name} "
-                        f"{str(link.res2.seqid).strip()}")
-    return found["CIS"], found["PCIS"]
+                if link.link_id not in ("CIS", "PCIS"):
+                    continue
+                chain, first = chain_info.chain_ref.name, str(link.res1.seqid).strip()
+                label = (f"{chain}/{link.res1.name} {first}-{link.res2.name} "
+                         f"{str(link.res2.seqid).strip()}")
+                listed = link.link_id == "PCIS" or (chain, first) in recorded
+                (others if listed else unlisted).append(label)
+    return unlisted, others
 
 
 def _find_links(st, lib, crystal):
@@ -484,17 +491,19 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     for line in warnings.getvalue().splitlines():
         if "definition not found" not in line and line.strip():
             log.info("topology: %s", line.strip())
-    cis, cis_pro = _cis_peptides(topo)
-    if cis:
+    unlisted, others = _cis_peptides(topo, model.structure)
+    if unlisted:
         # About 0.03 % of non-proline peptides are cis; a shaken or poorly built start has
         # many more omegas within 60° of 0 (3J6B chain 9 shaken by 0.5 Å: 5 of 194).
-        log.warning("%d non-proline cis peptide(s) (omega within 60° of 0 in the model), "
-                    "restrained cis: %s%s; rare in proteins: check them, or give "
-                    "apply_all_trans=true to restrain every peptide trans", len(cis),
-                    ", ".join(cis[:5]), ", ..." if len(cis) > 5 else "")
-    if cis_pro:
-        log.info("%d cis proline peptide(s) restrained cis: %s%s", len(cis_pro),
-                 ", ".join(cis_pro[:5]), ", ..." if len(cis_pro) > 5 else "")
+        log.warning("%d non-proline cis peptide(s) that the file's cis-peptide records do not "
+                    "list (omega within 60° of 0 in the model), restrained cis: %s%s; rare in "
+                    "proteins: check them, or give apply_all_trans=true to restrain every "
+                    "peptide trans", len(unlisted), ", ".join(unlisted[:5]),
+                    ", ..." if len(unlisted) > 5 else "")
+    if others:
+        log.info("%d cis peptide(s) (before a proline, or in the file's records) restrained "
+                 "cis: %s%s", len(others), ", ".join(others[:5]),
+                 ", ..." if len(others) > 5 else "")
 
     if crystal:
         st.setup_cell_images()
