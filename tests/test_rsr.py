@@ -143,6 +143,9 @@ def test_strategies_on_the_example(helix, backend, caplog):
     per_residue = [b[start.residue_index == r] for r in range(len(start.residues))]
     assert all(np.ptp(x) == 0 for x in per_residue)
     assert b.mean() < 50          # the map was made with B = 30
+    stats = result.stats[0]
+    assert (stats["min_b"], stats["max_b"]) == pytest.approx((b.min(), b.max()), abs=0.01)
+    assert stats["n_b_at_bounds"] == int(((b <= 1.0) | (b >= 500.0)).sum())
     assert occ[:10].min() > 0.7 and np.all(occ <= 1)
     assert occ[10] == 0 and np.all(occ[11:] == 1)
     assert result.stats[0]["cc_mask_final"] > result.stats[0]["cc_mask_start"]

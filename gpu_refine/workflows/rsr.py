@@ -666,12 +666,23 @@ class RealSpaceRefinement:
                           "rmsz_angles": round(geo[i]["rmsz_angles"], 3),
                           "n_overlaps": geo[i].get("n_overlaps", 0),
                           "mean_b": round(float(b_np[i].mean()), 2),
+                          "min_b": round(float(b_np[i].min()), 2),
+                          "max_b": round(float(b_np[i].max()), 2),
+                          "n_b_at_bounds": int(((b_np[i] <= B_BOUNDS[0])
+                                                | (b_np[i] >= B_BOUNDS[1])).sum()),
                           "weight": float(weight[i]), "iterations": int(iterations[i]),
                           "time": round(elapsed / n, 3)})
         best = _best(stats, 1.5 * limits[0], 1.5 * limits[1])
         log.info("final CCmask %s; best model %d (CCmask %.4f, bonds %.4f Å, angles %.2f°); "
                  "%.1f s", _range(final["cc_mask"]), best + 1, stats[best]["cc_mask_final"],
                  stats[best]["rmsd_bonds"], stats[best]["rmsd_angles"], elapsed)
+        if self.strategy["adp"]:
+            # B held at a bound say that the map asks for more (a sharpened map, B below 1)
+            # or less than the bounds allow.
+            t = stats[best]
+            log.info("B of model %d: mean %.1f, min %.1f, max %.1f Å²; %d atom(s) at the "
+                     "bounds %g-%g Å²", best + 1, t["mean_b"], t["min_b"], t["max_b"],
+                     t["n_b_at_bounds"], *B_BOUNDS)
         log.info("time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.seconds.items()))
         return RSRResult(batch=batch, stats=stats, weight=weight, best=best, settings=s,
                          weight_trials=trials, time=elapsed, phases=dict(phases.seconds))
