@@ -239,6 +239,18 @@ def test_every_rsr_setting_is_a_parameter_of_the_command(tmp_path):
         assert f"{key}={value}" in lines, key
 
 
+def test_phenix_paths_and_suffixes_name_parameters():
+    """A parameter is named by its own name, a unique suffix of it (prefix for output.prefix),
+    or a phenix path ending with it; a misspelt one is refused with the close names."""
+    parser = build_parser()[1]["rsr"]
+    args = parser.parse_args(translate(
+        ["m.cif", "m.mrc", "resolution=3", "prefix=run1", "refinement.macro_cycles=2",
+         "pdb_interpretation.peptide_link.apply_all_trans=true"], parser))
+    assert (args.prefix, args.macro_cycles, args.apply_all_trans) == ("run1", 2, True)
+    with pytest.raises(gr.ParameterError, match="did you mean macro-cycles"):
+        translate(["refinement.macro_cyles=2"], parser)
+
+
 def test_rsr_of_an_ensemble_with_a_weight_grid(example, tmp_path):
     """A multi-model file is a batch of starts; weight=W1,W2 refines each with each weight;
     the .params file reruns the grid."""

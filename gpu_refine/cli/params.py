@@ -1,7 +1,8 @@
 """Phenix-style ``key=value`` parameters, translated to argparse options.
 
-A key matches an option exactly or as a unique dotted suffix (``prefix`` for ``output.prefix``);
-unknown keys get the close matches suggested.
+A key matches an option exactly or as a unique dotted suffix (``prefix`` for ``output.prefix``),
+or ends with one (a phenix path, ``pdb_interpretation.peptide_link.apply_all_trans``); unknown
+keys get the close matches suggested.
 """
 import difflib
 
@@ -39,6 +40,13 @@ def resolve_key(key, names):
         return matches[0]
     if len(matches) > 1:
         raise ParameterError(f"parameter {key!r} is ambiguous: {', '.join(sorted(matches))}")
+    # A phenix path (pdb_interpretation.peptide_link.apply_all_trans): its trailing parts.
+    parts = key.split(".")
+    for k in range(1, len(parts)):
+        try:
+            return resolve_key(".".join(parts[k:]), names)
+        except ParameterError:
+            continue
     close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ParameterError(f"unknown parameter {key!r}{hint}")
