@@ -42,12 +42,12 @@ class Model:
         if len(st) == 0:
             raise InputError("the model file has no models")
         st = st.clone()
-        st.setup_entities()
         while len(st) > model_index + 1:
             del st[len(st) - 1]
         for _ in range(model_index):
             del st[0]
         st.remove_empty_chains()
+        st.setup_entities()
         xyz, b, u, occ, el, rix, residues = [], [], [], [], [], [], []
         unknown = set()
         for ch in st[0]:

@@ -81,6 +81,17 @@ def test_read_batch_from_multimodel_file(tmp_path):
     batch = gr.read_batch(path, backend="numpy")
     assert batch.u is not None and not batch.u[0].any()
     np.testing.assert_allclose(batch.u[1, :, 0], 0.2 + 0.01 * np.arange(15), atol=1e-4)
+    # Model 2 with another atom, or with a B of NaN, is refused.
+    bad = st.clone()
+    bad[1][0][0][0].b_iso = float("nan")
+    bad.write_pdb(str(path))
+    with pytest.raises(gr.InputError, match="non-finite"):
+        gr.read_batch(path)
+    bad = st.clone()
+    bad[1][0][0].remove_atom("CB", "\0")
+    bad.write_pdb(str(path))
+    with pytest.raises(gr.InputError, match="model 2 of .* has different atoms from model 1"):
+        gr.read_batch(path)
 
 
 @pytest.mark.parametrize("axes", [(1, 2, 3), (3, 1, 2), (2, 3, 1)])
