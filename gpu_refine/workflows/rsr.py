@@ -281,15 +281,15 @@ class RealSpaceRefinement:
         # Atoms of a start outside the map have no data for their B and occupancy: the CC
         # target would only shrink the tails they send into the box (EMD-2566 cut in half:
         # atoms 2-10 Å beyond the cut went from B ~140 to 1).  They keep them.
-        self.kept = ~map_data.spec.contains(self.starts.xyz)
+        self.outside = ~map_data.spec.contains(self.starts.xyz)   # (starts, atoms)
         if self.strategy["adp"]:
             log.info("ADP: %s", f"one isotropic B per residue ({len(model.residues)} residues)"
                      if s.adp == "group" else f"individual isotropic B ({model.n_atoms} atoms)")
         kept_what = [name for key, name in (("adp", "B"), ("occupancy", "occupancy"))
                      if self.strategy[key]]
-        if self.kept.any() and kept_what:
+        if self.outside.any() and kept_what:
             log.warning("%d atom(s) outside the map keep their %s (no data to refine them "
-                        "against)", int(self.kept.any(axis=0).sum()), " and ".join(kept_what))
+                        "against)", int(self.outside.any(axis=0).sum()), " and ".join(kept_what))
 
     # -- one parameter class at a time ------------------------------------------------------
     def _view(self, batch, xyz=None, b=None, occ=None):
@@ -347,10 +347,10 @@ class RealSpaceRefinement:
             p0 = xp.asarray(np.stack([np.bincount(rix, weights=bi, minlength=len(counts))
                                       / np.maximum(counts, 1) for bi in b]), dtype=batch.dtype)
 
-        kept = self.kept[batch.mask_index]
-        if counts is not None:   # a residue's B is kept where all its atoms are
-            kept = _all_kept(kept, self.model.residue_index, len(counts))
-        hold = xp.asarray(kept) if kept.any() else None
+        held = self.outside[batch.mask_index]
+        if counts is not None:   # a residue's B is kept where all its atoms are outside
+            held = _all_of(held, self.model.residue_index, len(counts))
+        hold = xp.asarray(held) if held.any() else None
 
         def fg(p):
             b = to_atoms(p)
@@ -375,8 +375,8 @@ class RealSpaceRefinement:
         xp = self.backend.xp
         atoms = xp.asarray(grp.atoms)
         p0 = xp.asarray(np.broadcast_to(grp.start, (batch.size, grp.n)), dtype=xp.float64)
-        kept = _all_kept(self.kept[batch.mask_index][:, grp.atoms], grp.group_of, grp.n)
-        hold = xp.asarray(kept) if kept.any() else None
+        held = _all_of(self.outside[batch.mask_index][:, grp.atoms], grp.group_of, grp.n)
+        hold = xp.asarray(held) if held.any() else None
 
         def occ_of(p):
             occ = batch.occ.copy()
@@ -749,10 +749,10 @@ def _next_trial(excess, first, last):
     return max(end - int(np.clip(np.ceil(distance), 1, MAX_JUMP)), first)
 
 
-def _all_kept(kept, index, n):
-    """(B, n): parameters all of whose atoms are kept, from ``kept`` (B, atoms) and the
+def _all_of(flags, index, n):
+    """(B, n): parameters all of whose atoms are flagged, from ``flags`` (B, atoms) and the
     parameter ``index`` of each atom."""
-    free = np.stack([np.bincount(index, weights=~k, minlength=n) for k in kept])
+    free = np.stack([np.bincount(index, weights=~f, minlength=n) for f in flags])
     return free == 0
 
 
