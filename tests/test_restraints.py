@@ -326,6 +326,9 @@ def test_cis_peptides_are_pointed_out_or_made_trans(caplog):
         assert build_topology(Model.from_gemmi(listed)).links["CIS"] == 1
     assert "non-proline" not in caplog.text
     assert "1 cis peptide(s) (before a proline, or in the file's records)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="gpu_refine"):
+        assert "CIS" not in build_topology(Model.from_gemmi(listed), apply_all_trans=True).links
+    assert "the file's 1 cis-peptide record(s) are overridden" in caplog.text
     trans = build_topology(model, apply_all_trans=True)
     assert trans.links == ref.links
     for kind in ("bonds", "angles", "torsions", "chirals", "planes"):

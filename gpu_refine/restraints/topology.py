@@ -474,6 +474,9 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         if turned:
             log.info("apply_all_trans: %d peptide(s) with omega within 90° of cis restrained "
                      "trans", turned)
+        if len(model.structure.cispeps):
+            log.warning("apply_all_trans: the file's %d cis-peptide record(s) are overridden "
+                        "(every peptide is restrained trans)", len(model.structure.cispeps))
     warnings = io.StringIO()
     try:
         # A link record that the library does not define becomes a bond of the two atoms'
