@@ -380,6 +380,13 @@ def test_bad_input(helix):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, adp="tls"))
     with pytest.raises(gr.ParameterError, match="table must be electron or xray"):
         RealSpaceRefinement(model, map_data, RSRSettings(resolution=3, table="neutron"))
+    for key, value in (("weight_trials", 0), ("weight_iterations", 0), ("nmodels", 0),
+                       ("macro_cycles", 0), ("sites_iterations", -1), ("seed", -1),
+                       ("regularize_iterations", -5), ("adp_weight", -1.0),
+                       ("bond_limit", 0.0), ("angle_limit", float("nan")),
+                       ("shake", float("inf")), ("shake", -0.5)):
+        with pytest.raises(gr.ParameterError, match=f"{key} must be"):
+            RSRSettings(resolution=3, **{key: value}).check()
 
 
 @pytest.mark.parametrize("limit_index", [-9, -3, -1, 0, 2, 2.5, 4, 5, 7, 7.7, 14])

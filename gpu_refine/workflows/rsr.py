@@ -110,10 +110,18 @@ class RSRSettings:
             if isinstance(self.weight, tuple) and not self.parsed_strategy()["sites"]:
                 raise ParameterError("a weight grid weighs the map against the restraints of "
                                      "sites: the strategy must refine sites")
-        if self.macro_cycles < 1 or self.nmodels < 1:
-            raise ParameterError("macro_cycles and nmodels must be at least 1")
-        if self.shake < 0:
-            raise ParameterError("shake must be >= 0")
+        for names, low, what in ((("macro_cycles", "nmodels", "weight_trials",
+                                   "weight_iterations"), 1, "at least 1"),
+                                 (("sites_iterations", "adp_iterations",
+                                   "regularize_iterations", "seed"), 0, ">= 0")):
+            for name in names:
+                if int(getattr(self, name)) < low:
+                    raise ParameterError(f"{name} must be {what}, not {getattr(self, name)}")
+        for name in ("adp_weight", "bond_limit", "angle_limit"):
+            if not float(getattr(self, name)) > 0:
+                raise ParameterError(f"{name} must be > 0, not {getattr(self, name)}")
+        if not (np.isfinite(self.shake) and self.shake >= 0):
+            raise ParameterError(f"shake must be a finite rms shift >= 0 Å, not {self.shake}")
         return self
 
 
