@@ -71,6 +71,13 @@ def test_a_flat_map_gives_undefined_ccs_with_a_warning(caplog):
     assert "the map is flat" in caplog.text
 
 
+def test_atom_radius_must_be_positive():
+    model, data, spec = make_example()
+    for radius in (-1.0, 0.0, float("nan")):
+        with pytest.raises(gr.ParameterError, match="atom_radius must be > 0"):
+            validate(model, gr.MapData(data, spec), 3.0, backend="numpy", atom_radius=radius)
+
+
 def test_an_inverted_map_is_pointed_out(caplog):
     """A map drawn with negative density correlates negatively with its model, and one of
     noise hardly at all: validate says so (and reports the CCs); nothing is said for the

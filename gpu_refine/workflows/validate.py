@@ -104,6 +104,8 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     """Map-model CCs of every batch member: list of dicts with cc_mask, cc_box, cc_peaks,
     cc_volume and per_residue [{chain, resseq, resname, cc}]."""
     d = check_resolution(resolution)
+    if atom_radius is not None and not (np.isfinite(atom_radius) and atom_radius > 0):
+        raise ParameterError(f"atom_radius must be > 0 Å, not {atom_radius}")
     bk = get_backend(backend)
     xp = bk.xp
     batch = _as_batch(model, bk)
@@ -129,7 +131,8 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     check_fit(ccs["cc_mask"])
     b_mean = float(bk.to_numpy(batch.b).mean())
     # mmtbx's per-atom radius is the atom image's first minimum; bounded by d as cctbx reports.
-    radius = atom_radius or min(d, image_radius(d, b_mean, table=table))
+    radius = atom_radius if atom_radius is not None else min(d, image_radius(d, b_mean,
+                                                                            table=table))
     residues = batch.model.residues
     results = []
     for i in range(batch.size):
