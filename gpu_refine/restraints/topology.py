@@ -438,7 +438,8 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     if (counts > 1).any():
         raise InputError(f"duplicated atoms (the same name and altloc in one residue): "
                          f"{', '.join(names[counts > 1][:5])}; remove them or give them "
-                         "altlocs")
+                         "altlocs (or, where two chains share a name and residue numbers, "
+                         "which the file's reader merges into one chain, rename one)")
     unrestrained = []
     index_of = {lab: k for k, lab in enumerate(labels)}
     if missing:
