@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import gemmi
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from ..errors import InputError, ParameterError
 from ..grid import space_group_operations, symmetry_contacts
@@ -163,15 +164,12 @@ def _all_trans(st):
             if abs(omega) >= np.pi / 2:
                 continue
             c1, n2 = (np.array(a.pos.tolist()) for a in atoms[1:3])
-            # A right-handed turn by t about C->N adds t to the dihedral CA-C-N-CA.
+            # A right-handed turn about C->N adds its angle to the dihedral CA-C-N-CA.
             axis = (n2 - c1) / np.linalg.norm(n2 - c1)
-            t = np.pi - omega
-            k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]],
-                          [-axis[1], axis[0], 0]])
-            rot = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+            turn = Rotation.from_rotvec((np.pi - omega) * axis)
             for res in residues[i + 1:]:
                 for a in res:
-                    a.pos = gemmi.Position(*(rot @ (np.array(a.pos.tolist()) - c1) + c1))
+                    a.pos = gemmi.Position(*(turn.apply(np.array(a.pos.tolist()) - c1) + c1))
             turned += 1
     return turned
 
