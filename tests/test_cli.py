@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import gemmi
 import mrcfile
 import numpy as np
 import pytest
@@ -47,6 +48,20 @@ def test_validate_and_map(example, tmp_path):
     ex = gr.read_map(example / "helix_3A.mrc")
     assert mm.spec == ex.spec
     assert np.corrcoef(mm.data.ravel(), ex.data.ravel())[0, 1] > 0.9
+    # Several MODELs are an ensemble: the map written is the mean of theirs.
+    st = helix_structure()
+    st.add_model(st[0].clone())
+    st[1].num = 2
+    for cra in st[1].all():
+        cra.atom.pos = cra.atom.pos + gemmi.Position(1.5, 0, 0)
+    st.write_pdb(str(tmp_path / "two.pdb"))
+    rc, out, err = cli("map", tmp_path / "two.pdb", example / "helix_3A.mrc", "resolution=3",
+                       f"output={tmp_path / 'two.mrc'}")
+    assert rc == 0, err
+    assert "(the mean of 2 models)" in out
+    each, _ = gr.workflows.compute_model_map(gr.read_batch(tmp_path / "two.pdb"), 3.0, ex.spec)
+    np.testing.assert_allclose(gr.read_map(tmp_path / "two.mrc").data, each.mean(axis=0),
+                               atol=1e-5 * np.abs(each).max())
 
 
 def _one_line_error(rc, err):

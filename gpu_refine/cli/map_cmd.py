@@ -5,7 +5,7 @@ gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray] [la
 import logging
 
 from ..maps import read_map, write_map
-from ..model import read_model
+from ..model import read_batch
 from ..workflows import compute_model_map
 from .map_input import add_labels_argument, add_resolution_argument, default_resolution
 
@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
-    parser.add_argument("model", help="model file (PDB or mmCIF)")
+    parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are an "
+                                      "ensemble, whose mean map is written")
     parser.add_argument("map", nargs="?",
                         help="map whose grid to use (MRC/CCP4 or MTZ); else a box")
     add_labels_argument(parser)
@@ -26,10 +27,12 @@ def add_arguments(parser):
 
 def main(args):
     default_resolution(args)
-    model = read_model(args.model)
+    batch = read_batch(args.model, backend=args.backend)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
-    maps, spec = compute_model_map(model, args.resolution, spec, table=args.table,
+    maps, spec = compute_model_map(batch, args.resolution, spec, table=args.table,
                                    backend=args.backend)
-    write_map(args.output, maps[0], spec, overwrite=args.overwrite)
-    log.info("model map of %d atoms at %.2f Å on a %s grid written to %s", model.n_atoms,
-             args.resolution, "x".join(map(str, spec.shape)), args.output)
+    # The models of a multi-model file are an ensemble: its density is their mean.
+    write_map(args.output, maps.mean(axis=0), spec, overwrite=args.overwrite)
+    log.info("model map of %d atoms%s at %.2f Å on a %s grid written to %s",
+             batch.model.n_atoms, f" (the mean of {batch.size} models)" if batch.size > 1
+             else "", args.resolution, "x".join(map(str, spec.shape)), args.output)
