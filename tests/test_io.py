@@ -7,6 +7,7 @@ import pytest
 import gpu_refine as gr
 from gpu_refine.examples import helix_structure
 from gpu_refine.model import structures_as_models
+from gpu_refine.restraints.topology import build_topology
 from gpu_refine.workflows import validate
 from helpers import crystal_map, write_mtz
 
@@ -44,7 +45,6 @@ def test_model_roundtrip_keeps_atoms_and_order(tmp_path, shared):
 def test_a_structure_read_by_gemmi_alone_keeps_its_polymer_links():
     """gemmi.read_structure of a PDB file sets up no entities, without which gemmi's topology
     links no polymer: Model.from_gemmi sets them up, as read_model does."""
-    from gpu_refine.restraints.topology import build_topology
     text = helix_structure().make_pdb_string()
     plain = gemmi.read_pdb_string(text)
     assert len(plain.entities) == 0
