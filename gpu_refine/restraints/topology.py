@@ -116,32 +116,37 @@ def _consecutive(r1, r2):
     return n2 == n1 + 1 or (n2 == n1 and r1.seqid.icode != r2.seqid.icode)
 
 
+def _polymer_pairs(st):
+    """(the chain's residues, i, "peptide" | "nucleic") for each residue i of ``st``'s first
+    model followed in sequence by one of the same polymer kind (both tabulated by gemmi)."""
+    for ch in st[0]:
+        residues = list(ch)
+        for i, (r1, r2) in enumerate(zip(residues, residues[1:])):
+            info1, info2 = gemmi.find_tabulated_residue(r1.name), gemmi.find_tabulated_residue(r2.name)
+            if info1 is None or info2 is None or not _consecutive(r1, r2):
+                continue
+            if info1.is_amino_acid() and info2.is_amino_acid():
+                yield residues, i, "peptide"
+            elif info1.is_nucleic_acid() and info2.is_nucleic_acid():
+                yield residues, i, "nucleic"
+
+
 def _link_by_sequence(st, link_distance):
     """Move, in this (scratch) copy, the N (or P) of a sequence-consecutive residue onto bond
     distance from C (O3') so that gemmi links the pair.  The move is along the C-N line, which
     keeps the omega angle and hence gemmi's cis/trans choice.  Returns the number moved."""
     moved = 0
-    for ch in st[0]:
-        for r1, r2 in zip(ch, list(ch)[1:]):
-            if not _consecutive(r1, r2):
-                continue
-            info1, info2 = gemmi.find_tabulated_residue(r1.name), gemmi.find_tabulated_residue(r2.name)
-            if info1 is None or info2 is None:
-                continue
-            if info1.is_amino_acid() and info2.is_amino_acid():
-                a_name, b_name, ideal, cut = "C", "N", 1.33, 1.341 * 1.5
-            elif info1.is_nucleic_acid() and info2.is_nucleic_acid():
-                a_name, b_name, ideal, cut = "O3'", "P", 1.60, 1.6 * 1.5
-            else:
-                continue
-            a = r1.find_atom(a_name, "*")
-            if a is None:
-                continue
-            for b in r2:
-                d = b.pos.dist(a.pos)
-                if b.name == b_name and cut <= d < link_distance:
-                    b.pos = a.pos + (b.pos - a.pos) * (ideal / d)
-                    moved += 1
+    for residues, i, kind in _polymer_pairs(st):
+        a_name, b_name, ideal, cut = (("C", "N", 1.33, 1.341 * 1.5) if kind == "peptide"
+                                      else ("O3'", "P", 1.60, 1.6 * 1.5))
+        a = residues[i].find_atom(a_name, "*")
+        if a is None:
+            continue
+        for b in residues[i + 1]:
+            d = b.pos.dist(a.pos)
+            if b.name == b_name and cut <= d < link_distance:
+                b.pos = a.pos + (b.pos - a.pos) * (ideal / d)
+                moved += 1
     return moved
 
 
@@ -151,26 +156,23 @@ def _all_trans(st):
     bond, which changes no other torsion, so that gemmi links every peptide as trans.  Returns
     how many were turned."""
     turned = 0
-    for ch in st[0]:
-        residues = list(ch)
-        for i, (r1, r2) in enumerate(zip(residues, residues[1:])):
-            info = gemmi.find_tabulated_residue(r1.name)
-            atoms = (r1.find_atom("CA", "*"), r1.find_atom("C", "*"), r2.find_atom("N", "*"),
-                     r2.find_atom("CA", "*"))
-            if (info is None or not info.is_amino_acid() or not _consecutive(r1, r2)
-                    or None in atoms or atoms[1].pos.dist(atoms[2].pos) > 2.0):
-                continue
-            omega = gemmi.calculate_dihedral(*(a.pos for a in atoms))
-            if abs(omega) >= np.pi / 2:
-                continue
-            c1, n2 = (np.array(a.pos.tolist()) for a in atoms[1:3])
-            # A right-handed turn about C->N adds its angle to the dihedral CA-C-N-CA.
-            axis = (n2 - c1) / np.linalg.norm(n2 - c1)
-            turn = Rotation.from_rotvec((np.pi - omega) * axis)
-            for res in residues[i + 1:]:
-                for a in res:
-                    a.pos = gemmi.Position(*(turn.apply(np.array(a.pos.tolist()) - c1) + c1))
-            turned += 1
+    for residues, i, kind in _polymer_pairs(st):
+        r1, r2 = residues[i], residues[i + 1]
+        atoms = (r1.find_atom("CA", "*"), r1.find_atom("C", "*"), r2.find_atom("N", "*"),
+                 r2.find_atom("CA", "*"))
+        if kind != "peptide" or None in atoms or atoms[1].pos.dist(atoms[2].pos) > 2.0:
+            continue
+        omega = gemmi.calculate_dihedral(*(a.pos for a in atoms))
+        if abs(omega) >= np.pi / 2:
+            continue
+        c1, n2 = (np.array(a.pos.tolist()) for a in atoms[1:3])
+        # A right-handed turn about C->N adds its angle to the dihedral CA-C-N-CA.
+        axis = (n2 - c1) / np.linalg.norm(n2 - c1)
+        turn = Rotation.from_rotvec((np.pi - omega) * axis)
+        for res in residues[i + 1:]:
+            for a in res:
+                a.pos = gemmi.Position(*(turn.apply(np.array(a.pos.tolist()) - c1) + c1))
+        turned += 1
     return turned
 
 
