@@ -135,7 +135,6 @@ def read_model(path, model_index=0):
         st = gemmi.read_structure(path, merge_chain_parts=True)
     except Exception as exc:
         raise InputError(f"cannot read model {path}: {exc}") from None
-    st.setup_entities()
     return Model.from_gemmi(st, model_index)
 
 
@@ -147,7 +146,6 @@ def read_batch(path, backend=None, dtype=np.float32):
         st = gemmi.read_structure(path, merge_chain_parts=True)
     except Exception as exc:
         raise InputError(f"cannot read model {path}: {exc}") from None
-    st.setup_entities()
     models = [Model.from_gemmi(st, i) for i in range(len(st))]
     ref = models[0]
     for i, m in enumerate(models[1:], start=2):

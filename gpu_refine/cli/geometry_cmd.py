@@ -11,7 +11,7 @@ from ..io import write_atomically
 from ..model import read_batch
 from ..restraints.topology import H_DISTANCES
 from ..workflows.geometry import geometry_report
-from .params import boolean
+from .params import RESTRAINT_HELP, add_dictionary_arguments, boolean
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +21,14 @@ ROWS = [("bonds", "Å", "{:8.4f}"), ("angles", "°", "{:8.3f}"), ("torsions", "�
 
 def add_arguments(parser):
     parser.add_argument("model", help="model file (PDB or mmCIF); several MODELs are a batch")
-    parser.add_argument("--monlib", help="monomer library directory (CCP4 layout); default "
-                        "$CLIBD_MON, else the built-in dictionary")
-    parser.add_argument("--dictionary", action="append", default=[],
-                        help="extra monomer CIF (repeatable)")
-    parser.add_argument("--ignore-unknown", action="store_true",
-                        help="leave residues without a dictionary unrestrained")
+    parser.add_argument("--monlib", help=RESTRAINT_HELP["monlib"])
+    add_dictionary_arguments(parser)
     parser.add_argument("--h-distances", choices=H_DISTANCES, default=H_DISTANCES[0],
-                        help="X-H bond targets: electron cloud (X-ray, default) or nucleus")
+                        help=f"{RESTRAINT_HELP['h_distances']} (default {H_DISTANCES[0]})")
     parser.add_argument("--find-links", type=boolean, default=True, metavar="true|false",
-                        help="also link what the library defines from distances (disulfides, "
-                        "glycosylation, ...), not only the file's records (default true)")
+                        help=f"{RESTRAINT_HELP['find_links']} (default true)")
     parser.add_argument("--apply-all-trans", type=boolean, default=False, metavar="true|false",
-                        help="restrain every peptide trans, whatever its omega in the model "
-                        "(else one within 60° of cis is cis; default false)")
+                        help=f"{RESTRAINT_HELP['apply_all_trans']} (default false)")
     parser.add_argument("--json", help="write the statistics as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 

@@ -8,6 +8,24 @@ import difflib
 
 from ..errors import ParameterError
 
+# Help of the restraint parameters that geometry and rsr both take.
+RESTRAINT_HELP = {
+    "monlib": "monomer library directory (CCP4 layout); default $CLIBD_MON, else the built-in "
+              "dictionary",
+    "h_distances": "X-H bond targets: electron (cloud) | nucleus",
+    "find_links": "also link what the library defines from distances (disulfides, "
+                  "glycosylation, ...), not only the file's records: true | false",
+    "apply_all_trans": "restrain every peptide trans, whatever its omega in the model (else one "
+                       "within 60° of cis is cis): true | false",
+}
+
+
+def add_dictionary_arguments(parser):
+    parser.add_argument("--dictionary", action="append", default=[],
+                        help="extra monomer CIF (repeatable)")
+    parser.add_argument("--ignore-unknown", action="store_true",
+                        help="leave residues without a dictionary unrestrained")
+
 
 def boolean(text):
     """An option's true / false value (yes / no, 1 / 0; any case), for argparse's ``type``."""

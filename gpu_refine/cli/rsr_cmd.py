@@ -26,7 +26,7 @@ from ..model import check_pdb_format, read_batch, structures_as_models, write_mo
 from ..io import output_directory, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 from .map_input import add_labels_argument, default_resolution
-from .params import boolean
+from .params import RESTRAINT_HELP, add_dictionary_arguments, boolean
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,11 @@ SETTINGS = {
     "mask_radius": (float, "Å around the atoms where the map is fitted"),
     "mask_edge": (float, "Å of the mask's cosine edge"),
     "cushion": (float, "Å of map boxed beyond the mask"),
-    "monlib": (str, "monomer library directory (CCP4 layout); default $CLIBD_MON, else the "
-                    "built-in dictionary"),
-    "h_distances": (str, "X-H bond targets: electron (cloud) | nucleus"),
+    "monlib": (str, RESTRAINT_HELP["monlib"]),
+    "h_distances": (str, RESTRAINT_HELP["h_distances"]),
     "table": (str, "scattering factors: electron (cryo-EM) | xray"),
-    "find_links": (boolean, "also link what the library defines from distances (disulfides, "
-                            "glycosylation, ...): true | false"),
-    "apply_all_trans": (boolean, "restrain every peptide trans, whatever its omega in the "
-                                 "model (else one within 60° of cis is cis): true | false"),
+    "find_links": (boolean, RESTRAINT_HELP["find_links"]),
+    "apply_all_trans": (boolean, RESTRAINT_HELP["apply_all_trans"]),
 }
 
 
@@ -77,10 +74,7 @@ def add_arguments(parser):
         default = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default,
                             help=text if default is None else f"{text} (default {default})")
-    parser.add_argument("--dictionary", action="append", default=[],
-                        help="extra monomer CIF (repeatable)")
-    parser.add_argument("--ignore-unknown", action="store_true",
-                        help="leave residues without a dictionary unrestrained")
+    add_dictionary_arguments(parser)
     parser.add_argument("--output.prefix", dest="prefix", default=None,
                         help="output prefix (default: MODEL name + _rsr)")
     parser.add_argument("--output.pdb", dest="pdb", action="store_true",
