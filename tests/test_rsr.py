@@ -14,6 +14,7 @@ from gpu_refine.grid import GridSpec
 from gpu_refine.mapprep import cut_box
 from gpu_refine.metrics import five_cc, model_box, molecular_mask
 from gpu_refine.model import Batch
+from gpu_refine.restraints.topology import build_topology
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, _next_trial,
                                       geometry_limits, refine_real_space)
@@ -330,6 +331,53 @@ def test_atoms_outside_the_map_keep_their_b_and_occupancy(helix, backend, caplog
     assert np.all(occ[residue_kept] == 0.5) and np.all(occ[~outside] != 0.5)
     assert (f"{outside.sum()} atom(s) outside the map keep their B and occupancy"
             in caplog.text)
+
+
+def _with_hydrogens(model):
+    """The model with hydrogens placed by gemmi from the built-in dictionary."""
+    from gpu_refine.restraints.library import read_library
+    st = model.structure.clone()
+    lib = read_library({res.name for ch in st[0] for res in ch})[0]
+    gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.ReAdd)
+    return gr.Model.from_gemmi(st)
+
+
+@pytest.mark.parametrize("adp", ["individual", "group"])
+def test_hydrogens_ride_on_the_b_of_their_atom(helix, backend, caplog, adp):
+    """With individual B a hydrogen keeps the B of the atom it is bonded to (Servalcat's
+    and Refmac's constraint); with one B per residue it has its residue's."""
+    caplog.set_level(logging.INFO, logger="gpu_refine")
+    model = _with_hydrogens(helix[0])
+    is_h = model.element == "H"
+    assert is_h.sum() > 100
+    result = refine_real_space(model, helix[1], 3.0, backend=backend, weight=5.0, adp=adp,
+                               macro_cycles=1, monlib=None)
+    b = backend.to_numpy(result.batch.b)[0]
+    parent = build_topology(model).hydrogen_parents()
+    assert np.all(parent[is_h] >= 0) and np.all(parent[~is_h] == -1)
+    assert np.all(~is_h[parent[is_h]])
+    if adp == "individual":
+        assert np.all(b[is_h] == b[parent[is_h]])
+        assert len(np.unique(b[~is_h])) > 0.9 * (~is_h).sum()
+        assert f"{is_h.sum()} hydrogens ride on the B" in caplog.text
+    else:
+        rix = model.residue_index
+        assert all(len(np.unique(b[rix == r])) == 1 for r in np.unique(rix))
+    assert np.all(b != 30.0)
+
+
+@pytest.mark.parametrize("adp", ["individual", "group"])
+def test_b_parameters_gradient_is_the_adjoint_of_their_map_to_atoms(helix, rng, adp):
+    """dT/dp = M^T dT/dB for B = M p: <back(g), p> = <g, to_atoms(p)> for any p, g."""
+    model = _with_hydrogens(helix[0])
+    run = RealSpaceRefinement(model, helix[1], RSRSettings(resolution=3.0, adp=adp),
+                              backend="numpy")
+    to_atoms, back = run._b_map()
+    p = rng.normal(size=(2, int(run.b_index.max()) + 1))
+    g = rng.normal(size=(2, model.n_atoms))
+    assert to_atoms(p).shape == g.shape
+    np.testing.assert_allclose((back(g) * p).sum(axis=1), (g * to_atoms(p)).sum(axis=1),
+                               rtol=1e-12)
 
 
 def test_altloc_occupancies_sum_to_one(helix):

@@ -93,6 +93,17 @@ class Topology:
             return str(self.labels[a])
         return f"{self.labels[self.mate_atom[a - self.n_atoms]]} (symmetry mate)"
 
+    def hydrogen_parents(self):
+        """(N,) the atom each hydrogen (or deuterium) is bonded to, -1 for other atoms and for
+        a hydrogen with no bond to a heavier atom of the model."""
+        parent = np.full(self.n_atoms, -1, np.int64)
+        is_h = np.isin(self.element, ("H", "D"))
+        atoms = self.bonds.atoms[(self.bonds.atoms < self.n_atoms).all(axis=1)]
+        for h, other in ((atoms[:, 0], atoms[:, 1]), (atoms[:, 1], atoms[:, 0])):
+            riding = is_h[h] & ~is_h[other]
+            parent[h[riding]] = other[riding]
+        return parent
+
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
                 "n_torsions": len(self.torsions), "n_chirals": len(self.chirals),
