@@ -62,7 +62,6 @@ params.resolution = float(sys.argv[2])
 params.scattering_table = "electron"
 for path in sys.argv[3:]:
     hierarchy = iotbx.pdb.input(file_name=path).construct_hierarchy()
-    hierarchy.remove_hd()
     for atom in hierarchy.atoms():   # its electron table has no ions (e.g. OXT as O1-)
         atom.set_charge("  ")
     task = map_model_cc.map_model_cc(map_data=reader.map_data(), pdb_hierarchy=hierarchy,
@@ -84,13 +83,16 @@ def write_nstart_map(path, map_data):
 
 
 def cctbx_cc_mask(python, structures, map_data):
-    """CCmask of each gemmi Structure by cctbx's map_model_cc, run by ``python``."""
+    """CCmask of each gemmi Structure, without its H, by cctbx's map_model_cc, run by
+    ``python`` (hydrogens removed here: cctbx's own removal leaves its atom selection stale)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_nstart_map(tmp / "map.mrc", map_data)
         files = []
         for i, st in enumerate(structures):
             files.append(str(tmp / f"model{i}.pdb"))
+            st = st.clone()
+            st.remove_hydrogens()
             st.write_pdb(files[-1])
         p = subprocess.run([python, "-c", CCTBX_CC_MASK, str(tmp / "map.mrc"), "3.2", *files],
                            capture_output=True, text=True)
