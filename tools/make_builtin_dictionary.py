@@ -29,7 +29,10 @@ neighbours, 180 - θ/2, or takes 120° in an NH2 group, and joins the parent's p
 96.5° (methanethiol); H-O-H of water 104.5°.  No torsions for H (methyl and hydroxyl groups
 rotate freely).
 
-Chiral volumes are signed for L-amino acids; planes use sigma 0.02 Å.
+Chiral volumes are signed for L-amino acids; planes use sigma 0.02 Å.  Bond sigmas are
+written at most 0.030 Å: Engh & Huber's 0.069 Å for ILE CG1-CD1 and 0.056 Å for MET SD-CE
+describe terminal atoms often disordered in the structures surveyed, not a softer bond, and
+let a 3 Å map compress the bond (EMD-2566, ILE 191 refined to 1.41 Å; with 0.030 Å to 1.50 Å).
 
 Run from the repository root:  python tools/make_builtin_dictionary.py
 """
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parents[1] / "gpu_refine" / "restraints" / "monomers"
+BOND_SIGMA_CAP = 0.030   # Å (see above)
 
 # Backbone of every standard amino acid except GLY and PRO (Engh & Huber 2001, table 18.3.2.2).
 BACKBONE_ATOMS = "N:N:NH1 CA:C:CH1 C:C:C O:O:O OXT:O:OC"
@@ -385,6 +389,10 @@ def _items(text):
     return [t.split() for t in text.replace(",", "\n").splitlines() if t.strip()]
 
 
+def _capped(sigma):
+    return sigma if float(sigma) <= BOND_SIGMA_CAP else f"{BOND_SIGMA_CAP:.3f}"
+
+
 def _cif(value):
     text = str(value)
     return f'"{text}"' if "'" in text else text
@@ -413,6 +421,7 @@ def _monomer(name, atoms, bonds, angles, chirals, planes, group="L-peptide", hyd
         # Heavy-atom bonds: one distance for electron cloud and nucleus alike.
         rows = [(name, *b.split("-"), "single", v, e, *(rest or (v, e)))
                 for b, v, e, *rest in _items(bonds)]
+        rows = [(*r[:5], _capped(r[5]), r[6], _capped(r[7])) for r in rows]
         out.append(_loop("chem_comp_bond", ["comp_id", "atom_id_1", "atom_id_2", "type",
                                             "value_dist", "value_dist_esd",
                                             "value_dist_nucleus", "value_dist_nucleus_esd"],
