@@ -39,16 +39,39 @@ def output_directory(path):
     return directory
 
 
+def _refuse_existing(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise InputError(f"output exists and would be overwritten: {path} (use --overwrite)")
+
+
+def _temporary_beside(path):
+    """(fd, name) of a new temporary file in the directory of output ``path``."""
+    directory = output_directory(path)
+    try:
+        return tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def check_output(path, overwrite=False):
+    """Before the work that ``path`` is to receive: InputError if it exists (and
+    ``overwrite`` is false) or cannot be written there (a file is made and removed beside it;
+    its directory is created if missing)."""
+    path = os.fspath(path)
+    _refuse_existing(path, overwrite)
+    fd, tmp = _temporary_beside(path)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def write_atomically(path, data, overwrite=False):
     """Write to a temporary file beside ``path`` and rename it into place.
 
     ``data`` is bytes, or a callable that writes the file whose path it is given.
     """
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"output exists and would be overwritten: {path} (use --overwrite)")
-    directory = output_directory(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    _refuse_existing(path, overwrite)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if not callable(data):

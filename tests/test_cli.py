@@ -1,6 +1,7 @@
 """The command line as a user runs it: outputs, one-line errors, exit codes."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,22 @@ def test_bad_inputs(example, tmp_path):
     rc, _, err = cli("map", model, "resolution=3", f"output={tmp_path / 'taken.mrc'}")
     _one_line_error(rc, err)
     assert (tmp_path / "taken.mrc").read_text() == "keep me"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(example):
+    """A place where no file can be made (/proc): each command says so in one line before
+    it computes anything (no statistics logged, no log file begun)."""
+    model, emap = example / "helix.cif", example / "helix_3A.mrc"
+    for args in (("validate", model, emap, "resolution=3", "json=/proc/v.json"),
+                 ("geometry", model, "json=/proc/g.json"),
+                 ("map", model, "resolution=3", "output=/proc/m.mrc"),
+                 ("rsr", model, emap, "resolution=3", "output.prefix=/proc/x"),
+                 ("example", "directory=/proc/example")):
+        rc, out, err = cli(*args, "backend=numpy")
+        _one_line_error(rc, err)
+        assert "cannot write /proc/" in err or "cannot create output directory" in err, err
+        assert "CCmask" not in out and "rmsZ" not in out and "macro-cycle" not in out
 
 
 def test_usage_errors_exit_2(example):

@@ -6,6 +6,7 @@ import logging
 import os
 
 from ..examples import make_example
+from ..io import check_output
 from ..maps import write_map
 from ..model import write_model
 
@@ -18,10 +19,11 @@ def add_arguments(parser):
 
 
 def main(args):
-    os.makedirs(args.directory, exist_ok=True)
-    model, data, spec = make_example(backend=args.backend)
     model_path = os.path.join(args.directory, "helix.cif")
     map_path = os.path.join(args.directory, "helix_3A.mrc")
+    for path in (model_path, map_path):
+        check_output(path, args.overwrite)
+    model, data, spec = make_example(backend=args.backend)
     write_model(model_path, model.structure, overwrite=args.overwrite)
     write_map(map_path, data, spec, overwrite=args.overwrite)
     log.info("example written: %s (%d atoms), %s (3.0 Å, %s grid)", model_path, model.n_atoms,

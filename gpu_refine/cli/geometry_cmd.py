@@ -7,7 +7,7 @@ gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ig
 import json
 import logging
 
-from ..io import write_atomically
+from ..io import check_output, write_atomically
 from ..model import read_batch
 from ..restraints.topology import H_DISTANCES
 from ..workflows.geometry import geometry_report
@@ -51,6 +51,8 @@ def _table(r):
 
 
 def main(args):
+    if args.json:
+        check_output(args.json, args.overwrite)
     batch = read_batch(args.model, backend=args.backend, dtype="float64")
     xyz = batch.backend.to_numpy(batch.xyz)
     topology, results = geometry_report(batch.model, monlib=args.monlib,

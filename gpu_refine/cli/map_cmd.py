@@ -4,6 +4,7 @@ gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray] [la
 """
 import logging
 
+from ..io import check_output
 from ..maps import read_map, write_map
 from ..model import read_batch
 from ..workflows import compute_model_map
@@ -27,6 +28,7 @@ def add_arguments(parser):
 
 def main(args):
     default_resolution(args)
+    check_output(args.output, args.overwrite)
     batch = read_batch(args.model, backend=args.backend)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(batch, args.resolution, spec, table=args.table,

@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import InputError
 from ..maps import read_map
 from ..model import check_pdb_format, read_batch, structures_as_models, write_model
-from ..io import output_directory, write_atomically
+from ..io import check_output, write_atomically
 from ..workflows.rsr import RealSpaceRefinement, RSRSettings
 from .map_input import add_labels_argument, default_resolution
 from .params import RESTRAINT_HELP, add_dictionary_arguments, boolean
@@ -98,6 +98,7 @@ def _outputs(args, n_models):
         if existing:
             raise InputError(f"output exists and would be overwritten: {existing[0]} "
                              "(use --overwrite or another output.prefix)")
+    check_output(names["log"], overwrite=True)   # can be written (all go to one directory)
     return names
 
 
@@ -147,7 +148,6 @@ def main(args):
         root.removeHandler(held)
         records = list(held.buffer)
         held.close()
-    output_directory(names["log"])
     handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"

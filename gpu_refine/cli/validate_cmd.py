@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from ..io import write_atomically
+from ..io import check_output, write_atomically
 from ..maps import read_map
 from ..model import read_batch
 from ..workflows import validate
@@ -31,6 +31,8 @@ def add_arguments(parser):
 
 def main(args):
     default_resolution(args)
+    if args.json:
+        check_output(args.json, args.overwrite)
     batch = read_batch(args.model, backend=args.backend)
     map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
