@@ -79,7 +79,9 @@ def write_atomically(path, data, overwrite=False):
         if callable(data):
             data(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):   # a full disk, a quota
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise

@@ -1,11 +1,16 @@
 """Model and map reading/writing: atoms, order and names kept; axis order, NSTART and ORIGIN."""
+import errno
+import os
+
 import gemmi
 import mrcfile
 import numpy as np
 import pytest
 
 import gpu_refine as gr
+from gpu_refine.errors import InputError
 from gpu_refine.examples import helix_structure
+from gpu_refine.io import write_atomically
 from gpu_refine.model import structures_as_models
 from gpu_refine.restraints.topology import build_topology
 from gpu_refine.workflows import validate
@@ -164,3 +169,17 @@ def test_shared_mtz_map_fits_the_deposited_model(shared):
     result = validate(gr.read_model(shared / "xray/4xof/4xof.pdb"), emap, 1.15,
                       backend="numpy")
     assert result[0]["cc_mask"] > 0.9
+
+
+def test_a_write_that_fails_leaves_nothing_and_says_why(tmp_path):
+    """A full disk while writing: a one-line InputError naming the file; no temporary file
+    is left and an existing output is kept."""
+    target = tmp_path / "out.json"
+    target.write_text("keep me")
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(InputError, match="cannot write .*out.json: No space left on device"):
+        write_atomically(target, full, overwrite=True)
+    assert target.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
