@@ -295,8 +295,8 @@ class RealSpaceRefinement:
             if s.adp == "group":
                 what = f"one isotropic B per residue ({len(model.residues)} residues)"
             else:
-                what = f"individual isotropic B ({len(self.b_owner)} atoms)"
-                riding = model.n_atoms - len(self.b_owner)
+                riding = 0 if self.b_owner is None else model.n_atoms - len(self.b_owner)
+                what = f"individual isotropic B ({model.n_atoms - riding} atoms)"
                 if riding:
                     what += f"; {riding} hydrogens ride on the B of the atom they are bonded to"
             log.info("ADP: %s", what)
@@ -307,20 +307,18 @@ class RealSpaceRefinement:
                         "against)", int(self.outside.any(axis=0).sum()), " and ".join(kept_what))
 
     def _b_parameters(self):
-        """(the B parameter of each atom, the atom whose B each parameter starts from): one
-        per residue (adp=group), else one per atom but for hydrogens, which ride on the B of
-        the atom they are bonded to (as Refmac and phenix keep them): the map hardly sees a
-        hydrogen's B (EMD-2566 with its H refined free: 223 of 1437 H at the lower bound).
-        (None, atoms) where every atom has its own."""
-        n = self.model.n_atoms
+        """(the B parameter of each atom, the atom whose B each parameter starts from, or
+        None to start from the mean B of its atoms); (None, None) where every atom has its
+        own.  adp=group: one per residue.  adp=individual: one per atom, but a hydrogen rides
+        on the B of the atom it is bonded to, as Servalcat keeps it: the map hardly sees an
+        H's B (EMD-2566 with its H free: 223 of its 1437 H went to the lower bound)."""
         if self.settings.adp == "group":
-            owner = np.unique(self.model.residue_index, return_index=True)[1]
-            return np.asarray(self.model.residue_index), owner
+            return np.asarray(self.model.residue_index), None
+        atoms = np.arange(self.model.n_atoms)
         parent = self.topology.hydrogen_parents()
-        own = np.where(parent >= 0, parent, np.arange(n))
-        if (own == np.arange(n)).all():
-            return None, np.arange(n)
-        owner, index = np.unique(own, return_inverse=True)
+        if (parent < 0).all():
+            return None, None
+        owner, index = np.unique(np.where(parent >= 0, parent, atoms), return_inverse=True)
         return index, owner
 
     # -- one parameter class at a time ------------------------------------------------------
@@ -351,8 +349,8 @@ class RealSpaceRefinement:
         return res
 
     def _b_map(self):
-        """(to atom B, gradient back to parameters) for the B parameters of ``b_parameters``;
-        None for one parameter per atom."""
+        """(to atom B, gradient back to parameters) for the parameters of ``_b_parameters``;
+        None where every atom has its own."""
         if self.b_index is None:
             return None
         xp = self.backend.xp
@@ -379,7 +377,7 @@ class RealSpaceRefinement:
             to_atoms, back = mapping
             index, n = self.b_index, int(self.b_index.max()) + 1
             b = self.backend.to_numpy(batch.b).astype(np.float64)
-            if self.settings.adp == "group":   # each residue starts at its atoms' mean B
+            if self.b_owner is None:   # each residue starts at its atoms' mean B
                 counts = np.bincount(index, minlength=n)
                 p0 = np.stack([np.bincount(index, weights=bi, minlength=n) for bi in b])
                 p0 /= np.maximum(counts, 1)
