@@ -2,6 +2,7 @@
 deposited-model statistics, nonbonded pair lists, ADP restraints, regularisation, bad input."""
 import io
 import logging
+import warnings
 
 import gemmi
 import numpy as np
@@ -11,7 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from gpu_refine import examples
 from gpu_refine.errors import InputError
-from gpu_refine.model import Model, read_model
+from gpu_refine.model import Batch, Model, read_model
 from gpu_refine.restraints.adp import ADPRestraints
 from gpu_refine.restraints.geometry import GeometryRestraints
 from gpu_refine.restraints.nonbonded import NonbondedSettings
@@ -467,6 +468,28 @@ def test_duplicated_atoms_are_an_error():
         build_topology(Model.from_gemmi(st))
     res[1].altloc, res[len(res) - 1].altloc, res[1].occ, res[len(res) - 1].occ = "A", "B", .5, .5
     assert build_topology(Model.from_gemmi(st)).n_atoms == len(list(st[0].all()))
+
+
+def test_atoms_on_each_other(caplog):
+    """A bonded pair at one place has no direction for its restraints (the gradient is not a
+    number; a refinement froze the model): regularisation refuses it with the atoms named and
+    the geometry report warns; two conformers at one place are fine."""
+    st = read_model_from_helix().structure.clone()
+    res = st[0][0][5]
+    res["CB"][0].pos = res["CA"][0].pos
+    model = Model.from_gemmi(st)
+    batch = Batch.from_model(model, 2, backend="numpy", dtype=np.float64)
+    with pytest.raises(InputError, match="model 1: atoms A/LYS 6/CA and A/LYS 6/CB lie on "
+                                         "each other: restraints cannot tell"):
+        regularize(batch)
+    caplog.set_level(logging.WARNING, logger="gpu_refine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = geometry_report(model)[1][0]
+    assert "A/LYS 6/CA and A/LYS 6/CB lie on each other" in caplog.text
+    assert report["n_outliers"] > 0
+    res["CA"][0].altloc, res["CB"][0].altloc = "A", "B"
+    assert build_topology(Model.from_gemmi(st)).coincident(model.xyz) is None
 
 
 @pytest.mark.parametrize("library", ["builtin", "ccp4"])

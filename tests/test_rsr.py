@@ -422,6 +422,13 @@ def test_bad_input(helix):
             refine_real_space(model, map_data, d, backend="numpy")
     with pytest.raises(gr.ParameterError, match="strategy"):
         refine_real_space(model, map_data, 3.0, strategy="minimisation_global", backend="numpy")
+    piled = model.xyz.copy()
+    piled[7] = piled[30]
+    with pytest.raises(gr.InputError, match="start 2: atoms .* lie on each other"):
+        refine_real_space(model, map_data, 3.0, backend="numpy",
+                          batch=Batch(model, np.stack([model.xyz, piled]),
+                                      np.stack([model.b] * 2), np.stack([model.occ] * 2),
+                                      backend="numpy"))
     with pytest.raises(gr.ParameterError, match="unknown parameter"):
         refine_real_space(model, map_data, 3.0, wieght=3, backend="numpy")
     with pytest.raises(gr.ParameterError, match="adp"):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import gemmi
 import numpy as np
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from ..errors import InputError, ParameterError
@@ -40,6 +41,7 @@ LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by seque
 SELF_LINK_REACH = 3.0  # Å, longest contact of a residue with its own image taken for a link
 PACKING_CLASH = 1.0    # Å, closer than this to a symmetry mate an atom's cell is not a crystal's
 H_DISTANCES = ("electron", "nucleus")
+COINCIDENT = 0.01      # Å, atoms of one conformer this close give their restraints no direction
 
 
 @dataclass
@@ -103,6 +105,23 @@ class Topology:
             riding = is_h[h] & ~is_h[other]
             parent[h[riding]] = other[riding]
         return parent
+
+    def coincident(self, xyz):
+        """One line naming the atoms of one conformer that lie on each other (within
+        COINCIDENT Å) in ``xyz`` (N, 3), or None.  A restraint between them has no direction
+        (its gradient is not a number): such a model (atoms a program put at one place, a
+        residue pasted twice) cannot be refined or regularised until one is moved."""
+        pairs = cKDTree(np.asarray(xyz, dtype=np.float64)).query_pairs(COINCIDENT,
+                                                                       output_type="ndarray")
+        alt = self.altloc[pairs]
+        pairs = pairs[(alt[:, 0] == alt[:, 1]) | (alt == "").any(axis=1)]
+        if not len(pairs):
+            return None
+        i, j = sorted(pairs.tolist())[0]
+        n = len(pairs) - 1
+        more = f" (and {n} more pair{'s' if n > 1 else ''})" if n else ""
+        return (f"atoms {self.label(i)} and {self.label(j)} lie on each other{more}: "
+                "restraints cannot tell which way to separate them; move or remove one")
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),

@@ -4,6 +4,7 @@ import logging
 import numpy as np
 
 from ..backend import get_backend
+from ..errors import InputError
 from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch
 from ..restraints.geometry import GeometryRestraints
@@ -23,15 +24,26 @@ def geometry_report(model, monlib=None, dictionaries=(), ignore_unknown=False, x
                               find_links=find_links, apply_all_trans=apply_all_trans)
     restraints = GeometryRestraints(topology, backend=backend, dtype=np.float64)
     coords = model.xyz[None] if xyz is None else xyz
-    return topology, geometry_statistics(restraints, coords)
+    problems = [(k, topology.coincident(x)) for k, x in enumerate(coords)]
+    for k, problem in problems:
+        if problem:
+            log.warning("%s%s", f"model {k + 1}: " if len(coords) > 1 else "", problem)
+    # Said above: the angles at atoms that lie on each other are not numbers.
+    with np.errstate(invalid="ignore" if any(p for _, p in problems) else "warn"):
+        return topology, geometry_statistics(restraints, coords)
 
 
 def regularize(batch, restraints=None, settings=None, monlib=None):
     """Minimise T_restraints for every model of ``batch`` in place; returns the LBFGSResult."""
     bk = batch.backend
+    topology = (build_topology(batch.model, monlib=monlib) if restraints is None
+                else restraints.topology)
+    for k, x in enumerate(bk.to_numpy(batch.xyz)):
+        problem = topology.coincident(x)
+        if problem:
+            raise InputError(f"model {k + 1}: {problem}" if batch.size > 1 else problem)
     if restraints is None:
-        restraints = GeometryRestraints(build_topology(batch.model, monlib=monlib), backend=bk,
-                                        dtype=batch.xyz.dtype)
+        restraints = GeometryRestraints(topology, backend=bk, dtype=batch.xyz.dtype)
     shape = batch.xyz.shape
 
     def fg(x):
