@@ -18,6 +18,12 @@ from .io import check_readable, write_atomically
 log = logging.getLogger(__name__)
 
 
+def _atoms_of(st, flags):
+    """"N atoms (e.g. chain/RES seq/name occupancy)" for the atoms ``flags`` marks."""
+    first = next(c for c, f in zip(st[0].all(), flags) if f)
+    return f"{int(np.sum(flags))} atoms (e.g. {first} occupancy {first.atom.occ:.2f})"
+
+
 @dataclass
 class Model:
     """One topology.  Arrays are NumPy; ``structure`` holds exactly the atoms of the arrays."""
@@ -81,6 +87,12 @@ class Model:
             log.warning("%d atoms have B below 0 (lowest %.1f Å²), which no displacement has: "
                         "model maps take them as given; refined B start them at 1 Å²",
                         int(negative.sum()), float(model.b.min()))
+        if (model.occ < 0).any():
+            raise InputError(f"{_atoms_of(st, model.occ < 0)} have occupancy below 0: set them "
+                             "to 0 (absent) or to what they are")
+        if (model.occ > 1).any():
+            log.warning("%s have occupancy above 1: model maps take them as given; occupancy "
+                        "refinement brings them to 1 at most", _atoms_of(st, model.occ > 1))
         return model
 
     def check_finite(self):

@@ -65,6 +65,19 @@ def test_negative_b_is_flagged(caplog):
     model = gr.Model.from_gemmi(st)
     assert model.b[0] == -5.0
     assert "1 atoms have B below 0 (lowest -5.0 Å²)" in caplog.text
+    assert "occupancy" not in caplog.text
+
+
+def test_occupancy_above_1_is_flagged_and_below_0_refused(caplog):
+    st = helix_structure("AAK")
+    atoms = list(st[0].all())
+    atoms[4].atom.occ = 1.5
+    gr.Model.from_gemmi(st)
+    assert "1 atoms (e.g. A/ALA 1/CB occupancy 1.50) have occupancy above 1" in caplog.text
+    atoms[6].atom.occ = -0.5
+    with pytest.raises(InputError, match=r"1 atoms \(e.g. A/ALA 2/CA occupancy -0.50\) have "
+                                         "occupancy below 0"):
+        gr.Model.from_gemmi(st)
 
 
 def test_read_batch_from_multimodel_file(tmp_path):

@@ -380,6 +380,19 @@ def test_b_parameters_gradient_is_the_adjoint_of_their_map_to_atoms(helix, rng, 
                                rtol=1e-12)
 
 
+def test_occupancy_above_1_is_refined_to_1_at_most(helix):
+    model, map_data = helix
+    st = model.structure.clone()
+    for atom in st[0][0][4]:
+        atom.occ = 1.5
+    start = gr.Model.from_gemmi(st)
+    result = refine_real_space(start, map_data, 3.0, backend="numpy", weight=5.0,
+                               strategy="minimization_global+occupancy", macro_cycles=1,
+                               monlib=None)
+    occ = result.batch.occ[0]
+    assert np.all(occ[start.residue_index == 4] <= 1.0) and np.all(occ[start.occ == 1.0] == 1.0)
+
+
 def test_altloc_occupancies_sum_to_one(helix):
     """Two conformers of one residue: the parametrisation keeps their sum at 1, and its
     gradient matches finite differences."""

@@ -173,7 +173,8 @@ class WeightChoice:
 
 
 class _Groups:
-    """Occupancy groups: one per (residue, altloc) of atoms with altlocs or partial occupancy;
+    """Occupancy groups: one per (residue, altloc) of atoms with altlocs or an occupancy
+    other than 1 (partial, or above 1 in a faulty file: the bounds bring it to 1 at most);
     the altloc groups of one residue are constrained to sum to 1 (occ_g = p_g / sum p).
     Atoms without altloc at occupancy 0 are marked absent (e.g. H that reduce could not
     place) and stay at 0 (``n_absent``)."""
@@ -185,7 +186,7 @@ class _Groups:
         for i, (alt, occ, r) in enumerate(zip(altlocs, model.occ, model.residue_index)):
             if alt == "\0" and occ <= 0.0:
                 self.n_absent += 1
-            elif alt != "\0" or occ < 1.0:
+            elif alt != "\0" or occ != 1.0:
                 gid[i] = keys.setdefault((int(r), alt), len(keys))
         g = len(keys)
         residues = sorted({r for (r, alt) in keys if alt != "\0"})
