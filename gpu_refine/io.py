@@ -53,11 +53,15 @@ def _temporary_beside(path):
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def check_output(path, overwrite=False):
-    """Before the work that ``path`` is to receive: InputError if it exists (and
-    ``overwrite`` is false) or cannot be written there (a file is made and removed beside it;
-    its directory is created if missing)."""
+def check_output(path, overwrite=False, inputs=()):
+    """Before the work that ``path`` is to receive: InputError if it is one of the ``inputs``
+    (even with ``overwrite``), exists (and ``overwrite`` is false) or cannot be written there
+    (a file is made and removed beside it; its directory is created if missing)."""
     path = os.fspath(path)
+    for given in inputs:
+        if given and os.path.realpath(path) == os.path.realpath(given):
+            raise InputError(f"output {path} would replace the input {given}; choose another "
+                             "output name")
     _refuse_existing(path, overwrite)
     fd, tmp = _temporary_beside(path)
     os.close(fd)

@@ -118,6 +118,16 @@ def test_bad_inputs(example, tmp_path):
     rc, _, err = cli("map", model, "resolution=3", f"output={tmp_path / 'taken.mrc'}")
     _one_line_error(rc, err)
     assert (tmp_path / "taken.mrc").read_text() == "keep me"
+    # ... and an input is not replaced, even with --overwrite
+    (tmp_path / "m.cif").write_bytes(model.read_bytes())
+    for args in (("rsr", tmp_path / "m.cif", emap, f"output.prefix={tmp_path / 'm'}",
+                  "resolution=3"),
+                 ("map", tmp_path / "m.cif", emap, f"output={emap}", "resolution=3"),
+                 ("geometry", tmp_path / "m.cif", f"json={tmp_path / 'm.cif'}")):
+        rc, _, err = cli(*args, "--overwrite")
+        _one_line_error(rc, err)
+        assert "would replace the input" in err
+    assert (tmp_path / "m.cif").read_bytes() == model.read_bytes()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")

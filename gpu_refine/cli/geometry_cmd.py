@@ -52,7 +52,7 @@ def _table(r):
 
 def main(args):
     if args.json:
-        check_output(args.json, args.overwrite)
+        check_output(args.json, args.overwrite, inputs=(args.model,))
     batch = read_batch(args.model, backend=args.backend, dtype="float64")
     xyz = batch.backend.to_numpy(batch.xyz)
     topology, results = geometry_report(batch.model, monlib=args.monlib,

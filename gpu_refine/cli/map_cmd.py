@@ -28,7 +28,7 @@ def add_arguments(parser):
 
 def main(args):
     default_resolution(args)
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, inputs=(args.model, args.map))
     batch = read_batch(args.model, backend=args.backend)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(batch, args.resolution, spec, table=args.table,

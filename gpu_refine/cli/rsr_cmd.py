@@ -98,7 +98,8 @@ def _outputs(args, n_models):
         if existing:
             raise InputError(f"output exists and would be overwritten: {existing[0]} "
                              "(use --overwrite or another output.prefix)")
-    check_output(names["log"], overwrite=True)   # can be written (all go to one directory)
+    for path in names.values():
+        check_output(path, overwrite=True, inputs=(args.model, args.map))
     return names
 
 

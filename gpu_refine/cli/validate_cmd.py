@@ -32,7 +32,7 @@ def add_arguments(parser):
 def main(args):
     default_resolution(args)
     if args.json:
-        check_output(args.json, args.overwrite)
+        check_output(args.json, args.overwrite, inputs=(args.model, args.map))
     batch = read_batch(args.model, backend=args.backend)
     map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
