@@ -44,7 +44,8 @@ def read_map(path, labels=None):
                 h = mrc.header
                 raw = mrc.data
                 if raw is None or h is None:
-                    raise ValueError("no data block")
+                    raise ValueError("its data are missing or shorter than its header says "
+                                     "(a truncated file?)")
                 data = np.asarray(raw, dtype=np.float32)
                 axes = [int(h.maps), int(h.mapr), int(h.mapc)]   # data dims are (sec, row, col)
                 starts = [int(h.nzstart), int(h.nystart), int(h.nxstart)]

@@ -158,6 +158,8 @@ def read_batch(path, backend=None, dtype=np.float32):
         st = gemmi.read_structure(path, merge_chain_parts=True)
     except Exception as exc:
         raise InputError(f"cannot read model {path}: {exc}") from None
+    if len(st) == 0:
+        raise InputError(f"the model {path} has no atoms")
     models = [Model.from_gemmi(st, i) for i in range(len(st))]
     ref = models[0]
     for i, m in enumerate(models[1:], start=2):

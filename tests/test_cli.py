@@ -86,6 +86,14 @@ def test_bad_inputs(example, tmp_path):
     (tmp_path / "empty.pdb").write_text("END\n")
     rc, _, err = cli("validate", tmp_path / "empty.pdb", emap, "resolution=3")
     _one_line_error(rc, err)
+    (tmp_path / "empty.cif").write_text("data_x\n")
+    rc, _, err = cli("geometry", tmp_path / "empty.cif")
+    _one_line_error(rc, err)
+    assert "has no atoms" in err
+    (tmp_path / "cut.mrc").write_bytes(emap.read_bytes()[:5000])
+    rc, _, err = cli("validate", model, tmp_path / "cut.mrc", "resolution=3")
+    _one_line_error(rc, err)
+    assert "truncated file" in err
     rc, _, err = cli("validate", model, emap, "resolutoin=3")
     _one_line_error(rc, err)
     assert "did you mean resolution" in err
