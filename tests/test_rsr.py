@@ -380,6 +380,16 @@ def test_b_parameters_gradient_is_the_adjoint_of_their_map_to_atoms(helix, rng, 
                                rtol=1e-12)
 
 
+def test_hydrogen_distances_follow_the_scattering_table():
+    """X-H targets to the nucleus against a cryo-EM map (electron scattering, as Servalcat),
+    to the electron cloud against an X-ray one; as given where given."""
+    assert RSRSettings(resolution=3).check().h_distances == "nucleus"
+    assert RSRSettings(resolution=3, table="xray").check().h_distances == "electron"
+    assert RSRSettings(resolution=3, h_distances="electron").check().h_distances == "electron"
+    with pytest.raises(gr.ParameterError, match="h_distances must be"):
+        RSRSettings(resolution=3, h_distances="proton").check()
+
+
 def test_occupancy_above_1_is_refined_to_1_at_most(helix):
     model, map_data = helix
     st = model.structure.clone()

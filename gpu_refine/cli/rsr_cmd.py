@@ -56,7 +56,8 @@ SETTINGS = {
     "mask_edge": (float, "Å of the mask's cosine edge"),
     "cushion": (float, "Å of map boxed beyond the mask"),
     "monlib": (str, RESTRAINT_HELP["monlib"]),
-    "h_distances": (str, RESTRAINT_HELP["h_distances"]),
+    "h_distances": (str, RESTRAINT_HELP["h_distances"] + " (default nucleus with "
+                         "table=electron, as Servalcat; electron with table=xray)"),
     "table": (str, "scattering factors: electron (cryo-EM) | xray"),
     "find_links": (boolean, RESTRAINT_HELP["find_links"]),
     "apply_all_trans": (boolean, RESTRAINT_HELP["apply_all_trans"]),
