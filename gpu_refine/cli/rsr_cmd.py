@@ -20,7 +20,6 @@ import time
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError
 from ..maps import read_map
 from ..model import check_pdb_format, read_batch, structures_as_models, write_model
 from ..io import check_output, write_atomically
@@ -94,13 +93,8 @@ def _outputs(args, n_models):
         names["pdb"] = prefix + ".pdb"
         if n_models > 1:
             names["best_pdb"] = prefix + "_best.pdb"
-    if not args.overwrite:
-        existing = [p for p in names.values() if os.path.exists(p)]
-        if existing:
-            raise InputError(f"output exists and would be overwritten: {existing[0]} "
-                             "(use --overwrite or another output.prefix)")
     for path in names.values():
-        check_output(path, overwrite=True, inputs=(args.model, args.map))
+        check_output(path, args.overwrite, inputs=(args.model, args.map))
     return names
 
 

@@ -106,22 +106,27 @@ class Topology:
             parent[h[riding]] = other[riding]
         return parent
 
-    def coincident(self, xyz):
-        """One line naming the atoms of one conformer that lie on each other (within
-        COINCIDENT Å) in ``xyz`` (N, 3), or None.  A restraint between them has no direction
-        (its gradient is not a number): such a model (atoms a program put at one place, a
-        residue pasted twice) cannot be refined or regularised until one is moved."""
-        pairs = cKDTree(np.asarray(xyz, dtype=np.float64)).query_pairs(COINCIDENT,
-                                                                       output_type="ndarray")
-        alt = self.altloc[pairs]
-        pairs = pairs[(alt[:, 0] == alt[:, 1]) | (alt == "").any(axis=1)]
-        if not len(pairs):
-            return None
-        i, j = sorted(pairs.tolist())[0]
-        n = len(pairs) - 1
-        more = f" (and {n} more pair{'s' if n > 1 else ''})" if n else ""
-        return (f"atoms {self.label(i)} and {self.label(j)} lie on each other{more}: "
-                "restraints cannot tell which way to separate them; move or remove one")
+    def coincident(self, coords, noun="model"):
+        """One line per model of ``coords`` (B, N, 3) naming atoms of one conformer that lie
+        on each other (within COINCIDENT Å), "{noun} k: " before it where B > 1.  A restraint
+        between them has no direction (its gradient is not a number): such a model (atoms a
+        program put at one place, a residue pasted twice) cannot be refined or regularised
+        until one is moved."""
+        problems = []
+        for k, xyz in enumerate(np.asarray(coords, dtype=np.float64)):
+            pairs = cKDTree(xyz).query_pairs(COINCIDENT, output_type="ndarray")
+            alt = self.altloc[pairs]
+            pairs = pairs[(alt[:, 0] == alt[:, 1]) | (alt == "").any(axis=1)]
+            if not len(pairs):
+                continue
+            i, j = sorted(pairs.tolist())[0]
+            n = len(pairs) - 1
+            more = f" (and {n} more pair{'s' if n > 1 else ''})" if n else ""
+            problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}atoms "
+                            f"{self.label(i)} and {self.label(j)} lie on each other{more}: "
+                            "restraints cannot tell which way to separate them; move or "
+                            "remove one")
+        return problems
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),

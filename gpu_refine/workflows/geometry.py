@@ -24,12 +24,11 @@ def geometry_report(model, monlib=None, dictionaries=(), ignore_unknown=False, x
                               find_links=find_links, apply_all_trans=apply_all_trans)
     restraints = GeometryRestraints(topology, backend=backend, dtype=np.float64)
     coords = model.xyz[None] if xyz is None else xyz
-    problems = [(k, topology.coincident(x)) for k, x in enumerate(coords)]
-    for k, problem in problems:
-        if problem:
-            log.warning("%s%s", f"model {k + 1}: " if len(coords) > 1 else "", problem)
+    problems = topology.coincident(coords)
+    for problem in problems:
+        log.warning("%s", problem)
     # Said above: the angles at atoms that lie on each other are not numbers.
-    with np.errstate(invalid="ignore" if any(p for _, p in problems) else "warn"):
+    with np.errstate(invalid="ignore" if problems else "warn"):
         return topology, geometry_statistics(restraints, coords)
 
 
@@ -38,10 +37,9 @@ def regularize(batch, restraints=None, settings=None, monlib=None):
     bk = batch.backend
     topology = (build_topology(batch.model, monlib=monlib) if restraints is None
                 else restraints.topology)
-    for k, x in enumerate(bk.to_numpy(batch.xyz)):
-        problem = topology.coincident(x)
-        if problem:
-            raise InputError(f"model {k + 1}: {problem}" if batch.size > 1 else problem)
+    problems = topology.coincident(bk.to_numpy(batch.xyz))
+    if problems:
+        raise InputError(problems[0])
     if restraints is None:
         restraints = GeometryRestraints(topology, backend=bk, dtype=batch.xyz.dtype)
     shape = batch.xyz.shape

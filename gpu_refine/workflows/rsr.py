@@ -262,10 +262,9 @@ class RealSpaceRefinement:
                                        ignore_unknown=s.ignore_unknown,
                                        h_distances=s.h_distances, find_links=s.find_links,
                                        apply_all_trans=s.apply_all_trans)
-        for k, xyz in enumerate(self.starts.xyz):
-            problem = self.topology.coincident(xyz)
-            if problem:
-                raise InputError(problem if self.starts.size == 1 else f"start {k + 1}: {problem}")
+        problems = self.topology.coincident(self.starts.xyz, "start")
+        if problems:
+            raise InputError(problems[0])
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.prepared = prepare_map(map_data, self.starts.xyz, s.cushion, s.mask_radius,
