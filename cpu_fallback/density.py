@@ -36,20 +36,18 @@ _FOUR_PI2 = 4.0 * np.pi**2
 _PAIRS_PER_CHUNK = 1 << 21
 
 
+@functools.lru_cache(maxsize=1)
 def _worker_count():
-    """GPU_REFINE_THREADS if set, else the cores this process may use (at most 16)."""
+    """GPU_REFINE_THREADS if set, else the cores this process may use (at most 16).  Read at
+    the first model map, not at import, so that a command can check the variable first."""
     value = os.environ.get("GPU_REFINE_THREADS", "").strip()
     if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            logging.getLogger(__name__).warning(
-                "GPU_REFINE_THREADS=%r is not a number of threads; using one per core", value)
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+        logging.getLogger(__name__).warning(
+            "GPU_REFINE_THREADS=%r is not a number of threads; using one per core", value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(16, cores or 1))
-
-
-_WORKERS = _worker_count()
 
 
 def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
@@ -254,7 +252,7 @@ def _boxes(boxes, layout, select, real, per_chunk):
         members = members[np.argsort(base_lin[members], kind="stable")]
         off_lin = np.indices(ext[perm]).reshape(3, -1).T @ grid.strides[perm]
         # At least one chunk per worker thread, at most per_chunk points each.
-        chunk = max(1, min(per_chunk // len(off_lin), -(-len(members) // _WORKERS)))
+        chunk = max(1, min(per_chunk // len(off_lin), -(-len(members) // _worker_count())))
         for s in range(0, len(members), chunk):
             chunks.append(functools.partial(build, members[s:s + chunk], ext, off_lin))
     return chunks
@@ -263,7 +261,8 @@ def _boxes(boxes, layout, select, real, per_chunk):
 def _by_worker(fn, chunks):
     """[fn(share)] for shares of ``chunks`` (callables), one share per worker thread: NumPy's
     array loops, matmul and einsum release the GIL, so the chunks of a model run side by side."""
-    shares = [chunks[i::_WORKERS] for i in range(min(_WORKERS, len(chunks)))]
+    workers = _worker_count()
+    shares = [chunks[i::workers] for i in range(min(workers, len(chunks)))]
     if len(shares) < 2:
         return [fn(chunks)]
     return list(_pool().map(fn, shares))
@@ -271,7 +270,7 @@ def _by_worker(fn, chunks):
 
 @functools.lru_cache(maxsize=1)
 def _pool():
-    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="gpu_refine-density")
+    return ThreadPoolExecutor(_worker_count(), thread_name_prefix="gpu_refine-density")
 
 
 def _line_and_plane(k, d, q, fac):

@@ -261,7 +261,9 @@ class ModelMapper:
         if self._filter is None or self._filter[0] != blur:
             xp = self.backend.xp
             s2 = self.spec.s2(xp)
-            keep = s2 <= 1.0 / self.resolution**2 if self.resolution else xp.ones(s2.shape, bool)
+            # Terms on the resolution sphere (grids of d/3 have them) are kept on every CPU.
+            limit = (1.0 + 1e-9) / self.resolution**2
+            keep = s2 <= limit if self.resolution else xp.ones(s2.shape, bool)
             self._filter = (blur, xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0))
         return self._filter[1]
 

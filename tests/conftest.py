@@ -1,4 +1,5 @@
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,39 @@ def shared():
     return SHARED
 
 
-@pytest.fixture(scope="session")
-def rng():
-    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None,
+                     help="seed of the rng fixture (default: $GPU_REFINE_TEST_SEED, else random)")
+
+
+def _seed(config):
+    """The rng fixture's seed: --seed, else GPU_REFINE_TEST_SEED, else a fresh random one."""
+    if not hasattr(config, "_gpu_refine_seed"):
+        given = config.getoption("--seed")
+        if given is None and os.environ.get("GPU_REFINE_TEST_SEED"):
+            given = int(os.environ["GPU_REFINE_TEST_SEED"])
+        config._gpu_refine_seed = (given if given is not None
+                                   else int.from_bytes(os.urandom(4), "little"))
+    return config._gpu_refine_seed
+
+
+def pytest_report_header(config):
+    return f"rng seed: {_seed(config)} (replay with --seed={_seed(config)})"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failure on random inputs names the seed that replays it."""
+    report = yield
+    if report.failed and "rng" in getattr(item, "fixturenames", ()):
+        seed = _seed(item.config)
+        report.sections.append(("rng seed", f"{seed}: replay with --seed={seed} "
+                                            f"or GPU_REFINE_TEST_SEED={seed}"))
+    return report
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs for each test, drawn from the session's seed and the test's id, so
+    that one failing test replays alone with the seed its report names."""
+    return np.random.default_rng([_seed(request.config), zlib.crc32(request.node.nodeid.encode())])

@@ -1,5 +1,7 @@
 """The command line as a user runs it: outputs, one-line errors, exit codes."""
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -12,30 +14,43 @@ import pytest
 
 import gpu_refine as gr
 from gpu_refine.cli import rsr_cmd
-from gpu_refine.cli.main import build_parser
+from gpu_refine.cli.main import build_parser, run
 from gpu_refine.cli.params import translate
 from gpu_refine.examples import helix_structure
 from gpu_refine.workflows.rsr import RSRSettings
 from helpers import crystal_map, write_mtz
 
 
-def cli(*args, cwd=None):
-    p = subprocess.run([sys.executable, "-m", "gpu_refine", *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
+def cli(*args, cwd=None, child=False):
+    """(exit code, stdout, stderr) of ``gpu-refine ARGS``: run in this process through the
+    CLI's own ``run`` (as the entry point calls it), or with ``child`` as a real process."""
+    argv = [str(a) for a in args]
+    if child:
+        p = subprocess.run([sys.executable, "-m", "gpu_refine", *argv], cwd=cwd,
+                           capture_output=True, text=True, timeout=600)
+        return p.returncode, p.stdout, p.stderr
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = run(argv)
+    finally:
+        os.chdir(here)
+    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     d = tmp_path_factory.mktemp("ex")
-    rc, out, err = cli("example", f"directory={d}", "--backend", "numpy")
+    rc, out, err = cli("example", f"directory={d}", "--backend", "numpy", child=True)
     assert rc == 0, err
     return d
 
 
 def test_validate_and_map(example, tmp_path):
     rc, out, err = cli("validate", example / "helix.cif", example / "helix_3A.mrc",
-                       "resolution=3", f"json={tmp_path / 'v.json'}", "backend=numpy")
+                       "resolution=3", f"json={tmp_path / 'v.json'}", "backend=numpy",
+                       child=True)
     assert rc == 0, err
     assert "CCmask" in out and "device:" in out and "command: gpu-refine validate" in out
     r = json.loads((tmp_path / "v.json").read_text())
@@ -73,7 +88,7 @@ def _one_line_error(rc, err):
 
 def test_bad_inputs(example, tmp_path):
     model, emap = example / "helix.cif", example / "helix_3A.mrc"
-    rc, _, err = cli("validate", tmp_path / "missing.pdb", emap, "resolution=3")
+    rc, _, err = cli("validate", tmp_path / "missing.pdb", emap, "resolution=3", child=True)
     _one_line_error(rc, err)
     assert "not found" in err
     (tmp_path / "model.xyz").write_text("nothing")

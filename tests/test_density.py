@@ -86,8 +86,11 @@ def test_radii_follow_b_changed_in_place(backend):
     batch.b[1] += 60.0
     after = backend.to_numpy(mapper.exact(batch, 20.0))
     fresh = ModelMapper(spec, 2.5, DensitySettings(blur=20.0), backend=backend)
-    assert np.array_equal(after, backend.to_numpy(fresh.exact(batch, 20.0)))
-    assert np.array_equal(after[0], before[0]) and not np.allclose(after[1], before[1])
+    # Same radii, same map: to float32 rounding, since a GPU adds atoms in any order.
+    np.testing.assert_allclose(after, backend.to_numpy(fresh.exact(batch, 20.0)),
+                               rtol=1e-5, atol=1e-6 * np.abs(after).max())
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-6 * np.abs(after).max())
+    assert not np.allclose(after[1], before[1])
 
 
 @pytest.mark.parametrize("cell,spacegroup,sampling", [

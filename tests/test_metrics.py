@@ -9,7 +9,7 @@ from scipy.fft import next_fast_len
 import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.examples import make_example
-from gpu_refine.mapprep import box_spec
+from gpu_refine.mapprep import box_indices, box_spec, enclosing_box
 from gpu_refine.metrics import (correlation, mask_and_box_cc, model_box, molecular_mask,
                                 molecular_masks, per_residue_cc)
 from gpu_refine.workflows import validate
@@ -154,24 +154,32 @@ def test_model_box_only_where_it_is_much_smaller_than_the_map():
     box = box_spec(large, lo, hi)
     inside = box.index_coordinates(model.xyz)
     step = np.sqrt((box.index_from_xyz ** 2).sum(axis=1))
-    assert np.all(inside.min(axis=0) >= 10.0 * step) and \
-        np.all(inside.max(axis=0) <= np.asarray(box.shape) - 1 - 10.0 * step)
+    # The model's edge lies 10 voxels inside by construction: allow for rounding, not a voxel.
+    slack = 1e-6
+    assert np.all(inside.min(axis=0) >= 10.0 * step - slack) and \
+        np.all(inside.max(axis=0) <= np.asarray(box.shape) - 1 - 10.0 * step + slack)
     _, small = gr.examples.simulated_map(model, 3.0, backend="numpy", padding=8.0)
     assert model_box(small, xyz) is None                  # reaches past the faces
     assert model_box(large, xyz + 20.0) is None           # moved near a face
     assert model_box(large, xyz, cushion=20.0) is None    # over half of the map
-    # Just room for the cushion along a, not for the FFT-friendly size the box grows to.
-    g = large.index_coordinates(model.xyz)
-    step = np.sqrt((large.index_from_xyz ** 2).sum(axis=1))
-    lo = np.floor(g.min(axis=0) - 10.0 * step).astype(int)
-    hi = np.ceil(g.max(axis=0) + 10.0 * step).astype(int) + 1
-    n = int(hi[0] - lo[0])
-    assert next_fast_len(n, real=True) > n
+    # Just room for the cushion along a (a voxel each side, so that no face sits on a grid
+    # point), not for the FFT-friendly size the box grows to.
+    for cushion in np.arange(10.0, 14.0, 0.1):
+        elo, ehi = enclosing_box(large, xyz, cushion)
+        m = int(ehi[0] - elo[0])
+        if next_fast_len(m, real=True) >= m + 3:
+            break
+    n = m + 2
     thin = dataclasses.replace(large, shape=(n,) + tuple(large.shape[1:]),
                                sampling=(n,) + tuple(large.sampling[1:]),
                                cell=(n * large.voxel_size[0],) + tuple(large.cell[1:]),
-                               origin=tuple(large.origin_xyz + lo[0] * large.xyz_from_index[:, 0]))
-    assert model_box(thin, xyz) is None
+                               origin=tuple(large.origin_xyz
+                                            + (elo[0] - 1) * large.xyz_from_index[:, 0]))
+    inner_lo, inner_hi = enclosing_box(thin, xyz, cushion)
+    assert inner_lo[0] >= 0 and inner_hi[0] <= n               # room for the cushion ...
+    grown_lo, grown_hi = box_indices(thin, xyz, cushion)
+    assert grown_lo[0] < 0 or grown_hi[0] > n                  # ... not for the grown box
+    assert model_box(thin, xyz, cushion) is None
 
 
 def test_correlation_is_pearsons_in_float64(backend, rng):

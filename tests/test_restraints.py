@@ -199,7 +199,9 @@ def test_a_residue_linked_to_its_own_image(backend, rng, record):
         deltas.append((backend.to_numpy(terms["bonds"][1])[0, link_bond],
                        backend.to_numpy(terms["torsions"][1])[0]))
     np.testing.assert_allclose(deltas[0][0], deltas[1][0], atol=1e-9)
-    np.testing.assert_allclose(deltas[0][1], deltas[1][1], atol=1e-9)
+    # The torsion sits at 180° against 90° with period 2: its deviation is ±π/2, the sign a
+    # matter of rounding, so compare the size that the energy sees.
+    np.testing.assert_allclose(np.abs(deltas[0][1]), np.abs(deltas[1][1]), atol=1e-9)
     _, (r,) = geometry_report(model)
     assert r["rmsd_bonds"] < 0.05 and r["n_overlaps"] == 0
     restraints = GeometryRestraints(topo, backend=backend, dtype=np.float64)
@@ -430,12 +432,13 @@ def test_regularisation_of_a_shaken_batch(shared, backend):
     model = without_h(shared / MODELS["3j6b"])
     topo = build_topology(model, monlib=shared / "monomers")
     restraints = GeometryRestraints(topo, backend=backend, dtype=np.float32)
-    batch = shaken_batch(model, 32, 0.3, seed=1, backend=backend)
+    n = 32 if backend.is_gpu else 4      # a batch, at the cost a CPU can spare
+    batch = shaken_batch(model, n, 0.3, seed=1, backend=backend)
     before = geometry_statistics(restraints, batch.xyz)
     assert min(r["rmsd_bonds"] for r in before) > 0.1
     regularize(batch, restraints)
     after = geometry_statistics(restraints, batch.xyz)
-    assert len(after) == 32
+    assert len(after) == n
     for r in after:
         assert r["rmsd_bonds"] < 0.01 and r["rmsd_angles"] < 1.5
         assert r["rmsd_planes"] < 0.01 and r["rmsd_chirals"] < 0.2

@@ -4,27 +4,61 @@ Exit codes: 0 ok; 1 a problem with the input or parameters (one-line reason on s
 2 command-line usage; 3 out of memory or an internal error (one line; details with --debug).
 """
 import argparse
+import contextlib
 import logging
+import os
 import shlex
+import signal
 import sys
+import threading
 
 from .. import __version__
-from ..errors import GpuRefineError
+from ..errors import GpuRefineError, ParameterError
 from . import example_cmd, geometry_cmd, map_cmd, rsr_cmd, validate_cmd
-from .params import expand_params_files, translate
+from .params import UsageError, check_repeats, expand_params_files, translate
 
 SUBCOMMANDS = {"map": map_cmd, "validate": validate_cmd, "geometry": geometry_cmd,
                "rsr": rsr_cmd, "example": example_cmd}
 log = logging.getLogger("gpu_refine")
 
 
-class UsageError(GpuRefineError):
-    """The command line itself is malformed (argparse's complaint): exit code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        # A value of the wrong kind is a parameter error (exit 1), as the checks of the
+        # values themselves are; a malformed command line is a usage error (exit 2).
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        if "invalid" in message and "value:" in message:
+            raise ParameterError(where + message)
+        raise UsageError(where + message)
+
+
+# Environment variables the commands read, and what each must be.
+MAX_THREADS = 1024
+
+
+def _check_environment():
+    value = os.environ.get("GPU_REFINE_THREADS", "").strip()
+    if value and not (value.isdigit() and 1 <= int(value) <= MAX_THREADS):
+        raise ParameterError(f"GPU_REFINE_THREADS={value!r}: give a number of threads from 1 "
+                             f"to {MAX_THREADS}, or leave it unset (one per core)")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a batch system's stop) ends a run as Ctrl-C does: its outputs are cleaned up
+    and its log says so."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser():
@@ -56,38 +90,52 @@ def _header(args, argv):
 
 
 def run(argv=None):
+    """Run one command line; returns the exit code.  The log goes to the current stdout."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     debug = "--debug" in argv
+    logger = logging.getLogger("gpu_refine")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
     try:
-        if argv and argv[0] in subparsers:
-            argv_t = [argv[0]] + translate(expand_params_files(argv[1:]), subparsers[argv[0]])
-        else:
-            argv_t = argv
-        args = parser.parse_args(argv_t)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="%(message)s", stream=sys.stdout)
-        _header(args, argv)
-        SUBCOMMANDS[args.command].main(args)
-        return 0
+        with _terminate_as_interrupt():
+            notes = []
+            if argv and argv[0] in subparsers:
+                tokens, sources = expand_params_files(argv[1:])
+                notes = check_repeats(tokens, sources, subparsers[argv[0]])
+                argv_t = [argv[0]] + translate(tokens, subparsers[argv[0]])
+            else:
+                argv_t = argv
+            args = parser.parse_args(argv_t)
+            if args.command is None:
+                parser.print_help(sys.stderr)
+                return 2
+            _check_environment()
+            logger.addHandler(console)
+            logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+            _header(args, argv)
+            for note in notes:
+                log.info("%s", note)
+            SUBCOMMANDS[args.command].main(args)
+            return 0
     except GpuRefineError as exc:
         print(f"gpu-refine: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except MemoryError:
         print("gpu-refine: error: out of memory; use a smaller batch or grid", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("gpu-refine: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gpu-refine: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130 if not str(exc) else 143
     except Exception as exc:
         if debug:
             raise
         print(f"gpu-refine: internal error: {exc.__class__.__name__}: {exc} "
               "(rerun with --debug for details)", file=sys.stderr)
         return 3
+    finally:
+        logger.removeHandler(console)
+        logger.setLevel(logging.NOTSET)
 
 
 def main():

@@ -4,9 +4,16 @@ A key matches an option exactly or as a unique dotted suffix (``prefix`` for ``o
 or ends with one (a phenix path, ``pdb_interpretation.peptide_link.apply_all_trans``); unknown
 keys get the close matches suggested.
 """
+import argparse
 import difflib
+import os
 
-from ..errors import ParameterError
+from ..errors import GpuRefineError, ParameterError
+
+
+class UsageError(GpuRefineError):
+    """The command line itself is malformed (argparse's complaint, a key given twice): exit
+    code 2."""
 
 # Help of the restraint parameters that geometry and rsr both take.
 RESTRAINT_HELP = {
@@ -72,8 +79,9 @@ def resolve_key(key, names):
 
 def expand_params_files(argv):
     """Replace each ``*.params`` argument by its lines (a run's effective parameters), so that
-    ``gpu-refine rsr P.params key=value`` reruns it with overrides; later tokens win."""
-    out = []
+    ``gpu-refine rsr P.params key=value`` reruns it with overrides.  Returns (tokens, sources):
+    each token's parameter file, or None for one typed on the command line."""
+    tokens, sources = [], []
     for tok in argv:
         if tok.endswith(".params") and "=" not in tok:
             try:
@@ -81,10 +89,45 @@ def expand_params_files(argv):
                     lines = [ln.strip() for ln in f]
             except OSError as exc:
                 raise ParameterError(f"cannot read parameter file {tok}: {exc.strerror}") from None
-            out += [ln for ln in lines if ln and not ln.startswith("#")]
+            lines = [ln for ln in lines if ln and not ln.startswith("#")]
+            tokens += lines
+            sources += [tok] * len(lines)
         else:
-            out.append(tok)
-    return out
+            tokens.append(tok)
+            sources.append(None)
+    return tokens, sources
+
+
+def _option_of(tok, names):
+    """The option name a ``key=value`` or ``--key`` token sets, else None (a positional)."""
+    if "=" in tok and not tok.startswith("-"):
+        key = tok.split("=", 1)[0]
+        return None if "/" in key or "\\" in key else resolve_key(key, names)
+    if tok.startswith("--") and len(tok) > 2:
+        return resolve_key(tok[2:].partition("=")[0], names)
+    return None
+
+
+def check_repeats(argv, sources, parser):
+    """UsageError for a parameter typed twice on the command line (the last would win
+    silently); a typed value that overrides a parameter file's is allowed: the notes say so."""
+    names = option_names(parser)
+    typed, from_file, notes = {}, {}, []
+    for tok, source in zip(argv, sources):
+        name = _option_of(tok, names)
+        if name is None or isinstance(names[name], argparse._AppendAction):
+            continue
+        if source is not None:
+            from_file[name] = (tok, source)
+        elif name in typed:
+            raise UsageError(f"parameter {name} is given twice ({typed[name]} and {tok}); "
+                             "give it once")
+        else:
+            typed[name] = tok
+            if name in from_file:
+                notes.append(f"{tok} overrides {from_file[name][0]} of "
+                             f"{os.path.basename(from_file[name][1])}")
+    return notes
 
 
 def translate(argv, parser):

@@ -1,5 +1,0 @@
-imol = read_pdb("sv_withH.pdb")
-imol_fo = make_and_draw_map("sv_withH_maps.mtz", "FWT", "PHWT", "", 0, 0)
-imol_fofc = make_and_draw_map("sv_withH_maps.mtz", "DELFWT", "PHDELWT", "", 0, 1)
-set_contour_level_absolute(imol_fo, 1.2)
-set_contour_level_absolute(imol_fofc, 4.0)
