@@ -68,6 +68,21 @@ def cutoff_radius(xp, coefs, bt, cutoff=1e-5, max_steps=64):
     return x1 + (x1 - x2) / denom * (cutoff - y1)
 
 
+def lowest_b(xp, batch):
+    """The smallest B of ``batch``'s atoms, an anisotropic atom's taken along its narrowest
+    axis (8pi² times a lower bound on U's smallest eigenvalue, by Gershgorin's discs): the
+    blur chosen from it keeps every atom's Gaussian positive, also where a deposited U is
+    not positive-definite."""
+    b_min = float(xp.min(batch.b)) if batch.b.size else 0.0
+    if batch.u is None or not batch.model.is_aniso.any():
+        return b_min
+    u = batch.u[:, xp.asarray(batch.model.is_aniso)]
+    off = xp.abs(u[..., 3:])
+    disc = u[..., :3] - xp.stack([off[..., 0] + off[..., 1], off[..., 0] + off[..., 2],
+                                  off[..., 1] + off[..., 2]], axis=-1)
+    return min(b_min, U_TO_B * float(xp.min(disc)))
+
+
 def refmac_blur(spacing, b_min):
     """Blur that makes the sampling adequate, as gemmi's set_refmac_compatible_blur (≥ 0)."""
     return max(0.0, U_TO_B / 1.1 * spacing**2 - b_min)
@@ -174,8 +189,7 @@ class ModelMapper:
         if self.settings.blur is not None:
             return float(self.settings.blur)
         spacing = float(min(self.spec.voxel_size))
-        b_min = float(self.backend.xp.min(batch.b)) if batch.b.size else 0.0
-        return refmac_blur(spacing, b_min)
+        return refmac_blur(spacing, lowest_b(self.backend.xp, batch))
 
     def _inputs(self, batch, blur):
         """Kernel inputs, the copies' atoms after the model's: (xyz, b, u, is_aniso, occ,

@@ -15,3 +15,7 @@ class ParameterError(GpuRefineError):
 
 class BackendError(GpuRefineError):
     """The requested compute backend cannot run here."""
+
+
+class ResultError(GpuRefineError):
+    """A computation produced a number that cannot be reported (NaN or infinite)."""

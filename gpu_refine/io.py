@@ -1,5 +1,7 @@
 """File checks and safe writing shared by the readers and writers."""
+import contextlib
 import os
+import socket
 import tempfile
 
 from .errors import InputError
@@ -53,11 +55,17 @@ def _temporary_beside(path):
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def check_output(path, overwrite=False, inputs=()):
+def check_output(path, overwrite=False, inputs=(), kind=None):
     """Before the work that ``path`` is to receive: InputError if it is one of the ``inputs``
-    (even with ``overwrite``), exists (and ``overwrite`` is false) or cannot be written there
-    (a file is made and removed beside it; its directory is created if missing)."""
+    (even with ``overwrite``), is not named as a ``kind`` file ("model" or "map": an MRC
+    written to a name ending .cif), exists (and ``overwrite`` is false) or cannot be written
+    there (a file is made and removed beside it; its directory is created if missing)."""
     path = os.fspath(path)
+    if kind is not None:
+        extensions = tuple(e for e in EXTENSIONS[kind] if not e.endswith((".gz", ".mtz")))
+        if not path.lower().endswith(extensions):
+            raise InputError(f"output {path} is written as a {kind} file: name it with one "
+                             f"of {', '.join(extensions)}")
     for given in inputs:
         if given and os.path.realpath(path) == os.path.realpath(given):
             raise InputError(f"output {path} would replace the input {given}; choose another "
@@ -82,6 +90,8 @@ def write_atomically(path, data, overwrite=False):
                 f.write(data)
         if callable(data):
             data(tmp)
+        # mkstemp makes the file 0600: give it the mode any other program's output has.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -89,3 +99,57 @@ def write_atomically(path, data, overwrite=False):
         if isinstance(exc, OSError):   # a full disk, a quota
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(prefix):
+    """Hold ``prefix``.lock for a run's whole life, so that a second run writing the same
+    outputs (with --overwrite, say) stops at once instead of mixing its files with the
+    first's.  A lock left by a run that no longer exists on this host is taken over."""
+    path = os.fspath(prefix) + ".lock"
+    output_directory(path)
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pid, _, host = f.read().strip().partition(" ")
+            except OSError:
+                pid, host = "", ""
+            if host == socket.gethostname() and pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            owner = f"process {pid} on {host}" if pid else "another run"
+            raise InputError(f"outputs {prefix}.* are being written by {owner} ({path}); "
+                             "wait for it, or remove the lock if that run is gone") from None
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    else:
+        raise InputError(f"cannot take the lock {path}")
+    try:
+        os.write(fd, me.encode())
+        os.close(fd)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -9,6 +9,7 @@ import gemmi
 import mrcfile
 import numpy as np
 
+from .checks import MAX_CELL, MAX_MAP_POINTS, MAX_VOXEL
 from .errors import InputError, ParameterError
 from .grid import GridSpec
 from .io import check_readable, write_atomically
@@ -37,6 +38,8 @@ def read_map(path, labels=None):
         return _read_mtz_map(path, labels)
     if labels:
         raise ParameterError("labels= names MTZ map coefficients; the map is not an MTZ")
+    if not path.lower().endswith(".gz"):
+        _check_mrc_header(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -66,8 +69,7 @@ def read_map(path, labels=None):
     shape = data.shape
     if min(sampling) <= 0:
         sampling = shape
-    if min(cell[:3]) <= 0:
-        raise InputError(f"map {path} has no valid unit cell in its header")
+    _check_cell(path, cell, sampling)
     if not np.all(np.isfinite(data)):
         raise InputError(f"map {path} contains NaN or infinite values")
     if any(origin) and any(start):
@@ -81,6 +83,55 @@ def read_map(path, labels=None):
     spec = GridSpec(cell=cell, sampling=tuple(sampling), shape=tuple(shape), start=start,
                     origin=origin, spacegroup=spacegroup)
     return MapData(data=data, spec=spec)
+
+
+# Bytes per value of each MRC mode (mode 101 packs two 4-bit values in a byte).
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2, 101: 0.5}
+
+
+def _check_mrc_header(path):
+    """InputError, from the 1024-byte header alone, where an MRC file cannot hold what its
+    header says (dimensions, mode, extended header NSYMBT): before any of it is allocated."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise InputError(f"cannot read map {path}: {exc.strerror or exc}") from None
+    if len(head) < 1024:
+        raise InputError(f"map {path} is shorter than an MRC header ({len(head)} bytes)")
+    order = ">" if head[212:214] == b"\x11\x11" else "<"
+    nx, ny, nz, mode = np.frombuffer(head[:16], dtype=order + "i4").tolist()
+    nsymbt = int(np.frombuffer(head[92:96], dtype=order + "i4")[0])
+    if min(nx, ny, nz) <= 0:
+        raise InputError(f"map {path} has no points: its header gives dimensions "
+                         f"{nx} x {ny} x {nz}")
+    if nx * ny * nz > MAX_MAP_POINTS:
+        raise InputError(f"map {path}: its header gives {nx} x {ny} x {nz} points, more than "
+                         f"{MAX_MAP_POINTS} (a damaged header?)")
+    if mode not in _MODE_BYTES:
+        raise InputError(f"map {path} has an unknown data mode {mode} in its header")
+    need = 1024 + nsymbt + int(np.ceil(nx * ny * nz * _MODE_BYTES[mode]))
+    if nsymbt < 0 or need > size:
+        raise InputError(f"map {path} is {size} bytes, but its header asks for {need} "
+                         f"(dimensions {nx} x {ny} x {nz}, mode {mode}, extended header "
+                         f"{nsymbt} bytes): a truncated file or a damaged header")
+
+
+def _check_cell(path, cell, sampling):
+    """InputError where the cell is no physical cell: lengths and angles finite, edges up
+    to MAX_CELL Å and voxels up to MAX_VOXEL Å."""
+    lengths, angles = np.asarray(cell[:3], float), np.asarray(cell[3:], float)
+    text = "cell " + " ".join(f"{c:g}" for c in cell)
+    if not (np.isfinite(lengths).all() and np.isfinite(angles).all()):
+        raise InputError(f"map {path} has a cell that is not finite in its header ({text})")
+    if lengths.min() <= 0:
+        raise InputError(f"map {path} has no valid unit cell in its header ({text})")
+    if lengths.max() > MAX_CELL or (lengths / np.asarray(sampling)).max() > MAX_VOXEL:
+        raise InputError(f"map {path}: its header's {text} Å is larger than any map's "
+                         f"(edges up to {MAX_CELL:g} Å, voxels up to {MAX_VOXEL:g} Å)")
+    if not ((angles > 0) & (angles < 180)).all():
+        raise InputError(f"map {path} has cell angles outside 0-180° in its header ({text})")
 
 
 def map_resolution(path):

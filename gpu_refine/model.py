@@ -12,16 +12,77 @@ import gemmi
 import numpy as np
 
 from .backend import get_backend
+from .checks import MAX_B, MAX_COORDINATE, MIN_B
 from .errors import InputError, ParameterError
 from .io import check_readable, write_atomically
 
 log = logging.getLogger(__name__)
 
 
-def _atoms_of(st, flags):
+def _atoms_of(st, flags, show=lambda atom: f"occupancy {atom.occ:.2f}"):
     """"N atoms (e.g. chain/RES seq/name occupancy)" for the atoms ``flags`` marks."""
     first = next(c for c, f in zip(st[0].all(), flags) if f)
-    return f"{int(np.sum(flags))} atoms (e.g. {first} occupancy {first.atom.occ:.2f})"
+    return f"{int(np.sum(flags))} atoms (e.g. {first} {show(first.atom)})"
+
+
+def _anisou(atom):
+    return "ANISOU " + " ".join(f"{x:.4g}" for x in atom.aniso.elements_pdb())
+
+
+def _check_ranges(st, model):
+    """InputError for values beyond any atom's (they would overflow a grid); warnings for
+    an anisotropic U that is not positive-definite and for altloc occupancies that add up
+    to more than 1."""
+    far = np.abs(model.xyz).max(axis=1) > MAX_COORDINATE
+    if far.any():
+        raise InputError(f"{_atoms_of(st, far, lambda a: f'at {a.pos}')} lie more than "
+                         f"{MAX_COORDINATE:g} Å from the origin: no map reaches there")
+    low = model.b < MIN_B
+    if low.any():
+        raise InputError(f"{_atoms_of(st, low, lambda a: f'B {a.b_iso:.4g}')} have B below "
+                         f"{MIN_B:g} Å², which no displacement has: check the B column")
+    high = model.b > MAX_B
+    if high.any():
+        raise InputError(f"{_atoms_of(st, high, lambda a: f'B {a.b_iso:.4g}')} have B above "
+                         f"{MAX_B:g} Å² (an rms displacement over 3.6 Å): check the B column")
+    if model.is_aniso.any():
+        u = model.u_aniso
+        tensors = np.stack([u[:, [0, 3, 4]], u[:, [3, 1, 5]], u[:, [4, 5, 2]]], axis=1)
+        lowest = np.where(model.is_aniso, np.linalg.eigvalsh(tensors)[:, 0], 1.0)
+        absurd = 8 * np.pi**2 * lowest < MIN_B
+        if absurd.any():
+            raise InputError(f"{_atoms_of(st, absurd, _anisou)} have an anisotropic U far "
+                             f"from positive-definite (below {MIN_B:g} Å² along an axis): "
+                             "correct or remove their ANISOU")
+        bad = lowest <= 0
+        if bad.any():
+            # As a negative B: taken as given (the blur keeps its Gaussian positive).
+            log.warning("%s have an anisotropic U that is not positive-definite (no "
+                        "displacement has it): model maps take it as given",
+                        _atoms_of(st, bad, _anisou))
+        big = model.is_aniso & (b_equivalent(u) > MAX_B)
+        if big.any():
+            raise InputError(f"{_atoms_of(st, big, lambda a: 'ANISOU')} have an anisotropic U "
+                             f"whose B_eq is above {MAX_B:g} Å²")
+    _check_altloc_occupancy(st)
+
+
+def _check_altloc_occupancy(st):
+    """Warn, naming the residue, where the conformers of an atom add up to more than 1."""
+    over = []
+    for ch in st[0]:
+        for res in ch:
+            if not any(at.has_altloc() for at in res):
+                continue
+            total = {}
+            for at in res:
+                total[at.name] = total.get(at.name, 0.0) + at.occ
+            worst = max(total.values())
+            if worst > 1.0 + 1e-3:
+                over.append(f"{ch.name}/{res.name} {res.seqid} ({worst:.2f})")
+    if over:
+        log.warning("the altloc occupancies of %d residue(s) add up to more than 1: %s%s",
+                    len(over), ", ".join(over[:5]), " ..." if len(over) > 5 else "")
 
 
 @dataclass
@@ -82,6 +143,7 @@ class Model:
                     occ=np.array(occ, dtype=np.float64), element=np.array(el),
                     residue_index=np.array(rix), residues=residues)
         model.check_finite()
+        _check_ranges(st, model)
         negative = model.b < 0
         if negative.any():
             log.warning("%d atoms have B below 0 (lowest %.1f Å²), which no displacement has: "
@@ -94,6 +156,18 @@ class Model:
             log.warning("%s have occupancy above 1: model maps take them as given; occupancy "
                         "refinement brings them to 1 at most", _atoms_of(st, model.occ > 1))
         return model
+
+    @property
+    def altloc(self):
+        """(N,) str: each atom's altloc, "" where none."""
+        return np.array([a.atom.altloc if a.atom.has_altloc() else ""
+                         for a in self.structure[0].all()])
+
+    def atom_label(self, i):
+        """'chain/RES seq/name' of atom ``i`` (file order), for messages."""
+        chain, seqid, resname = self.residues[self.residue_index[i]]
+        atoms = [at for ch in self.structure[0] for res in ch for at in res]
+        return f"{chain}/{resname} {seqid}/{atoms[i].name}"
 
     def check_finite(self):
         for name in ("xyz", "b", "occ", "u_aniso"):

@@ -76,6 +76,12 @@ def _seed(config):
     return config._gpu_refine_seed
 
 
+def pytest_configure(config):
+    # pytest-xdist's workers inherit the environment: one seed for the whole run.
+    if not hasattr(config, "workerinput"):
+        os.environ["GPU_REFINE_TEST_SEED"] = str(_seed(config))
+
+
 def pytest_report_header(config):
     return f"rng seed: {_seed(config)} (replay with --seed={_seed(config)})"
 

@@ -1,9 +1,16 @@
 """Inputs for tests: random atoms and grids for kernel tests (fresh every run), crystal maps,
-a disulfide without records."""
+a disulfide without records; the command line run as a user runs it."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
 import gemmi
 import numpy as np
 
 import gpu_refine as gr
+from gpu_refine.cli.main import run
 from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.examples import helix_structure, place_atom
 from gpu_refine.grid import GridSpec
@@ -170,3 +177,30 @@ def self_linked_cysteine():
     st.connections.append(con)
     st.setup_entities()
     return st
+
+
+def cli(*args, cwd=None, child=False, env=None):
+    """(exit code, stdout, stderr) of ``gpu-refine ARGS``: run in this process through the
+    CLI's own ``run`` (as the entry point calls it), or with ``child`` (or ``env``) as a
+    real process."""
+    argv = [str(a) for a in args]
+    if child or env is not None:
+        p = subprocess.run([sys.executable, "-m", "gpu_refine", *argv], cwd=cwd,
+                           capture_output=True, text=True, timeout=600,
+                           env=None if env is None else {**os.environ, **env})
+        return p.returncode, p.stdout, p.stderr
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = run(argv)
+    finally:
+        os.chdir(here)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc, err, code=1):
+    """A failed command as the README promises: exit ``code``, one line on stderr."""
+    assert rc == code, (rc, err)
+    assert err.count("\n") == 1 and err.startswith("gpu-refine: error:"), err
+    assert "Traceback" not in err

@@ -1,11 +1,7 @@
 """The command line as a user runs it: outputs, one-line errors, exit codes."""
-import contextlib
 import dataclasses
-import io
 import json
 import os
-import subprocess
-import sys
 
 import gemmi
 import mrcfile
@@ -14,29 +10,11 @@ import pytest
 
 import gpu_refine as gr
 from gpu_refine.cli import rsr_cmd
-from gpu_refine.cli.main import build_parser, run
+from gpu_refine.cli.main import build_parser
 from gpu_refine.cli.params import translate
 from gpu_refine.examples import helix_structure
 from gpu_refine.workflows.rsr import RSRSettings
-from helpers import crystal_map, write_mtz
-
-
-def cli(*args, cwd=None, child=False):
-    """(exit code, stdout, stderr) of ``gpu-refine ARGS``: run in this process through the
-    CLI's own ``run`` (as the entry point calls it), or with ``child`` as a real process."""
-    argv = [str(a) for a in args]
-    if child:
-        p = subprocess.run([sys.executable, "-m", "gpu_refine", *argv], cwd=cwd,
-                           capture_output=True, text=True, timeout=600)
-        return p.returncode, p.stdout, p.stderr
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    try:
-        os.chdir(cwd or here)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = run(argv)
-    finally:
-        os.chdir(here)
-    return rc, out.getvalue(), err.getvalue()
+from helpers import cli, crystal_map, write_mtz
 
 
 @pytest.fixture(scope="module")

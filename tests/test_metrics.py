@@ -71,10 +71,10 @@ def test_a_flat_map_gives_undefined_ccs_with_a_warning(caplog):
     assert "the map is flat" in caplog.text
 
 
-def test_atom_radius_must_be_positive():
+def test_atom_radius_must_be_in_range():
     model, data, spec = make_example()
-    for radius in (-1.0, 0.0, float("nan")):
-        with pytest.raises(gr.ParameterError, match="atom_radius must be > 0"):
+    for radius in (-1.0, 0.0, float("nan"), 1e6):
+        with pytest.raises(gr.ParameterError, match="atom_radius=.* is out of range"):
             validate(model, gr.MapData(data, spec), 3.0, backend="numpy", atom_radius=radius)
 
 

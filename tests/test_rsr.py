@@ -465,8 +465,9 @@ def test_bad_input(helix):
                        ("macro_cycles", 0), ("sites_iterations", -1), ("seed", -1),
                        ("regularize_iterations", -5), ("adp_weight", -1.0),
                        ("bond_limit", 0.0), ("angle_limit", float("nan")),
-                       ("shake", float("inf")), ("shake", -0.5)):
-        with pytest.raises(gr.ParameterError, match=f"{key} must be"):
+                       ("shake", float("inf")), ("shake", -0.5), ("mask_radius", 1e6),
+                       ("nmodels", 10 ** 7), ("cushion", float("nan")), ("macro_cycles", 1.5)):
+        with pytest.raises(gr.ParameterError, match=f"{key}(=.* is out of range| must be)"):
             RSRSettings(resolution=3, **{key: value}).check()
 
 

@@ -4,6 +4,7 @@ gpu-refine map MODEL [MAP] resolution=D output=OUT.mrc [table=electron|xray] [la
 """
 import logging
 
+from ..checks import check_finite
 from ..io import check_output
 from ..maps import read_map, write_map
 from ..model import read_batch
@@ -28,12 +29,13 @@ def add_arguments(parser):
 
 def main(args):
     default_resolution(args)
-    check_output(args.output, args.overwrite, inputs=(args.model, args.map))
+    check_output(args.output, args.overwrite, inputs=(args.model, args.map), kind="map")
     batch = read_batch(args.model, backend=args.backend)
     spec = read_map(args.map, labels=args.labels).spec if args.map else None
     maps, spec = compute_model_map(batch, args.resolution, spec, table=args.table,
                                    backend=args.backend)
     # The models of a multi-model file are an ensemble: its density is their mean.
+    check_finite("model map value", maps)
     write_map(args.output, maps.mean(axis=0), spec, overwrite=args.overwrite)
     log.info("model map of %d atoms%s at %.2f Å on a %s grid written to %s",
              batch.model.n_atoms, f" (the mean of {batch.size} models)" if batch.size > 1

@@ -11,6 +11,7 @@ as MODEL 1..B, plus P_best.cif), P.log, P.json and P.params, and with output.pdb
 (and P_best.pdb); rerun with ``gpu-refine rsr P.params`` (further key=value arguments override
 it).
 """
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -22,8 +23,9 @@ import numpy as np
 from .. import __version__
 from ..maps import read_map
 from ..model import check_pdb_format, read_batch, structures_as_models, write_model
-from ..io import check_output, write_atomically
-from ..workflows.rsr import RealSpaceRefinement, RSRSettings
+from ..errors import GpuRefineError
+from ..io import check_output, output_lock, write_atomically
+from ..workflows.rsr import RealSpaceRefinement, RSRSettings, check_finite_result
 from .map_input import add_labels_argument, default_resolution
 from .params import RESTRAINT_HELP, add_dictionary_arguments, boolean
 
@@ -82,9 +84,12 @@ def add_arguments(parser):
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def _outputs(args, n_models):
-    prefix = args.prefix or os.path.splitext(os.path.basename(args.model.replace(".gz", "")))[0] \
+def _prefix(args):
+    return args.prefix or os.path.splitext(os.path.basename(args.model.replace(".gz", "")))[0] \
         + "_rsr"
+
+
+def _outputs(args, prefix, n_models):
     names = {"cif": prefix + ".cif", "log": prefix + ".log", "json": prefix + ".json",
              "params": prefix + ".params"}
     if n_models > 1:
@@ -93,9 +98,25 @@ def _outputs(args, n_models):
         names["pdb"] = prefix + ".pdb"
         if n_models > 1:
             names["best_pdb"] = prefix + "_best.pdb"
-    for path in names.values():
-        check_output(path, args.overwrite, inputs=(args.model, args.map))
-    return names
+    # A log alone is what a failed or interrupted run leaves (its outputs are removed): it
+    # does not block the rerun, which replaces it.
+    others = [path for key, path in names.items() if key != "log"]
+    log_alone = os.path.exists(names["log"]) and not any(map(os.path.exists, others))
+    for key, path in names.items():
+        check_output(path, args.overwrite or (key == "log" and log_alone),
+                     inputs=(args.model, args.map))
+    return names, log_alone
+
+
+def _reason(exc):
+    """How a run stopped, as the last line of its log says it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return str(exc) or "interrupted"
+    if isinstance(exc, GpuRefineError):
+        return f"error: {exc}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"internal error: {exc.__class__.__name__}: {exc}"
 
 
 def _params_text(args, settings, result):
@@ -120,9 +141,8 @@ def _params_text(args, settings, result):
 
 def main(args):
     # Parameters and inputs (the files, the dictionary for every residue, the map's overlap
-    # with the model) are checked before any output exists, so that a mistake does not leave
-    # a log behind that the next run would refuse to overwrite.  What the setup logs is held
-    # and written to the log once it has succeeded.
+    # with the model) are checked before any output exists, so that a mistake leaves nothing
+    # behind.  What the setup logs is held and written to the log once it has succeeded.
     default_resolution(args)
     settings = RSRSettings(**{k: getattr(args, k) for k in SETTINGS},
                            dictionaries=list(args.dictionary),
@@ -130,53 +150,72 @@ def main(args):
     starts = read_batch(args.model, backend="numpy", dtype=np.float64)
     if args.pdb:
         check_pdb_format(starts.model.structure)
-    names = _outputs(args, starts.size * settings.nmodels * len(settings.weight_grid()))
-    root = logging.getLogger("gpu_refine")
-    held = logging.handlers.BufferingHandler(capacity=1 << 20)
-    root.addHandler(held)
-    try:
-        if starts.size > 1:
-            log.info("%s: %d models, each a start", args.model, starts.size)
-        map_data = read_map(args.map, labels=args.labels)
-        job = RealSpaceRefinement(starts.model, map_data, settings, backend=args.backend,
-                                  starts=starts)
-    finally:
-        root.removeHandler(held)
-        records = list(held.buffer)
-        held.close()
-    handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
-                         f"command: {args.command_line}\n")
-    for record in records:
-        handler.handle(record)
-    root.addHandler(handler)
-    try:
-        _run(args, names, settings, job)
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+    prefix = _prefix(args)
+    with output_lock(prefix):
+        names, replaced_log = _outputs(
+            args, prefix, starts.size * settings.nmodels * len(settings.weight_grid()))
+        root = logging.getLogger("gpu_refine")
+        held = logging.handlers.BufferingHandler(capacity=1 << 20)
+        root.addHandler(held)
+        try:
+            if starts.size > 1:
+                log.info("%s: %d models, each a start", args.model, starts.size)
+            map_data = read_map(args.map, labels=args.labels)
+            job = RealSpaceRefinement(starts.model, map_data, settings, backend=args.backend,
+                                      starts=starts)
+        finally:
+            root.removeHandler(held)
+            records = list(held.buffer)
+            held.close()
+        handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
+                             f"command: {args.command_line}\n")
+        if replaced_log:
+            handler.stream.write(f"(replaces the log of a run that stopped: {names['log']})\n")
+        for record in records:
+            handler.handle(record)
+        root.addHandler(handler)
+        written = []
+        try:
+            _run(args, names, settings, job, written)
+        except BaseException as exc:
+            # Nothing of a failed run stays but its log, which ends saying why.
+            for path in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            handler.stream.write(f"gpu-refine: stopped: {_reason(exc)}"
+                                 + (f"; removed {', '.join(written)}" if written else "")
+                                 + "\n")
+            raise
+        finally:
+            root.removeHandler(handler)
+            handler.close()
 
 
-def _run(args, names, settings, job):
+def _run(args, names, settings, job, written):
+    """Refine, then write the outputs, each added to ``written`` once it exists."""
     result = job.run()
+    check_finite_result(result)
     structures = result.batch.to_structures()
-    write_model(names["cif"], structures_as_models(structures), overwrite=args.overwrite)
-    if "best" in names:
-        write_model(names["best"], structures[result.best], overwrite=args.overwrite)
     payload = {"version": __version__, "device": args.device, "command": args.command_line,
                "resolution": settings.resolution, "strategy": settings.strategy,
                "best_model": result.best + 1, "time": round(result.time, 2),
                "phases": {k: round(v, 2) for k, v in result.phases.items()},
                "weight_trials": result.weight_trials, "models": result.stats}
-    write_atomically(names["json"], json.dumps(payload, indent=1).encode(),
-                     overwrite=args.overwrite)
-    write_atomically(names["params"], _params_text(args, settings, result).encode(),
-                     overwrite=args.overwrite)
-    if "pdb" in names:
-        write_model(names["pdb"], structures_as_models(structures), fmt="pdb",
-                    overwrite=args.overwrite)
-    if "best_pdb" in names:
-        write_model(names["best_pdb"], structures[result.best], fmt="pdb",
-                    overwrite=args.overwrite)
+    batch, best = structures_as_models(structures), structures[result.best]
+    saves = {
+        "cif": lambda path: write_model(path, batch, overwrite=args.overwrite),
+        "best": lambda path: write_model(path, best, overwrite=args.overwrite),
+        "json": lambda path: write_atomically(path, json.dumps(payload, indent=1).encode(),
+                                              overwrite=args.overwrite),
+        "params": lambda path: write_atomically(
+            path, _params_text(args, settings, result).encode(), overwrite=args.overwrite),
+        "pdb": lambda path: write_model(path, batch, fmt="pdb", overwrite=args.overwrite),
+        "best_pdb": lambda path: write_model(path, best, fmt="pdb", overwrite=args.overwrite),
+    }
+    for key, save in saves.items():
+        if key in names:
+            save(names[key])
+            written.append(names[key])
     log.info("wrote %s", ", ".join(names.values()))

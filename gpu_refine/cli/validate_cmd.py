@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 
+from ..checks import check_finite
 from ..io import check_output, write_atomically
 from ..maps import read_map
 from ..model import read_batch
@@ -37,6 +38,8 @@ def main(args):
     map_data = read_map(args.map, labels=args.labels)
     results = validate(batch, map_data, args.resolution, table=args.table, backend=args.backend,
                        atom_radius=args.atom_radius)
+    for key in ("cc_mask", "cc_box", "cc_peaks", "cc_volume"):
+        check_finite(key, [[r[key]] for r in results])
     log.info("%-6s %8s %8s %8s %8s", "model", "CCmask", "CCbox", "CCpeaks", "CCvolume")
     for i, r in enumerate(results, start=1):
         log.info("%-6d %8.4f %8.4f %8.4f %8.4f", i, r["cc_mask"], r["cc_box"], r["cc_peaks"],

@@ -49,8 +49,13 @@ def read_library(resnames, monlib=None, dictionaries=()):
         if not Path(cif).is_file():
             raise InputError(f"restraint dictionary not found: {cif}")
         try:
+            defined = [b.name for b in gemmi.cif.read(str(cif))
+                       if b.find_mmcif_category("_chem_comp_atom.")]
             lib.read_monomer_cif(str(cif))
         except Exception as exc:
             raise InputError(f"cannot read restraint dictionary {cif}: {exc}") from None
+        if not defined:
+            raise InputError(f"restraint dictionary {cif} defines no monomer (no "
+                             "_chem_comp_atom table): is it a model file?")
     missing = sorted(set(resnames) - set(lib.monomers.keys()))
     return lib, f"{path} ({source})", missing

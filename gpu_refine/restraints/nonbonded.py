@@ -31,6 +31,7 @@ import scipy.sparse
 from scipy.spatial import cKDTree
 
 from ..grid import space_group_operations, symmetry_contacts
+from .topology import check_packing
 
 RADII = {"H": 1.0, "C": 1.6, "N": 1.45, "O": 1.4, "S": 1.7, "P": 1.7, "SE": 1.8, "F": 1.35,
          "CL": 1.6, "BR": 1.7, "I": 1.85}
@@ -80,6 +81,7 @@ class PairList:
 
     def __init__(self, topology, settings=None):
         self.settings = settings or NonbondedSettings()
+        self.topology = topology
         n = topology.n_atoms
         self.n_atoms = n
         self.element = np.array([e.upper() for e in topology.element])
@@ -165,7 +167,9 @@ class PairList:
         mean = backend.to_numpy(xyz.mean(axis=0)).astype(np.float64)
         spread = float(xp.sqrt(((xyz - xyz.mean(axis=0)) ** 2).sum(-1)).max()) if xyz.size else 0.0
         radius = self.max_dmin + self.settings.margin + 2 * spread
-        pairs = cKDTree(mean).query_pairs(radius, output_type="ndarray")
+        tree = cKDTree(mean)
+        check_packing(mean, radius, self.topology.label, self.topology.altloc)
+        pairs = tree.query_pairs(radius, output_type="ndarray")
         i, j = pairs[:, 0], pairs[:, 1]
         keep = ~np.isin(_keys(i, j, self.n_atoms), self._excluded) & self._allowed(i, j)
         i, j = i[keep], j[keep]

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CHIRAL_SIGMA = 0.2     # Å³, as refmac and servalcat use for chiral volumes
 LINK_DISTANCE = 4.5    # Å, longest C-N or O3'-P distance still linked by sequence
+LONGEST_BOND = 10.0    # Å, beyond this a restrained bond is an atom misplaced, not strain
 SELF_LINK_REACH = 3.0  # Å, longest contact of a residue with its own image taken for a link
 PACKING_CLASH = 1.0    # Å, closer than this to a symmetry mate an atom's cell is not a crystal's
 H_DISTANCES = ("electron", "nucleus")
@@ -114,24 +115,91 @@ class Topology:
         until one is moved."""
         problems = []
         for k, xyz in enumerate(np.asarray(coords, dtype=np.float64)):
-            pairs = cKDTree(xyz).query_pairs(COINCIDENT, output_type="ndarray")
-            alt = self.altloc[pairs]
-            pairs = pairs[(alt[:, 0] == alt[:, 1]) | (alt == "").any(axis=1)]
-            if not len(pairs):
+            n, pair = coincident_pairs(xyz, self.altloc)
+            if not n:
                 continue
-            i, j = sorted(pairs.tolist())[0]
-            n = len(pairs) - 1
-            more = f" (and {n} more pair{'s' if n > 1 else ''})" if n else ""
-            problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}atoms "
-                            f"{self.label(i)} and {self.label(j)} lie on each other{more}: "
+            more = f" (and {n - 1} more pair{'s' if n > 2 else ''})" if n > 1 else ""
+            which = (f"atoms {self.label(pair[0])} and {self.label(pair[1])} lie on each "
+                     f"other{more}" if pair else f"{n} pairs of atoms lie on each other")
+            problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}{which}: "
                             "restraints cannot tell which way to separate them; move or "
                             "remove one")
+        return problems
+
+    def stretched(self, coords, noun="model", limit=LONGEST_BOND):
+        """One line per model of ``coords`` (B, N, 3) with a restrained bond longer than
+        ``limit`` Å (an atom far from its neighbours: a coordinate typed wrong), naming the
+        longest; no refinement pulls it back over such a distance."""
+        atoms = self.bonds.atoms[(self.bonds.atoms < self.n_atoms).all(axis=1)]
+        problems = []
+        for k, xyz in enumerate(np.asarray(coords, dtype=np.float64)):
+            length = np.linalg.norm(xyz[atoms[:, 0]] - xyz[atoms[:, 1]], axis=-1)
+            if not len(length) or length.max() <= limit:
+                continue
+            i, j = atoms[int(np.argmax(length))]
+            problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}the bond "
+                            f"{self.label(i)} - {self.label(j)} is {length.max():.0f} Å long: "
+                            "one of its atoms lies far from its neighbours; move it back")
         return problems
 
     def counts(self):
         return {"n_bonds": len(self.bonds), "n_angles": len(self.angles),
                 "n_torsions": len(self.torsions), "n_chirals": len(self.chirals),
                 "n_planes": len(self.planes)}
+
+
+# Å: the longest library link gemmi's distance search reaches for (1.4 × ~2.9 Å).
+LINK_REACH = 4.0
+# Beyond this many pairs within COINCIDENT Å (a pile of copies), they are counted, not listed.
+_MAX_LISTED_PAIRS = 1_000_000
+# Atoms per Å³ that no molecule exceeds: protein with its H holds about 0.1.
+MAX_ATOM_DENSITY = 0.3
+
+
+def close_pair_count(xyz, radius):
+    """How many pairs of ``xyz`` (N, 3) lie within ``radius`` Å, counted without listing them:
+    atoms on one spot are one weighted point of a k-d tree (a tree cannot split a pile of
+    copies, and would compare them all with each other)."""
+    spots, counts = np.unique(np.asarray(xyz, dtype=np.float64), axis=0, return_counts=True)
+    tree, w = cKDTree(spots), counts.astype(np.float64)
+    return int(round((tree.count_neighbors(tree, radius, weights=(w, w)) - counts.sum()) / 2))
+
+
+def coincident_pairs(xyz, altloc):
+    """(n, (i, j)): how many pairs of atoms of one conformer (the same altloc, or one without)
+    lie within COINCIDENT Å of each other in ``xyz`` (N, 3), and the first such pair, or
+    (0, None).  The pairs are counted before any is listed, so that a pile of 100,000 copies
+    of one atom costs a second, not the 10^10 pairs' memory."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    close = close_pair_count(xyz, COINCIDENT)
+    if close == 0:
+        return 0, None
+    if close > _MAX_LISTED_PAIRS:
+        # Name two atoms on the most crowded spot; count every pair, whatever the altlocs.
+        _, inverse, counts = np.unique(xyz, axis=0, return_inverse=True, return_counts=True)
+        atoms = np.flatnonzero(inverse.ravel() == int(np.argmax(counts)))[:2]
+        return close, (tuple(int(a) for a in atoms) if len(atoms) == 2 else None)
+    pairs = cKDTree(xyz).query_pairs(COINCIDENT, output_type="ndarray")
+    alt = np.asarray(altloc)[pairs]
+    pairs = pairs[(alt[:, 0] == alt[:, 1]) | (alt == "").any(axis=1)]
+    if not len(pairs):
+        return 0, None
+    return len(pairs), min(map(tuple, pairs.tolist()))
+
+
+def check_packing(xyz, radius, label, altloc):
+    """InputError where atoms ``xyz`` (N, 3) are packed more densely than in any molecule (a
+    pile of copies at one spot), before the pairs within ``radius`` Å are listed (link
+    search, nonbonded pairs), which would take the square of their number.  ``label`` names
+    an atom by its index."""
+    n = len(xyz)
+    pairs = close_pair_count(xyz, radius)
+    if pairs <= n * (MAX_ATOM_DENSITY * 4.0 / 3.0 * np.pi * radius**3 + 50) / 2:
+        return
+    _, pair = coincident_pairs(xyz, altloc)
+    example = f"; e.g. {label(pair[0])} and {label(pair[1])} lie on each other" if pair else ""
+    raise InputError(f"the atoms are packed more densely than in any molecule ({pairs} pairs "
+                     f"within {radius:.1f} Å among {n} atoms){example}: remove the copies")
 
 
 def _labels(st):
@@ -469,6 +537,8 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
     resnames = set(st[0].get_all_residue_names())
     lib, where, missing = read_library(resnames, monlib, dictionaries)
     labels, altloc = _labels(st)
+    # Before the link search and the nonbonded pairs, each of which lists close pairs.
+    check_packing(model.xyz, LINK_REACH, lambda a: str(labels[a]), altloc)
     names, counts = np.unique(labels, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"duplicated atoms (the same name and altloc in one residue): "

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..backend import get_backend
-from ..density import DensitySettings, ModelMapper, map_in_chunks, refmac_blur
-from ..errors import InputError, ParameterError
+from ..density import DensitySettings, ModelMapper, lowest_b, map_in_chunks, refmac_blur
+from ..checks import check_finite, check_number
+from ..errors import InputError, ParameterError, ResultError
 from ..mapprep import box_slices, box_spec, prepare_map
 from ..metrics import mask_and_box_cc, model_box, molecular_masks
 from ..minimize import LBFGSSettings, minimize_lbfgs
@@ -43,6 +44,27 @@ WEIGHT_SCALE = 2.0 ** -6
 # A weight-search limit is at least this factor above the geometry restraints alone reach
 # (EMD-2566, 3J6B chain 9 regularised: angles 0.56-0.61°, so 1.0° stands).
 FLOOR_MARGIN = 1.5
+
+
+# Ranges of the numeric settings: (low, high, unit, whole number).  Lengths are bounded so
+# that a mistyped one is an error, not a grid of 10^18 points.
+SETTING_RANGES = {
+    "macro_cycles": (1, 1000, "", True),
+    "nmodels": (1, 100000, "", True),
+    "weight_trials": (1, 30, "", True),
+    "weight_iterations": (1, 100000, "", True),
+    "sites_iterations": (0, 100000, "", True),
+    "adp_iterations": (0, 100000, "", True),
+    "regularize_iterations": (0, 100000, "", True),
+    "seed": (0, 2 ** 32 - 1, "", True),
+    "adp_weight": (1e-6, 1e9, "", False),
+    "bond_limit": (1e-4, 1.0, "Å", False),
+    "angle_limit": (1e-2, 90.0, "°", False),
+    "shake": (0.0, 10.0, "Å", False),
+    "mask_radius": (0.5, 20.0, "Å", False),
+    "mask_edge": (0.0, 20.0, "Å", False),
+    "cushion": (0.0, 50.0, "Å", False),
+}
 
 
 @dataclass
@@ -115,18 +137,9 @@ class RSRSettings:
             if isinstance(self.weight, tuple) and not self.parsed_strategy()["sites"]:
                 raise ParameterError("a weight grid weighs the map against the restraints of "
                                      "sites: the strategy must refine sites")
-        for names, low, what in ((("macro_cycles", "nmodels", "weight_trials",
-                                   "weight_iterations"), 1, "at least 1"),
-                                 (("sites_iterations", "adp_iterations",
-                                   "regularize_iterations", "seed"), 0, ">= 0")):
-            for name in names:
-                if int(getattr(self, name)) < low:
-                    raise ParameterError(f"{name} must be {what}, not {getattr(self, name)}")
-        for name in ("adp_weight", "bond_limit", "angle_limit"):
-            if not float(getattr(self, name)) > 0:
-                raise ParameterError(f"{name} must be > 0, not {getattr(self, name)}")
-        if not (np.isfinite(self.shake) and self.shake >= 0):
-            raise ParameterError(f"shake must be a finite rms shift >= 0 Å, not {self.shake}")
+        for name, (low, high, unit, integer) in SETTING_RANGES.items():
+            setattr(self, name, check_number(name, getattr(self, name), low, high, unit,
+                                             integer))
         return self
 
 
@@ -141,6 +154,7 @@ def _weights(value):
                              f"{value!r}") from None
     if not w or not all(x > 0 and np.isfinite(x) for x in w):
         raise ParameterError(f"weight must be positive, not {value!r}")
+    w = [check_number("weight", x, 1e-9, 1e12) for x in w]
     return w[0] if len(w) == 1 else tuple(w)
 
 
@@ -262,7 +276,8 @@ class RealSpaceRefinement:
                                        ignore_unknown=s.ignore_unknown,
                                        h_distances=s.h_distances, find_links=s.find_links,
                                        apply_all_trans=s.apply_all_trans)
-        problems = self.topology.coincident(self.starts.xyz, "start")
+        problems = (self.topology.coincident(self.starts.xyz, "start")
+                    + self.topology.stretched(self.starts.xyz, "start"))
         if problems:
             raise InputError(problems[0])
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
@@ -275,7 +290,7 @@ class RealSpaceRefinement:
         # (from B 400 for every atom, EMD-2566 ended at CCmask 0.826 instead of 0.846, its
         # atoms sampled too coarsely): then every B the refinement may reach is kept sampled
         # to ADP_SAMPLING of that rule.
-        blur = refmac_blur(spacing, min(float(self.starts.b.min()), B_BOUNDS[1]))
+        blur = refmac_blur(spacing, min(lowest_b(np, self.starts), B_BOUNDS[1]))
         if self.strategy["adp"]:
             blur = max(blur, ADP_SAMPLING * refmac_blur(spacing, 0.0) - B_BOUNDS[0])
         self.cc_target = ModelMapTarget(self.prepared, s.resolution, backend=bk,
@@ -822,6 +837,23 @@ def _best(stats, bond_limit, angle_limit):
           if st["rmsd_bonds"] <= bond_limit and st["rmsd_angles"] <= angle_limit]
     pool = ok or range(len(stats))
     return max(pool, key=lambda i: stats[i]["cc_mask_final"])
+
+
+def check_finite_result(result):
+    """ResultError, naming the model and atom, where a refined coordinate, B, occupancy or a
+    reported statistic is not finite: such a result is not written."""
+    batch, bk = result.batch, result.batch.backend
+    label = batch.model.atom_label
+    check_finite("coordinate", bk.to_numpy(batch.xyz), label)
+    check_finite("B", bk.to_numpy(batch.b), label)
+    check_finite("occupancy", bk.to_numpy(batch.occ), label)
+    if batch.u is not None:
+        check_finite("anisotropic U", bk.to_numpy(batch.u), label)
+    for i, st in enumerate(result.stats):
+        for key, value in st.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ResultError(f"the run produced a non-finite {key} for model {i + 1}; "
+                                  "nothing was written")
 
 
 def refine_real_space(model, map_data, resolution=None, settings=None, backend=None,

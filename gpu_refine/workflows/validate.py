@@ -4,11 +4,13 @@ import logging
 import numpy as np
 
 from ..backend import get_backend
+from ..checks import MAX_BOX_POINTS, check_number
 from ..density import DensitySettings, ModelMapper, map_in_chunks
 from ..errors import InputError, ParameterError
 from ..grid import box_around
 from ..metrics import five_cc, image_radius, molecular_masks, per_residue_cc
 from ..model import Batch
+from ..restraints.topology import coincident_pairs
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ def check_resolution(resolution):
         d = float(resolution)
     except (TypeError, ValueError):
         raise ParameterError(f"resolution must be a number in Å, got {resolution!r}") from None
-    if not 0.5 <= d <= 50:
+    if not (np.isfinite(d) and 0.5 <= d <= 50):
         raise ParameterError(f"resolution={d} Å is not plausible (expected 0.5-50 Å)")
     return d
 
@@ -52,6 +54,36 @@ def check_occupancy(occ):
     if len(empty):
         raise InputError(f"every atom of model {int(empty[0]) + 1} has occupancy 0: the model "
                          "has no density")
+
+
+def check_coincident(model, xyz):
+    """InputError where atoms of one conformer lie on each other in a model of ``xyz``
+    (B, N, 3): a pile of copies has no map worth comparing, and costs its square in work."""
+    altloc = model.altloc
+    for k, x in enumerate(xyz):
+        n, pair = coincident_pairs(x, altloc)
+        if n:
+            which = (f"atoms {model.atom_label(pair[0])} and {model.atom_label(pair[1])}"
+                     if pair else "atoms")
+            more = f" (and {n - 1} more pairs)" if n > 1 else ""
+            raise InputError(f"model {k + 1}: {which} lie on each other{more}: remove the "
+                             "copies")
+
+
+def check_extent(model, xyz, spacing, padding):
+    """InputError where a box around the models ``xyz`` (B, N, 3) at ``spacing`` Å would hold
+    more than MAX_BOX_POINTS: names the atom farthest from the models' centre (one atom far
+    from the rest, a coordinate typed wrong) instead of running out of memory."""
+    flat = xyz.reshape(-1, 3)
+    points = np.prod(np.ceil((flat.max(axis=0) - flat.min(axis=0) + 2 * padding) / spacing) + 1)
+    if points <= MAX_BOX_POINTS:
+        return
+    centre = np.median(flat, axis=0)
+    far = np.linalg.norm(xyz - centre, axis=-1)
+    k, i = np.unravel_index(int(np.argmax(far)), far.shape)
+    raise InputError(f"a map around the model would have {points:.3g} points: atom "
+                     f"{model.atom_label(i)}{f' of model {k + 1}' if len(xyz) > 1 else ''} "
+                     f"lies {far[k, i]:.0f} Å from the centre of the others; move or remove it")
 
 
 INVERTED_CC = -0.1   # CCmask below this for every model: the map's contrast is inverted
@@ -92,6 +124,7 @@ def compute_model_map(model, resolution, spec=None, table="electron", backend=No
     batch = _as_batch(model, bk)
     check_occupancy(bk.to_numpy(batch.occ))
     if spec is None:
+        check_extent(batch.model, bk.to_numpy(batch.xyz), d / (2 * rate), padding)
         spec = box_around(bk.to_numpy(batch.xyz), d / (2 * rate), padding)
     else:
         check_overlap(bk.to_numpy(batch.xyz).reshape(-1, 3), spec)
@@ -104,13 +137,14 @@ def validate(model, map_data, resolution, table="electron", backend=None, atom_r
     """Map-model CCs of every batch member: list of dicts with cc_mask, cc_box, cc_peaks,
     cc_volume and per_residue [{chain, resseq, resname, cc}]."""
     d = check_resolution(resolution)
-    if atom_radius is not None and not (np.isfinite(atom_radius) and atom_radius > 0):
-        raise ParameterError(f"atom_radius must be > 0 Å, not {atom_radius}")
+    if atom_radius is not None:
+        atom_radius = check_number("atom_radius", atom_radius, 0.1, 10.0, "Å")
     bk = get_backend(backend)
     xp = bk.xp
     batch = _as_batch(model, bk)
     spec = map_data.spec
     xyz = bk.to_numpy(batch.xyz)
+    check_coincident(batch.model, xyz)
     check_overlap(xyz.reshape(-1, 3), spec)
     check_occupancy(bk.to_numpy(batch.occ))
     check_sampling(d, spec)
