@@ -9,6 +9,7 @@ the map does: a cell no larger than the box along every axis (or mostly covered 
 taken whole, with its space group; a box cut from a larger cell carries the mates' atoms whose
 density reaches the mask, and wraps around along the axes where it holds a whole period.
 """
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -272,3 +273,14 @@ def prepare_map(map_data, xyz, cushion=5.0, mask_radius=3.0, mask_edge=2.0):
              mask_radius, mask_edge, int((mask > 0).sum()), each)
     return PreparedMap(data=norm, mask=mask, masks=masks, spec=box, mean=mean, sd=sd,
                        copies=copies)
+
+
+def low_pass(prepared, resolution):
+    """``prepared`` with its map cut to ``resolution`` Å (terms beyond it dropped on the box's
+    grid, as the model map of that resolution is): the map of an early, coarse stage whose
+    broad features pull a displaced model from farther than the final map's."""
+    s2 = prepared.spec.s2(np)
+    f = sp_fft.rfftn(prepared.data.astype(np.float64))
+    f[s2 > (1.0 + 1e-9) / resolution**2] = 0.0
+    data = sp_fft.irfftn(f, s=prepared.data.shape).astype(np.float32)
+    return dataclasses.replace(prepared, data=data)

@@ -11,13 +11,13 @@ import gpu_refine as gr
 import gpu_refine.examples
 from gpu_refine.density import DensitySettings, ModelMapper
 from gpu_refine.grid import GridSpec
-from gpu_refine.mapprep import cut_box
+from gpu_refine.mapprep import cut_box, low_pass, prepare_map
 from gpu_refine.metrics import five_cc, model_box, molecular_mask
 from gpu_refine.model import Batch
 from gpu_refine.restraints.topology import build_topology
 from gpu_refine.workflows.geometry import shaken_batch
 from gpu_refine.workflows.rsr import (RealSpaceRefinement, RSRSettings, _next_trial,
-                                      geometry_limits, refine_real_space)
+                                      _weight_feedback, geometry_limits, refine_real_space)
 from gpu_refine.workflows.validate import compute_model_map, validate
 
 EMD = "cryoem/emd2566_3j6b_chain9"
@@ -159,14 +159,15 @@ def test_strategies_on_the_example(helix, backend, caplog):
 
 def test_automatic_weight_on_a_shaken_batch(helix, backend):
     """The whole default job at example size: weight search (all trials in one batch on the
-    GPU, bisected on NumPy), three shaken starts refined together with sites + ADP."""
+    GPU, bisected on NumPy), three shaken starts refined together with sites + ADP, each
+    model's weight then following its own geometry toward the limits."""
     model, map_data = helix
     result = refine_real_space(model, map_data, 3.0, backend=backend, nmodels=3, shake=0.8,
                                seed=3, strategy="minimization_global+adp", macro_cycles=2,
                                monlib=None)
     assert result.batch.size == 3 and len(result.stats) == 3
     assert len({t["weight"] for t in result.weight_trials}) >= 2
-    assert np.all(result.weight == result.weight[0]) and result.weight[0] > 0
+    assert np.all(result.weight > 0)
     for st in result.stats:
         assert st["cc_mask_final"] > max(st["cc_mask_start"] + 0.02, 0.98), st
         assert st["rmsd_bonds"] <= 0.015 and st["rmsd_angles"] <= 2.0, st
@@ -644,3 +645,56 @@ def test_statistics_on_a_large_real_map(shared):
     assert 0.6 < ref["cc_mask"].min()
     np.testing.assert_allclose(got["cc_mask"], ref["cc_mask"], atol=2e-4)
     np.testing.assert_allclose(got["cc_box"], ref["cc_box"], atol=5e-5)
+
+
+def test_simulated_annealing_replays_with_a_seed_and_copies_explore_apart(helix):
+    """Langevin dynamics of each copy (its own noise stream): one seed gives the same models
+    twice; two identical copies leave it as two different models; another seed differs."""
+    model, map_data = helix
+
+    def run(seed):
+        r = refine_real_space(model, map_data, 3.0, backend="numpy", nmodels=2, weight=50.0,
+                              strategy="minimization_global+simulated_annealing",
+                              macro_cycles=1, sites_iterations=5, annealing_steps=40,
+                              annealing_temperature=2.0, regularize_iterations=0, seed=seed)
+        return r.batch.backend.to_numpy(r.batch.xyz), r
+    a, result = run(4)
+    b, _ = run(4)
+    np.testing.assert_array_equal(a, b)
+    assert _rms(a[0], a[1]) > 0.01
+    assert _rms(run(5)[0][0], a[0]) > 0.01
+    assert "annealing" in result.phases
+    for st in result.stats:
+        assert st["cc_mask_final"] > 0.97 and st["rmsd_bonds"] < 0.03, st
+
+
+def test_resolution_annealing_refines_against_coarse_maps_first(helix, caplog):
+    model, map_data = helix
+    caplog.set_level(logging.INFO, logger="gpu_refine")
+    result = refine_real_space(model, map_data, 3.0, backend="numpy", shake=0.5, seed=2,
+                               strategy="minimization_global+resolution_annealing",
+                               macro_cycles=1, weight=50.0)
+    assert "sites annealed at 6 Å (weight" in caplog.text and "4.5 Å (weight" in caplog.text
+    assert result.stats[0]["cc_mask_final"] > 0.97
+
+
+def test_low_pass_keeps_only_the_terms_within_the_resolution(helix):
+    model, map_data = helix
+    prepared = prepare_map(map_data, model.xyz)
+    low = low_pass(prepared, 6.0)
+    f = np.abs(np.fft.rfftn(low.data.astype(np.float64)))
+    s2 = prepared.spec.s2(np)
+    assert f[s2 > 1.01 / 36.0].max() < 1e-4 * f.max()
+    kept = s2 < 0.99 / 36.0
+    np.testing.assert_allclose(f[kept], np.abs(np.fft.rfftn(prepared.data.astype(np.float64)))[kept],
+                               rtol=1e-4, atol=1e-4 * f.max())
+
+
+def test_weight_feedback_moves_toward_the_limits_by_at_most_a_step():
+    limits = (0.01, 1.0)
+    geo = [{"rmsd_bonds": 0.005, "rmsd_angles": 0.3},      # angles at 0.3 of theirs: 1.8x
+           {"rmsd_bonds": 0.002, "rmsd_angles": 0.1},      # far inside: at most 2x
+           {"rmsd_bonds": 0.02, "rmsd_angles": 0.5},       # bonds twice theirs: 0.45 -> 0.5x
+           {"rmsd_bonds": 0.009, "rmsd_angles": 0.9}]      # at 90 %: kept
+    np.testing.assert_allclose(_weight_feedback(geo, limits),
+                               [0.9 / 0.5, 2.0, 0.5, 1.0])

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 # command-line option -> RSRSettings field: (type, help)
 SETTINGS = {
     "resolution": (float, "map resolution d in Å (required; an MTZ's d_min by default)"),
-    "strategy": (str, "minimization_global (sites), +adp, +occupancy"),
+    "strategy": (str, "minimization_global (sites), +adp, +occupancy; for a start placed "
+                      "off: +resolution_annealing (sites at 6 and 4.5 Å first), "
+                      "+simulated_annealing (Langevin dynamics at a falling temperature)"),
     "adp": (str, "individual | group (one B per residue)"),
     "macro_cycles": (int, "cycles of sites, then ADP, then occupancy"),
     "weight": (str, "map weight for sites: W, or a grid W1,W2,... (each copy refined with "
@@ -43,7 +45,10 @@ SETTINGS = {
                     "(map at the atoms, phenix's simple target)"),
     "nmodels": (int, "copies of each starting model"),
     "shake": (float, "Å rms random shift of each copy"),
-    "seed": (int, "random seed of the shifts"),
+    "seed": (int, "random seed of the shifts and of simulated annealing"),
+    "annealing_steps": (int, "simulated annealing: Langevin steps of each model"),
+    "annealing_temperature": (float, "simulated annealing: the first kT, in restraint units "
+                                     "(1: a bond fluctuates by sigma/sqrt 2), falling to 0"),
     "sites_iterations": (int, "L-BFGS iterations of sites per macro-cycle"),
     "adp_iterations": (int, "L-BFGS iterations of ADP and of occupancy per macro-cycle"),
     "adp_weight": (float, "map weight for ADP against the B restraints"),
