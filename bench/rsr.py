@@ -2,8 +2,8 @@
 
 The start is the issue's: the deposited chain without H, shaken by 0.5 Å rms (default_rng(0)
 normal deviates scaled to exactly 0.5 Å, drawn row by row, so model 1 of a batch is that
-start).  Each row refines a batch with ``strategy=minimization_global+adp`` and the automatic
-weight, and reports wall time, time per model, CCmask (our map_model_cc twin) and geometry,
+start).  Each row refines a batch with the default ``strategy`` (sites with resolution
+annealing, ADP) and the automatic weight, and reports wall time, time per model, CCmask (our map_model_cc twin) and geometry,
 then where the time went (set-up: map box, masks and topology; statistics: CCmask at start
 and end; start: regularisation and B; weight: the automatic search; macro-cycles).  The CPU peer is Servalcat
 ``refine_spa_norefmac`` (10 cycles, sites + B) from the same start when ``--servalcat`` names

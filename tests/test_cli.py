@@ -206,7 +206,8 @@ def test_rsr(example, tmp_path):
     _one_line_error(rc, err)
     assert (tmp_path / "h.json").read_text() == before
     params = (tmp_path / "h.params").read_text()
-    assert "strategy=minimization_global+adp" in params and str(model.resolve()) in params
+    assert "strategy=minimization_global+resolution_annealing+adp" in params
+    assert str(model.resolve()) in params
     # (into a directory that does not exist yet: it is made)
     rc, out, err = cli("rsr", tmp_path / "h.params",
                        f"output.prefix={tmp_path / 'new' / 'again'}", "macro_cycles=1",

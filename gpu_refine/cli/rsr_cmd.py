@@ -1,6 +1,7 @@
 """Real-space refinement of a model, or a batch of starts, against a map.
 
-gpu-refine rsr MODEL MAP resolution=D [output.prefix=P] [strategy=minimization_global+adp]
+gpu-refine rsr MODEL MAP resolution=D [output.prefix=P]
+    [strategy=minimization_global+resolution_annealing+adp]
     [weight=W | weight=W1,W2,...] [nmodels=B shake=RMS seed=S] [macro_cycles=5]
     [adp=individual|group] [h_distances=electron|nucleus] [table=electron|xray]
     [labels=F,PHI] [find_links=true|false] [apply_all_trans=true] [output.pdb=true]
