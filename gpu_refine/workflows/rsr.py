@@ -371,9 +371,9 @@ class RealSpaceRefinement:
                      batch.b if b is None else b, batch.occ if occ is None else occ,
                      batch.u, backend=self.backend, mask_index=batch.mask_index)
 
-    def refine_sites(self, batch, weight, iterations, target=None):
-        """L-BFGS of the sites of ``batch`` on restraints + ``weight`` × the map target (the
-        run's, or ``target``: a coarse stage's)."""
+    def _sites_objective(self, batch, weight, target=None):
+        """fg(x) of the flattened sites (B, 3N) of ``batch``: T_restraints + ``weight`` × the
+        map target (the run's, or ``target``: a coarse stage's), and its gradient."""
         xp = self.backend.xp
         shape = batch.xyz.shape
         w = xp.asarray(weight, dtype=xp.float64)
@@ -388,9 +388,14 @@ class RealSpaceRefinement:
                 fr = fr + w * fd
                 gr = gr + (w[:, None, None] * gd.xyz).astype(gr.dtype)
             return fr, gr.reshape(shape[0], -1)
+        return fg
 
-        res = minimize_lbfgs(fg, batch.xyz.reshape(shape[0], -1),
-                             _lbfgs(iterations, max_step=0.3), xp=xp)
+    def refine_sites(self, batch, weight, iterations, target=None):
+        """L-BFGS of the sites of ``batch`` (``_sites_objective``)."""
+        shape = batch.xyz.shape
+        res = minimize_lbfgs(self._sites_objective(batch, weight, target),
+                             batch.xyz.reshape(shape[0], -1), _lbfgs(iterations, max_step=0.3),
+                             xp=self.backend.xp)
         batch.xyz[...] = res.x.reshape(shape)
         return res
 
@@ -567,22 +572,13 @@ class RealSpaceRefinement:
         explore apart.  The mobility keeps the stiffest bond stable (a quarter of its
         sigma², Euler's limit being 1/curvature = sigma²/2)."""
         s = self.settings
-        xp = self.backend.xp
         shape = batch.xyz.shape
-        w = xp.asarray(weight, dtype=xp.float64)
         sigma = self.topology.bonds.sigma
         sigma = float(sigma[sigma > 0].min()) if (sigma > 0).any() else 0.02
-
-        def fg(x):
-            xyz = x.reshape(shape)
-            fr, gr = self.restraints.energy_and_gradient(xyz)
-            fd, gd = self.sites_target.value_and_gradient(self._view(batch, xyz=xyz), ("xyz",))
-            return fr + w * fd, (gr + (w[:, None, None] * gd.xyz).astype(gr.dtype)).reshape(
-                shape[0], -1)
-
         settings = LangevinSettings(steps=s.annealing_steps, t_start=s.annealing_temperature,
                                     t_end=0.0, mobility=0.25 * sigma**2, seed=s.seed)
-        res = langevin(fg, batch.xyz.reshape(shape[0], -1), settings, xp)
+        res = langevin(self._sites_objective(batch, weight), batch.xyz.reshape(shape[0], -1),
+                       settings, self.backend.xp)
         batch.xyz[...] = res.x.reshape(shape)
         return res
 
