@@ -29,3 +29,11 @@ def test_restraints_benchmark(shared):
 def test_density_benchmark():
     out = _run("density.py", "--quick", "--repeat", "1")
     assert "| numpy |" in out
+
+
+def test_convergence_benchmark(shared, tmp_path):
+    out = _run("convergence.py", "--data", str(shared), "--maps", "8", "--fractions", "25",
+               "--variant", "quick=macro_cycles=1", "--out", str(tmp_path))
+    row = next(line for line in out.splitlines() if line.startswith("| quick | 8 | 25 |"))
+    start, final = (float(x) for x in row.split("|")[4:6])
+    assert final < start          # the fit moves toward the map's model
