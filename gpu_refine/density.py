@@ -83,6 +83,12 @@ def lowest_b(xp, batch):
     return min(b_min, U_TO_B * float(xp.min(disc)))
 
 
+def within_resolution(s2, resolution):
+    """Fourier terms of |s|² ``s2`` inside the sphere of ``resolution`` Å, those on it
+    included on every CPU (grids of d/3 have terms exactly there)."""
+    return s2 <= (1.0 + 1e-9) / resolution**2
+
+
 def refmac_blur(spacing, b_min):
     """Blur that makes the sampling adequate, as gemmi's set_refmac_compatible_blur (≥ 0)."""
     return max(0.0, U_TO_B / 1.1 * spacing**2 - b_min)
@@ -275,9 +281,8 @@ class ModelMapper:
         if self._filter is None or self._filter[0] != blur:
             xp = self.backend.xp
             s2 = self.spec.s2(xp)
-            # Terms on the resolution sphere (grids of d/3 have them) are kept on every CPU.
-            limit = (1.0 + 1e-9) / self.resolution**2
-            keep = s2 <= limit if self.resolution else xp.ones(s2.shape, bool)
+            keep = (within_resolution(s2, self.resolution) if self.resolution
+                    else xp.ones(s2.shape, bool))
             self._filter = (blur, xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0))
         return self._filter[1]
 

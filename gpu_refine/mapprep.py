@@ -17,7 +17,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy.spatial import cKDTree
 
-from .density import Copy
+from .density import Copy, within_resolution
 from .errors import InputError, ParameterError
 from .grid import GridSpec, is_identity, space_group_operations, symmetry_contacts
 
@@ -281,6 +281,6 @@ def low_pass(prepared, resolution):
     broad features pull a displaced model from farther than the final map's."""
     s2 = prepared.spec.s2(np)
     f = sp_fft.rfftn(prepared.data.astype(np.float64))
-    f[s2 > (1.0 + 1e-9) / resolution**2] = 0.0
+    f[~within_resolution(s2, resolution)] = 0.0
     data = sp_fft.irfftn(f, s=prepared.data.shape).astype(np.float32)
     return dataclasses.replace(prepared, data=data)

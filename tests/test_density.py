@@ -128,3 +128,11 @@ def test_a_sampling_that_does_not_suit_the_space_group_places_the_atoms_again():
     assert spec.symmetry_sources() is None        # 21 points along the 2_1 axis
     mapper = ModelMapper(spec, 3.0, backend="numpy")
     assert len(mapper.copies) == 1
+
+
+def test_a_mapper_without_a_resolution_keeps_every_term():
+    """resolution=None: the filter only undoes the blur (it raised a TypeError)."""
+    model = gr.Model.from_gemmi(gr.examples.helix_structure("AEAK"))
+    spec = gr.box_around(model.xyz, 1.0, 4.0)
+    f = ModelMapper(spec, None, backend="numpy").fourier_filter(10.0)
+    np.testing.assert_allclose(f, np.exp(10.0 * spec.s2(np) / 4.0))
