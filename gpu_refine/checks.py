@@ -40,6 +40,16 @@ def check_number(name, value, low, high, unit="", integer=False):
     return x
 
 
+def check_finite_rows(rows):
+    """ResultError naming the key and model where a row (one dict of statistics per model)
+    holds a float that is not finite."""
+    for i, row in enumerate(rows, start=1):
+        for key, value in row.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                raise ResultError(f"the run produced a non-finite {key} for model {i}; "
+                                  "nothing was written")
+
+
 def check_finite(what, array, where=None):
     """ResultError if ``array`` (B, ...) holds a non-finite number: names the first model and,
     given ``where`` (index -> text, e.g. an atom's name), the first element."""

@@ -6,9 +6,8 @@ gpu-refine geometry MODEL [monlib=DIR] [dictionary=FILE.cif] [json=OUT.json] [ig
 """
 import json
 import logging
-import math
 
-from ..errors import ResultError
+from ..checks import check_finite_rows
 from ..io import check_output, write_atomically
 from ..model import read_batch
 from ..restraints.topology import H_DISTANCES
@@ -64,10 +63,7 @@ def main(args):
                                         find_links=args.find_links,
                                         apply_all_trans=args.apply_all_trans,
                                         backend=args.backend)
-    for i, r in enumerate(results, start=1):
-        for key, value in r.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ResultError(f"the geometry report has a non-finite {key} for model {i}")
+    check_finite_rows(results)
     links = ", ".join(f"{k} {v}" for k, v in sorted(topology.links.items()))
     log.info("restraints from %s; links: %s", topology.library, links or "none")
     for i, r in enumerate(results, start=1):

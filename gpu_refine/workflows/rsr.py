@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..backend import get_backend
-from ..checks import check_finite, check_number
+from ..checks import check_finite, check_finite_rows, check_number
 from ..density import DensitySettings, ModelMapper, lowest_b, map_in_chunks, refmac_blur
 from ..dynamics import LangevinSettings, langevin
-from ..errors import InputError, ParameterError, ResultError
+from ..errors import InputError, ParameterError
 from ..mapprep import box_slices, box_spec, low_pass, prepare_map
 from ..metrics import mask_and_box_cc, model_box, molecular_masks
 from ..minimize import LBFGSSettings, minimize_lbfgs
@@ -505,15 +505,12 @@ class RealSpaceRefinement:
         results, refined = {}, {}
 
         def acceptable(k):
-            t = results[k]
-            return t["rmsd_bonds"] <= bond_lim and t["rmsd_angles"] <= angle_lim
+            return bool(_excess([results[k]], (bond_lim, angle_lim))[0] <= 1.0)
 
         def excess(k):
             """log of the geometry over its limits (the larger of bonds and angles): ≤ 0
             exactly where the trial is acceptable, infinite where it is not a number."""
-            t = results[k]
-            e = float(np.log(max(t["rmsd_bonds"] / bond_lim, t["rmsd_angles"] / angle_lim,
-                                 1e-12)))
+            e = float(np.log(max(_excess([results[k]], (bond_lim, angle_lim))[0], 1e-12)))
             if acceptable(k):
                 return min(e, 0.0)
             return max(e, 1e-12) if np.isfinite(e) else np.inf
@@ -903,9 +900,11 @@ def _next_trial(excess, first, last):
 
 
 def _excess(geo, limits):
-    """(B,) the larger of bonds / bond limit and angles / angle limit of each model."""
-    return np.array([max(g["rmsd_bonds"] / limits[0], g["rmsd_angles"] / limits[1])
-                     for g in geo])
+    """(B,) the larger of bonds / bond limit and angles / angle limit of each model (NaN
+    where either is not a number)."""
+    bonds = np.array([g["rmsd_bonds"] for g in geo], dtype=np.float64)
+    angles = np.array([g["rmsd_angles"] for g in geo], dtype=np.float64)
+    return np.maximum(bonds / limits[0], angles / limits[1])
 
 
 def _weight_feedback(geo, limits):
@@ -957,11 +956,7 @@ def check_finite_result(result):
     check_finite("occupancy", bk.to_numpy(batch.occ), label)
     if batch.u is not None:
         check_finite("anisotropic U", bk.to_numpy(batch.u), label)
-    for i, st in enumerate(result.stats):
-        for key, value in st.items():
-            if isinstance(value, float) and not np.isfinite(value):
-                raise ResultError(f"the run produced a non-finite {key} for model {i + 1}; "
-                                  "nothing was written")
+    check_finite_rows(result.stats)
 
 
 def refine_real_space(model, map_data, resolution=None, settings=None, backend=None,
