@@ -4,6 +4,7 @@
 (B, N, ...) arrays on a backend: ensemble members, shaken starts and trial weights are all just
 batch members.
 """
+import functools
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,20 @@ def _atoms_of(st, flags, show=lambda atom: f"occupancy {atom.occ:.2f}"):
     """"N atoms (e.g. chain/RES seq/name occupancy)" for the atoms ``flags`` marks."""
     first = next(c for c, f in zip(st[0].all(), flags) if f)
     return f"{int(np.sum(flags))} atoms (e.g. {first} {show(first.atom)})"
+
+
+def atom_labels(st):
+    """("chain/RES seq/name[.altloc]" (N,), altloc (N,), "" where none) of model 1's atoms in
+    file order: how messages and restraints name atoms."""
+    labels, alts = [], []
+    for ch in st[0]:
+        for res in ch:
+            for at in res:
+                alt = at.altloc if at.altloc != "\0" else ""
+                labels.append(f"{ch.name}/{res.name} {str(res.seqid).strip()}/{at.name}"
+                              + (f".{alt}" if alt else ""))
+                alts.append(alt)
+    return np.array(labels), np.array(alts)
 
 
 def _anisou(atom):
@@ -157,17 +172,18 @@ class Model:
                         "refinement brings them to 1 at most", _atoms_of(st, model.occ > 1))
         return model
 
+    @functools.cached_property
+    def _labels(self):
+        return atom_labels(self.structure)
+
     @property
     def altloc(self):
         """(N,) str: each atom's altloc, "" where none."""
-        return np.array([a.atom.altloc if a.atom.has_altloc() else ""
-                         for a in self.structure[0].all()])
+        return self._labels[1]
 
     def atom_label(self, i):
-        """'chain/RES seq/name' of atom ``i`` (file order), for messages."""
-        chain, seqid, resname = self.residues[self.residue_index[i]]
-        atoms = [at for ch in self.structure[0] for res in ch for at in res]
-        return f"{chain}/{resname} {seqid}/{atoms[i].name}"
+        """'chain/RES seq/name[.altloc]' of atom ``i`` (file order), for messages."""
+        return str(self._labels[0][i])
 
     def check_finite(self):
         for name in ("xyz", "b", "occ", "u_aniso"):

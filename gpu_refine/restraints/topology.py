@@ -32,6 +32,7 @@ from scipy.spatial.transform import Rotation
 
 from ..errors import InputError, ParameterError
 from ..grid import space_group_operations, symmetry_contacts
+from ..model import atom_labels
 from .library import read_library
 
 log = logging.getLogger(__name__)
@@ -113,18 +114,9 @@ class Topology:
         between them has no direction (its gradient is not a number): such a model (atoms a
         program put at one place, a residue pasted twice) cannot be refined or regularised
         until one is moved."""
-        problems = []
-        for k, xyz in enumerate(np.asarray(coords, dtype=np.float64)):
-            n, pair = coincident_pairs(xyz, self.altloc)
-            if not n:
-                continue
-            more = f" (and {n - 1} more pair{'s' if n > 2 else ''})" if n > 1 else ""
-            which = (f"atoms {self.label(pair[0])} and {self.label(pair[1])} lie on each "
-                     f"other{more}" if pair else f"{n} pairs of atoms lie on each other")
-            problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}{which}: "
-                            "restraints cannot tell which way to separate them; move or "
-                            "remove one")
-        return problems
+        return coincident_problems(coords, self.altloc, self.label, noun,
+                                   "restraints cannot tell which way to separate them; move "
+                                   "or remove one")
 
     def stretched(self, coords, noun="model", limit=LONGEST_BOND):
         """One line per model of ``coords`` (B, N, 3) with a restrained bond longer than
@@ -187,6 +179,22 @@ def coincident_pairs(xyz, altloc):
     return len(pairs), min(map(tuple, pairs.tolist()))
 
 
+def coincident_problems(coords, altloc, label, noun, remedy):
+    """One line per model of ``coords`` (B, N, 3) with atoms of one conformer on each other
+    (``coincident_pairs``), naming the first pair by ``label`` (index -> text), "{noun} k: "
+    before it where B > 1, and ``remedy`` after it."""
+    problems = []
+    for k, xyz in enumerate(np.asarray(coords, dtype=np.float64)):
+        n, pair = coincident_pairs(xyz, altloc)
+        if not n:
+            continue
+        more = f" (and {n - 1} more pair{'s' if n > 2 else ''})" if n > 1 else ""
+        which = (f"atoms {label(pair[0])} and {label(pair[1])} lie on each other{more}"
+                 if pair else f"{n} pairs of atoms lie on each other")
+        problems.append(f"{f'{noun} {k + 1}: ' if len(coords) > 1 else ''}{which}: {remedy}")
+    return problems
+
+
 def check_packing(xyz, radius, label, altloc):
     """InputError where atoms ``xyz`` (N, 3) are packed more densely than in any molecule (a
     pile of copies at one spot), before the pairs within ``radius`` Å are listed (link
@@ -200,18 +208,6 @@ def check_packing(xyz, radius, label, altloc):
     example = f"; e.g. {label(pair[0])} and {label(pair[1])} lie on each other" if pair else ""
     raise InputError(f"the atoms are packed more densely than in any molecule ({pairs} pairs "
                      f"within {radius:.1f} Å among {n} atoms){example}: remove the copies")
-
-
-def _labels(st):
-    labels, alts = [], []
-    for ch in st[0]:
-        for res in ch:
-            for at in res:
-                alt = at.altloc if at.altloc != "\0" else ""
-                labels.append(f"{ch.name}/{res.name} {str(res.seqid).strip()}/{at.name}"
-                              + (f".{alt}" if alt else ""))
-                alts.append(alt)
-    return np.array(labels), np.array(alts)
 
 
 def _consecutive(r1, r2):
@@ -536,9 +532,9 @@ def build_topology(model, monlib=None, dictionaries=(), ignore_unknown=False,
         cra.atom.b_iso = i
     resnames = set(st[0].get_all_residue_names())
     lib, where, missing = read_library(resnames, monlib, dictionaries)
-    labels, altloc = _labels(st)
+    labels, altloc = atom_labels(st)
     # Before the link search and the nonbonded pairs, each of which lists close pairs.
-    check_packing(model.xyz, LINK_REACH, lambda a: str(labels[a]), altloc)
+    check_packing(model.xyz, LINK_REACH, model.atom_label, model.altloc)
     names, counts = np.unique(labels, return_counts=True)
     if (counts > 1).any():
         raise InputError(f"duplicated atoms (the same name and altloc in one residue): "

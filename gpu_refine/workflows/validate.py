@@ -10,7 +10,7 @@ from ..errors import InputError, ParameterError
 from ..grid import box_around
 from ..metrics import five_cc, image_radius, molecular_masks, per_residue_cc
 from ..model import Batch
-from ..restraints.topology import coincident_pairs
+from ..restraints.topology import coincident_problems
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,10 @@ def check_occupancy(occ):
 def check_coincident(model, xyz):
     """InputError where atoms of one conformer lie on each other in a model of ``xyz``
     (B, N, 3): a pile of copies has no map worth comparing, and costs its square in work."""
-    altloc = model.altloc
-    for k, x in enumerate(xyz):
-        n, pair = coincident_pairs(x, altloc)
-        if n:
-            which = (f"atoms {model.atom_label(pair[0])} and {model.atom_label(pair[1])}"
-                     if pair else "atoms")
-            more = f" (and {n - 1} more pairs)" if n > 1 else ""
-            raise InputError(f"model {k + 1}: {which} lie on each other{more}: remove the "
-                             "copies")
+    problems = coincident_problems(xyz, model.altloc, model.atom_label, "model",
+                                   "remove the copies")
+    if problems:
+        raise InputError(problems[0])
 
 
 def check_extent(model, xyz, spacing, padding):
