@@ -36,16 +36,28 @@ _FOUR_PI2 = 4.0 * np.pi**2
 _PAIRS_PER_CHUNK = 1 << 21
 
 
+MAX_THREADS = 1024
+
+
+def threads_setting(value):
+    """The thread count that GPU_REFINE_THREADS=``value`` asks for; ValueError, saying what
+    it must be, where it asks for none."""
+    if value.isdigit() and 1 <= int(value) <= MAX_THREADS:
+        return int(value)
+    raise ValueError(f"GPU_REFINE_THREADS={value!r}: give a number of threads from 1 to "
+                     f"{MAX_THREADS}, or leave it unset (one per core)")
+
+
 @functools.lru_cache(maxsize=1)
 def _worker_count():
     """GPU_REFINE_THREADS if set, else the cores this process may use (at most 16).  Read at
     the first model map, not at import, so that a command can check the variable first."""
     value = os.environ.get("GPU_REFINE_THREADS", "").strip()
     if value:
-        if value.isdigit() and int(value) >= 1:
-            return int(value)
-        logging.getLogger(__name__).warning(
-            "GPU_REFINE_THREADS=%r is not a number of threads; using one per core", value)
+        try:
+            return threads_setting(value)
+        except ValueError as exc:
+            logging.getLogger(__name__).warning("%s; using one per core", exc)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(16, cores or 1))
 

@@ -12,7 +12,7 @@ from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,18 @@ def get_backend(name=None):
         raise BackendError(f"backend=cupy was requested but {why}")
     log.debug("using NumPy: %s", why)
     return _numpy_backend()
+
+
+def check_environment():
+    """ParameterError where an environment variable the engine reads asks for nothing it can
+    do (GPU_REFINE_THREADS; GPU_REFINE_BACKEND is checked by ``get_backend``)."""
+    value = os.environ.get("GPU_REFINE_THREADS", "").strip()
+    if value:
+        from cpu_fallback.density import threads_setting
+        try:
+            threads_setting(value)
+        except ValueError as exc:
+            raise ParameterError(str(exc)) from None
 
 
 def available_backends():

@@ -6,13 +6,13 @@ Exit codes: 0 ok; 1 a problem with the input or parameters (one-line reason on s
 import argparse
 import contextlib
 import logging
-import os
 import shlex
 import signal
 import sys
 import threading
 
 from .. import __version__
+from ..backend import check_environment
 from ..errors import GpuRefineError, ParameterError
 from . import example_cmd, geometry_cmd, map_cmd, rsr_cmd, validate_cmd
 from .params import UsageError, check_repeats, expand_params_files, translate
@@ -30,17 +30,6 @@ class _Parser(argparse.ArgumentParser):
         if "invalid" in message and "value:" in message:
             raise ParameterError(where + message)
         raise UsageError(where + message)
-
-
-# Environment variables the commands read, and what each must be.
-MAX_THREADS = 1024
-
-
-def _check_environment():
-    value = os.environ.get("GPU_REFINE_THREADS", "").strip()
-    if value and not (value.isdigit() and 1 <= int(value) <= MAX_THREADS):
-        raise ParameterError(f"GPU_REFINE_THREADS={value!r}: give a number of threads from 1 "
-                             f"to {MAX_THREADS}, or leave it unset (one per core)")
 
 
 @contextlib.contextmanager
@@ -94,7 +83,6 @@ def run(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     debug = "--debug" in argv
-    logger = logging.getLogger("gpu_refine")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     try:
@@ -110,9 +98,9 @@ def run(argv=None):
             if args.command is None:
                 parser.print_help(sys.stderr)
                 return 2
-            _check_environment()
-            logger.addHandler(console)
-            logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+            check_environment()
+            log.addHandler(console)
+            log.setLevel(logging.WARNING if args.quiet else logging.INFO)
             _header(args, argv)
             for note in notes:
                 log.info("%s", note)
@@ -134,8 +122,8 @@ def run(argv=None):
               "(rerun with --debug for details)", file=sys.stderr)
         return 3
     finally:
-        logger.removeHandler(console)
-        logger.setLevel(logging.NOTSET)
+        log.removeHandler(console)
+        log.setLevel(logging.NOTSET)
 
 
 def main():
