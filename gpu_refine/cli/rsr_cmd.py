@@ -160,28 +160,8 @@ def main(args):
     with output_lock(prefix):
         names, replaced_log = _outputs(
             args, prefix, starts.size * settings.nmodels * len(settings.weight_grid()))
-        root = logging.getLogger("gpu_refine")
-        held = logging.handlers.BufferingHandler(capacity=1 << 20)
-        root.addHandler(held)
-        try:
-            if starts.size > 1:
-                log.info("%s: %d models, each a start", args.model, starts.size)
-            map_data = read_map(args.map, labels=args.labels)
-            job = RealSpaceRefinement(starts.model, map_data, settings, backend=args.backend,
-                                      starts=starts)
-        finally:
-            root.removeHandler(held)
-            records = list(held.buffer)
-            held.close()
-        handler = logging.FileHandler(names["log"], mode="w", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
-                             f"command: {args.command_line}\n")
-        if replaced_log:
-            handler.stream.write(f"(replaces the log of a run that stopped: {names['log']})\n")
-        for record in records:
-            handler.handle(record)
-        root.addHandler(handler)
+        job, records = _set_up(args, starts, settings)
+        handler = _open_log(args, names["log"], records, replaced_log)
         written = []
         try:
             _run(args, names, settings, job, written)
@@ -195,8 +175,41 @@ def main(args):
                                  + "\n")
             raise
         finally:
-            root.removeHandler(handler)
+            logging.getLogger("gpu_refine").removeHandler(handler)
             handler.close()
+
+
+def _set_up(args, starts, settings):
+    """(the job, the log records of setting it up): held, so that a setup that fails (no
+    dictionary, a map that misses the model) leaves no log behind."""
+    root = logging.getLogger("gpu_refine")
+    held = logging.handlers.BufferingHandler(capacity=1 << 20)
+    root.addHandler(held)
+    try:
+        if starts.size > 1:
+            log.info("%s: %d models, each a start", args.model, starts.size)
+        map_data = read_map(args.map, labels=args.labels)
+        job = RealSpaceRefinement(starts.model, map_data, settings, backend=args.backend,
+                                  starts=starts)
+    finally:
+        root.removeHandler(held)
+        records = list(held.buffer)
+        held.close()
+    return job, records
+
+
+def _open_log(args, path, records, replaced):
+    """The run's log file, begun with its header and the setup's ``records``, and attached."""
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.stream.write(f"gpu-refine {__version__} | device: {args.device}\n"
+                         f"command: {args.command_line}\n")
+    if replaced:
+        handler.stream.write(f"(replaces the log of a run that stopped: {path})\n")
+    for record in records:
+        handler.handle(record)
+    logging.getLogger("gpu_refine").addHandler(handler)
+    return handler
 
 
 def _run(args, names, settings, job, written):
