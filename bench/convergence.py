@@ -5,7 +5,8 @@ models 5, 8 and 11 (gemmi's electron density, its sampling blur undone, cut at 3
 Gaussian noise) share one P1 box.  The starts are model 1 and, for each map, model 1 moved
 25 / 50 / 100 / 150 % of the way from the map's model to it.  Each row refines one start
 against one map and gives the Cα rms (no superposition) to the map's model and to the other
-two, the geometry (by the project's restraints) and the wall time.
+two, the geometry (by the project's built-in dictionary, with which gpu_refine refines by
+default, and by the CCP4 library that Servalcat is given) and the wall time.
 
     python bench/convergence.py [--data ../shared/data] [--maps 5,8,11] [--fractions 25,50,100,150]
         [--variant NAME=key=value,key=value ...] [--servalcat PATH] [--out DIR]
@@ -32,8 +33,8 @@ from gpu_refine.workflows.geometry import geometry_report
 FIRST, LAST, B, D, NOISE, SPACING, PAD = 13, 65, 60.0, 3.0, 0.1, 1.0, 10.0
 VARIANTS = {
     "default": {},
-    "+resolution_annealing": {"strategy": "minimization_global+resolution_annealing+adp"},
-    "+simulated_annealing": {"strategy": "minimization_global+simulated_annealing+adp"},
+    "+simulated_annealing": {"strategy": "minimization_global+resolution_annealing+adp"
+                                         "+simulated_annealing"},
 }
 
 
@@ -120,15 +121,16 @@ def make_case(data, maps, fractions, out):
     return targets, rows
 
 
-def geometry(st, monlib):
+def geometry(st, monlib=None):
+    """(bonds Å, angles °) rmsd by the project's built-in dictionary, or by ``monlib``."""
     _, (r,) = geometry_report(gr.Model.from_gemmi(st), monlib=monlib)
     return r["rmsd_bonds"], r["rmsd_angles"]
 
 
-def run_gpu_refine(start, emap, settings, monlib):
+def run_gpu_refine(start, emap, settings):
     model = gr.read_model(start)
     t0 = time.perf_counter()
-    result = gr.refine_real_space(model, gr.read_map(emap), D, monlib=monlib, **settings)
+    result = gr.refine_real_space(model, gr.read_map(emap), D, **settings)
     return result.batch.to_structures()[result.best], time.perf_counter() - t0
 
 
@@ -143,6 +145,15 @@ def run_servalcat(exe, start, emap, monlib, workdir):
     st = gemmi.read_structure(str(out))
     st.remove_hydrogens()
     return st, took
+
+
+def _value(text):
+    """A --variant value as the settings take it: bool, int, float or the text."""
+    if text in ("true", "false"):
+        return text == "true"
+    if text.isdigit():
+        return int(text)
+    return float(text) if text.replace(".", "", 1).isdigit() else text
 
 
 def main():
@@ -164,8 +175,7 @@ def main():
         for text in args.variant:
             name, _, rest = text.partition("=")
             pairs = [kv.split("=", 1) for kv in rest.split(",") if kv]
-            variants[name] = {k: (float(v) if v.replace(".", "", 1).isdigit() and "." in v
-                                  else int(v) if v.isdigit() else v) for k, v in pairs}
+            variants[name] = {k: _value(v) for k, v in pairs}
     out = Path(args.out or tempfile.mkdtemp(prefix="convergence_"))
     out.mkdir(parents=True, exist_ok=True)
     maps = [int(k) for k in args.maps.split(",")]
@@ -175,8 +185,8 @@ def main():
           f"noise {NOISE:g}); {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; {get_backend().device}")
     print("| program | map | start (% of the way) | start Cα rms | final Cα rms | to the "
-          "others | bonds Å | angles ° | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "others | bonds Å | angles ° | CCP4 library: bonds Å | angles ° | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     programs = [] if args.servalcat_only else list(variants.items())
     if args.servalcat:
         programs.append(("servalcat", None))
@@ -185,14 +195,15 @@ def main():
             if name == "servalcat":
                 refined, took = run_servalcat(args.servalcat, path, emap, monlib, out)
             else:
-                refined, took = run_gpu_refine(path, emap, settings, monlib)
+                refined, took = run_gpu_refine(path, emap, settings)
             first = gemmi.read_structure(str(path))
             others = ", ".join(f"{j}: {ca_rms(refined, t):.3f}" for j, t in targets.items()
                                if j != k)
-            bonds, angles = geometry(refined, monlib)
+            geo = geometry(refined) + geometry(refined, monlib)
             print(f"| {name} | {k} | {f} | {ca_rms(first, targets[k]):.3f} | "
-                  f"{ca_rms(refined, targets[k]):.3f} | {others} | {bonds:.4f} | "
-                  f"{angles:.2f} | {took:.1f} |", flush=True)
+                  f"{ca_rms(refined, targets[k]):.3f} | {others} | "
+                  + " | ".join(f"{v:.4f}" if j % 2 == 0 else f"{v:.2f}"
+                               for j, v in enumerate(geo)) + f" | {took:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

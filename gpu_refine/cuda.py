@@ -180,3 +180,16 @@ def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
             np.int32(n_values))
     _restraint_launch("adp_similarity_terms_kernel", dtype, n_models, len(atoms), args, energy,
                       grad, delta)
+
+
+def banded_solve(band, rhs, transpose, out):
+    """GPU twin of cpu_fallback.banded_solve."""
+    dtype = _real(out.dtype)
+    if not out.flags.c_contiguous or out.shape != rhs.shape:
+        raise ValueError("out must be C-contiguous and shaped as rhs")
+    n, ncol = rhs.shape
+    band = _c(band, cp.float64)
+    _launch(get_kernel("banded", "banded_solve_kernel", dtype), ncol,
+            (band, np.int32(n), np.int32(band.shape[0] - 1), _c(rhs, dtype), np.int32(ncol),
+             np.int32(bool(transpose)), out))
+    return out

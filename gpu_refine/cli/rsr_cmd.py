@@ -37,8 +37,10 @@ SETTINGS = {
     "resolution": (float, "map resolution d in Å (required; an MTZ's d_min by default)"),
     "strategy": (str, "minimization_global (sites), +adp, +occupancy; for a start placed "
                       "off: +resolution_annealing (sites at 6 and 4.5 Å first), "
-                      "+simulated_annealing (Langevin dynamics at a falling temperature)"),
+                      "+simulated_annealing (Langevin dynamics at a falling temperature), "
+                      "+rigid_body (each chain as one body, first)"),
     "adp": (str, "individual | group (one B per residue)"),
+    "precondition": (boolean, "sites in the variables of the restraints' Laplacian (true)"),
     "macro_cycles": (int, "cycles of sites, then ADP, then occupancy"),
     "weight": (str, "map weight for sites: W, or a grid W1,W2,... (each copy refined with "
                     "each); automatic if not given"),

@@ -28,8 +28,10 @@ from ..minimize import LBFGSSettings, minimize_lbfgs
 from ..model import Batch, b_equivalent
 from ..restraints.adp import ADPRestraints
 from ..restraints.geometry import GeometryRestraints
+from ..restraints.precondition import SitesPreconditioner
 from ..restraints.stats import geometry_statistics
 from ..restraints.topology import build_topology, check_h_distances
+from ..rigid import RigidBodies
 from ..targets import MapValueTarget, ModelMapTarget
 from .geometry import shake_shifts
 from .validate import check_fit, check_occupancy, check_resolution, check_sampling
@@ -37,7 +39,11 @@ from .validate import check_fit, check_occupancy, check_resolution, check_sampli
 log = logging.getLogger(__name__)
 
 STRATEGY_WORDS = ("minimization_global", "individual_sites", "adp", "occupancy",
-                  "resolution_annealing", "simulated_annealing")
+                  "resolution_annealing", "simulated_annealing", "rigid_body")
+# Rigid bodies: L-BFGS iterations per stage, and the largest step of a parameter (radians
+# of a rotation vector, Å of a translation).
+RIGID_ITERATIONS = 30
+RIGID_STEP = 0.3
 # Resolution annealing: the coarse maps (Å) refined against before the run's own, those at
 # least COARSEST_STEP_RATIO × its resolution, each with ANNEAL_WEIGHT × the weight scale.
 RESOLUTION_STEPS = (6.0, 4.5)
@@ -49,6 +55,13 @@ SETTLE_STEPS = 3
 COARSEST_STEP_RATIO = 1.2
 ANNEAL_WEIGHT = 1.0
 B_BOUNDS = (1.0, 500.0)
+SITES_STEP = 0.3    # Å: the largest move of a site in one L-BFGS step
+# Å: sites are refined preconditioned only where every model's bond rmsd is within this.
+PC_BONDS = 0.03
+# Å: regularisation holds each site to its start this loosely: bad local geometry is mended
+# (2AXD, a start halfway between two models: bonds 0.0102 Å left after 100 iterations without
+# it, 0.0065 with it), the model stays where it was.
+REGULARIZE_TETHER = 0.3
 ADP_SAMPLING = 0.7  # refined B keep B + blur >= this share of Refmac's 8pi²/1.1 spacing²
 # The middle trial weight relative to the gradient-norm ratio, measured on EMD-2566 (3.2 Å):
 # the chosen weight sits 2^6 below the raw ratio of restraint forces at 0.05 Å noise.
@@ -93,14 +106,17 @@ class RSRSettings:
     weight: object = None              # data weight for sites: a number, several (a grid:
                                        # each start refined with each), or None (automatic)
     target: str = "cc"                 # sites target: cc | map_value
-    sites_iterations: int = 25         # L-BFGS iterations per macro-cycle
+    # 2AXD at 3 Å is iteration-limited (Cα 0.30 Å from model 5's map with 25 per cycle and
+    # 40 per trial weight, 0.26 with these; bench/RESULTS.md, twentieth session).
+    sites_iterations: int = 80         # L-BFGS iterations per macro-cycle
     adp_iterations: int = 25
     adp_weight: float = 200.0          # data weight for ADP against the ADP restraints
     bond_limit: float = 0.01           # Å: automatic weight keeps rmsd(bonds) at or below
     angle_limit: float = 1.0           # degrees: and rmsd(angles) at or below
     weight_trials: int = 6
     regularize_iterations: int = 100
-    weight_iterations: int = 40
+    weight_iterations: int = 100       # per trial weight: a trial's geometry is read where
+                                       # it has nearly converged (it falls as the fit does)
     nmodels: int = 1                   # copies of each starting model
     shake: float = 0.0                 # Å rms shift of each copy
     seed: int = 0                      # of the shifts and of simulated annealing's noise
@@ -115,6 +131,8 @@ class RSRSettings:
     ignore_unknown: bool = False
     h_distances: str = None            # X-H bond targets: electron (cloud) | nucleus; by
                                        # default nucleus with table=electron, as Servalcat
+    precondition: bool = True          # sites refined in the variables of the restraints'
+                                       # Laplacian (restraints/precondition.py)
     find_links: bool = True            # library links found from distances (disulfides, ...)
     apply_all_trans: bool = False      # every peptide restrained trans, whatever its omega
 
@@ -127,7 +145,8 @@ class RSRSettings:
         return {"sites": bool({"minimization_global", "individual_sites"} & set(words)),
                 "adp": "adp" in words, "occupancy": "occupancy" in words,
                 "resolution_annealing": "resolution_annealing" in words,
-                "simulated_annealing": "simulated_annealing" in words}
+                "simulated_annealing": "simulated_annealing" in words,
+                "rigid_body": "rigid_body" in words}
 
     def weight_grid(self):
         """The given weights as a tuple (each start is refined with each); (None,) where the
@@ -146,7 +165,7 @@ class RSRSettings:
             # better so (CCmask 0.8447 against 0.8416 at X-ray distances).
             self.h_distances = "nucleus" if self.table == "electron" else "electron"
         check_h_distances(self.h_distances)
-        for name in ("find_links", "apply_all_trans"):
+        for name in ("find_links", "apply_all_trans", "precondition"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ParameterError(f"{name} must be true or false, not "
                                      f"{getattr(self, name)!r}")
@@ -302,6 +321,12 @@ class RealSpaceRefinement:
             raise InputError(problems[0])
         self.restraints = GeometryRestraints(self.topology, backend=bk, dtype=self.dtype)
         self.adp_restraints = ADPRestraints(self.topology, backend=bk, dtype=self.dtype)
+        self.preconditioner = None
+        if self.strategy["sites"] and s.precondition:
+            try:
+                self.preconditioner = SitesPreconditioner(self.topology, bk)
+            except ValueError as exc:
+                log.warning("sites refined without preconditioning: %s", exc)
         self.prepared = prepare_map(map_data, self.starts.xyz, s.cushion, s.mask_radius,
                                     s.mask_edge)
         spacing = float(min(self.prepared.spec.voxel_size))
@@ -390,13 +415,43 @@ class RealSpaceRefinement:
             return fr, gr.reshape(shape[0], -1)
         return fg
 
-    def refine_sites(self, batch, weight, iterations, target=None):
-        """L-BFGS of the sites of ``batch`` (``_sites_objective``)."""
+    def regularize(self, batch, iterations):
+        """Restraints alone, each site held to its start (REGULARIZE_TETHER), in x: the
+        preconditioned variables would carry the whole model along the restraints' soft
+        directions (2AXD model 1: Cα 0.94 -> 1.16 Å from the map's model in 100
+        iterations) and mend a badly distorted start slowly (a start halfway between two
+        NMR models, bonds 0.28 Å: 0.14 Å after 100 iterations, 0.0065 Å so)."""
         shape = batch.xyz.shape
-        res = minimize_lbfgs(self._sites_objective(batch, weight, target),
-                             batch.xyz.reshape(shape[0], -1), _lbfgs(iterations, max_step=0.3),
+        x0 = batch.xyz.reshape(shape[0], -1)
+        fg = _tethered(self._sites_objective(batch, np.zeros(shape[0])), x0.copy(),
+                       REGULARIZE_TETHER)
+        res = minimize_lbfgs(fg, x0, _lbfgs(iterations, max_step=SITES_STEP),
                              xp=self.backend.xp)
         batch.xyz[...] = res.x.reshape(shape)
+        return res
+
+    def refine_sites(self, batch, weight, iterations, target=None):
+        """L-BFGS of the sites of ``batch`` (``_sites_objective``), in the preconditioned
+        variables where the run has them."""
+        shape = batch.xyz.shape
+        fg, x0 = self._sites_objective(batch, weight, target), batch.xyz.reshape(shape[0], -1)
+        pc = self.preconditioner
+        if pc is not None and max(g["rmsd_bonds"] for g in self.geometry(batch)) > PC_BONDS:
+            # The Laplacian models the restraints near their ideal geometry only: from a
+            # start shaken 1 Å (bonds ~0.5 Å off) it ends 1.1 Å from the model, 0.05 in x.
+            pc = None
+        if pc is None:
+            res = minimize_lbfgs(fg, x0, _lbfgs(iterations, max_step=SITES_STEP),
+                                 xp=self.backend.xp)
+            batch.xyz[...] = res.x.reshape(shape)
+            return res
+        # z's smallest curvature is pc's shift: a step of SITES_STEP √shift in z moves no
+        # atom much farther than SITES_STEP Å.
+        fg_z, z0, x_of = pc.wrap(fg, x0.copy())
+        res = minimize_lbfgs(fg_z, z0, _lbfgs(iterations,
+                                              max_step=SITES_STEP * pc.shift_value ** 0.5),
+                             xp=self.backend.xp)
+        batch.xyz[...] = x_of(res.x).reshape(shape)
         return res
 
     def _b_map(self):
@@ -579,6 +634,30 @@ class RealSpaceRefinement:
         batch.xyz[...] = res.x.reshape(shape)
         return res
 
+    def refine_rigid_bodies(self, batch):
+        """Each chain moved as one body (``rigid.RigidBodies``) against the map cut to the
+        coarsest of RESOLUTION_STEPS that is coarser than the run's resolution, then against
+        the run's own: a start placed off its density as a whole.  Returns the stages run,
+        [(d, number of groups)]."""
+        s = self.settings
+        xp = self.backend.xp
+        chains = np.unique([self.model.residues[r][0] for r in self.model.residue_index],
+                           return_inverse=True)[1]
+        coarse = [d for d in RESOLUTION_STEPS if d >= COARSEST_STEP_RATIO * s.resolution][:1]
+        done = []
+        for d in coarse + [s.resolution]:
+            target = (self.sites_target if d == s.resolution else
+                      ModelMapTarget(low_pass(self.prepared, d), d, backend=self.backend,
+                                     settings=self.cc_target.settings))
+            weight = np.full(batch.size, self._weight_scale(batch, target))
+            bodies = RigidBodies(chains, batch.xyz, xp)
+            fg, p0, x_of = bodies.wrap(self._sites_objective(batch, weight, target),
+                                       batch.xyz.dtype)
+            res = minimize_lbfgs(fg, p0, _lbfgs(RIGID_ITERATIONS, max_step=RIGID_STEP), xp=xp)
+            batch.xyz[...] = x_of(res.x).reshape(batch.xyz.shape)
+            done.append((d, bodies.n_groups))
+        return done
+
     def anneal_resolution(self, batch):
         """Resolution annealing: sites refined against the map cut to each of
         RESOLUTION_STEPS coarser than the run's resolution in turn, so that broad features
@@ -695,20 +774,27 @@ class RealSpaceRefinement:
         floor, done = None, []
         if self.strategy["sites"] and s.regularize_iterations > 0:
             # Shaken or rough starts: fix the local geometry first (restraints only, cheap).
-            res = self.refine_sites(copies, np.zeros(copies.size), s.regularize_iterations)
+            res = self.regularize(copies, s.regularize_iterations)
             iterations += res.iterations
             geo = self.geometry(copies)
             floor = (geo[0]["rmsd_bonds"], geo[0]["rmsd_angles"])
             done.append(f"regularised: bonds {_range([g['rmsd_bonds'] for g in geo])} Å, "
                         f"angles {_range([g['rmsd_angles'] for g in geo], '.2f')}°")
-        if self.strategy["adp"]:
-            iterations += self.refine_adp(copies, s.adp_iterations).iterations
-            done.append("B refined")
+        if self.strategy["rigid_body"]:
+            stages = self.refine_rigid_bodies(copies)
+            done.append(f"{stages[0][1]} rigid bod{'y' if stages[0][1] == 1 else 'ies'} "
+                        "(chains) refined at " + ", ".join(f"{d:g}" for d, _ in stages) + " Å")
         if self.strategy["sites"] and self.strategy["resolution_annealing"]:
             stages = self.anneal_resolution(copies)
             if stages:
                 done.append("sites annealed at " + ", ".join(
                     f"{d:g} Å (weight {w:.3g})" for d, w in stages))
+        if self.strategy["adp"]:
+            # After the coarse stages, not before: B refined at a displaced start swell where
+            # the atoms are off, and their map gradient fades (2AXD map 8: Cα 0.28 Å after
+            # 200 sites iterations from such B, 0.07 Å from the start's).
+            iterations += self.refine_adp(copies, s.adp_iterations).iterations
+            done.append("B refined")
         batch = copies.subset(self._each_weight(copies.size))
         iterations = np.repeat(iterations, grid)
         log.info("start prepared (%s) in %.1f s", "; ".join(done) or "as given",
@@ -914,6 +1000,17 @@ def _weight_feedback(geo, limits):
     3 Å: angles 0.95, 0.54, 1.18, 0.59° in four cycles of one weight's square-law update)."""
     e = np.maximum(_excess(geo, limits), 1e-6)
     return np.clip(LIMIT_FILL / e, 1.0 / FEEDBACK_STEP, FEEDBACK_STEP)
+
+
+def _tethered(fg, x0, sigma):
+    """fg plus sum |x - x0|² / sigma² over the sites."""
+    k = 1.0 / sigma ** 2
+
+    def fg_tethered(x):
+        f, g = fg(x)
+        d = (x - x0).astype(g.dtype)
+        return f + k * (d.astype(f.dtype) ** 2).sum(axis=1), g + 2 * k * d
+    return fg_tethered
 
 
 def _all_of(flags, index, n):
