@@ -14,6 +14,13 @@ and ndarray members are checked against ``cupy_api.json`` (made from CuPy itself
 
 ``allocation_limit`` (bytes, None for none) makes any larger device array raise
 ``cuda.memory.OutOfMemoryError``, to exercise batch splitting.
+
+``cost`` counts what a GPU would be asked to do (bench/gpu_cost.py's cost model): device→host
+synchronisations (``.get()``, ``asnumpy``, ``float/int/bool`` of a device value, ``.item()``),
+host→device uploads and their bytes, launches (each raw kernel, each elementwise or reduction
+call, each FFT; views and allocations are free) with the bytes each reads and writes (the
+sizes of its array operands and result), and the raw kernels' own work as ``cost.work``
+reports it (``host_cuda`` adds the density kernels' atom × grid-point pairs).
 """
 import functools
 import json
@@ -25,6 +32,57 @@ import numpy.lib.mixins
 import scipy.fft
 
 allocation_limit = None
+
+# Members and functions that make no launch: views, metadata, allocations without a fill.
+_FREE = {"reshape", "transpose", "swapaxes", "view", "squeeze", "T", "shape", "dtype", "ndim",
+         "size", "nbytes", "flags", "strides", "itemsize", "real", "imag", "empty",
+         "empty_like", "result_type", "broadcast_to", "expand_dims", "moveaxis", "shares_memory",
+         "may_share_memory", "can_cast", "iscomplexobj", "isscalar", "ndim", "atleast_1d",
+         "atleast_2d", "atleast_3d", "broadcast_arrays", "base", "get"}
+
+
+class Cost:
+    """Counters of device work (see the module's text); ``reset()`` zeroes them."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.syncs = 0
+        self.uploads = 0
+        self.upload_bytes = 0
+        self.launches = 0
+        self.bytes = 0           # read and written by launches
+        self.pairs = 0           # atom × grid-point pairs of the density kernels
+        self.by_name = {}        # launch name -> [count, bytes]
+
+    def snapshot(self):
+        return {"syncs": self.syncs, "uploads": self.uploads, "upload_bytes": self.upload_bytes,
+                "launches": self.launches, "bytes": self.bytes, "pairs": self.pairs}
+
+    def launch(self, name, nbytes, pairs=0):
+        self.launches += 1
+        self.bytes += int(nbytes)
+        self.pairs += int(pairs)
+        entry = self.by_name.setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += int(nbytes)
+
+
+cost = Cost()
+
+
+def _nbytes(*objs):
+    """Bytes of the device arrays in ``objs`` (through lists, tuples and dicts)."""
+    total = 0
+    for x in objs:
+        if isinstance(x, ndarray):
+            total += x._a.nbytes
+        elif isinstance(x, (list, tuple)):
+            total += _nbytes(*x)
+        elif isinstance(x, dict):
+            total += _nbytes(*x.values())
+    return total
 
 API = json.loads((pathlib.Path(__file__).with_name("cupy_api.json")).read_text())
 
@@ -105,21 +163,36 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         where = f"{ufunc.__name__}.{method}"
-        result = getattr(ufunc, method)(*_unwrap(inputs, where), **_unwrap(kwargs, where))
-        return _wrap(result)
+        result = _wrap(getattr(ufunc, method)(*_unwrap(inputs, where), **_unwrap(kwargs, where)))
+        if "out" not in kwargs:
+            cost.launch(where, _nbytes(inputs, result))
+        else:
+            cost.launch(where, _nbytes(inputs, kwargs["out"]))
+        return result
 
     def __array_function__(self, func, types_, args, kwargs):
         where = func.__name__
-        return _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
+        result = _wrap(func(*_unwrap(args, where), **_unwrap(kwargs, where)))
+        if where not in _FREE:
+            cost.launch(where, _nbytes(args, kwargs, result))
+        return result
 
     def get(self, stream=None, order="C", out=None):
+        cost.syncs += 1
         return np.array(self._a, order=order)
 
     def __getitem__(self, key):
-        return _wrap(self._a[_unwrap_index(key)])
+        result = _wrap(self._a[_unwrap_index(key)])
+        if _advanced(key):      # a gather; a basic index is a view
+            cost.launch("getitem", 2 * _nbytes(result) + _nbytes(key))
+        return result
 
     def __setitem__(self, key, value):
+        target = self._a[_unwrap_index(key)] if not _advanced(key) else None
         self._a[_unwrap_index(key)] = value._a if isinstance(value, ndarray) else value
+        written = target.nbytes if target is not None else np.asarray(
+            value._a if isinstance(value, ndarray) else value).nbytes
+        cost.launch("setitem", written + _nbytes(value, key))
 
     def __len__(self):
         return len(self._a)
@@ -128,15 +201,19 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
         return (_wrap(v) for v in self._a)
 
     def __bool__(self):
+        cost.syncs += 1
         return bool(self._a)
 
     def __int__(self):
+        cost.syncs += 1
         return int(self._a)
 
     def __float__(self):
+        cost.syncs += 1
         return float(self._a)
 
     def __complex__(self):
+        cost.syncs += 1
         return complex(self._a)
 
     def __repr__(self):
@@ -156,7 +233,11 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (cupy's nam
         value = getattr(self._a, name)
         if not callable(value):
             return _wrap(value)
-        return _device_function(value, f"ndarray.{name}", spec)
+        if name in ("item", "tolist"):
+            cost.syncs += 1
+        free = name in _FREE or (name == "ravel" and self._a.flags.c_contiguous)
+        return _device_function(value, f"ndarray.{name}", spec, counted=not free,
+                                operand=self)
 
 
 def _unwrap_index(key):
@@ -177,17 +258,36 @@ def _from_host(x):
     return x
 
 
-def _device_function(fn, where, spec, host_input=False):
+def _advanced(key):
+    """True for an index that gathers (an array or a list in it), False for a view."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, (ndarray, np.ndarray, list)) for k in keys)
+
+
+def _same_data(result, source):
+    """A result that is its source's memory (asarray of a device array, astype(copy=False)
+    to its own dtype): made without a launch."""
+    return (isinstance(result, ndarray) and isinstance(source, ndarray)
+            and np.may_share_memory(result._a, source._a))
+
+
+def _device_function(fn, where, spec, host_input=False, counted=True, operand=None):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         _check_call(spec, where, args, kwargs)
         if host_input and args and not isinstance(args[0], ndarray):
             # a copy from the host, never a view of host memory
-            args = (np.array(_from_host(args[0])),) + _unwrap(args[1:], where)
-        else:
-            args = _unwrap(args, where)
-        return _wrap(fn(*args, **_unwrap(kwargs, where)))
+            host = np.array(_from_host(args[0]))
+            result = _wrap(fn(host, *_unwrap(args[1:], where), **_unwrap(kwargs, where)))
+            cost.uploads += 1
+            cost.upload_bytes += _nbytes(result)
+            return result
+        result = _wrap(fn(*_unwrap(args, where), **_unwrap(kwargs, where)))
+        if counted and where.rsplit(".", 1)[-1] not in _FREE and not _same_data(
+                result, operand if operand is not None else (args[0] if args else None)):
+            cost.launch(where, _nbytes(operand, args, kwargs, result))
+        return result
     return call
 
 
@@ -235,7 +335,10 @@ def _ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got "
                         f"{type(a).__name__})")
-    return _wrap(np.ascontiguousarray(a._a, dtype=dtype))
+    result = _wrap(np.ascontiguousarray(a._a, dtype=dtype))
+    if not _same_data(result, a):
+        cost.launch("ascontiguousarray", 2 * result._a.nbytes)
+    return result
 
 
 def module(raw_module=None):

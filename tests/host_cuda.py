@@ -164,6 +164,21 @@ class _Function:
         keep = []
         ptrs = (ctypes.c_void_p * len(args))(*[_pointer_to(a, keep) for a in args])
         self._fn(*[ctypes.c_uint(int(v)) for v in grid + block], ptrs)
+        arrays = [a for a in args if isinstance(a, cupy_standin.ndarray)]
+        cupy_standin.cost.launch(f"kernel {self._name}", sum(a._a.nbytes for a in arrays),
+                                 _pairs(self._name, args))
+
+
+def _pairs(name, args):
+    """Atom × grid-point pairs a density kernel visits: each atom's bounding box, (2 r |row_a|
+    + 1) points along grid axis a for its radius r (``radius``, argument 7) and the rows of
+    index_from_xyz (``geom``, argument 8); 0 for other kernels."""
+    if not name.startswith(("spread_density", "density_adjoint")):
+        return 0
+    radius, geom, n_models = args[7]._a, args[8]._a, int(args[12])
+    scale = np.sqrt((geom[:9].reshape(3, 3) ** 2).sum(axis=1))
+    boxes = np.prod(2 * radius.astype(np.float64)[..., None] * scale + 1, axis=-1).sum()
+    return boxes * (n_models if radius.ndim == 1 else 1)
 
 
 # CUDA's launch limits (compute capability 9.0): what cuLaunchKernel refuses at run time.

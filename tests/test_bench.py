@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import host_cuda
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -56,3 +60,12 @@ def test_2axd_each_map_is_fitted_from_model_1(shared, tmp_path):
         assert final <= 0.30 and final < min(others), r
         assert bonds <= 0.010 and bonds_ccp4 <= 0.010, r
         assert angles <= 1.5 and angles_ccp4 <= 1.5, r
+
+
+def test_gpu_cost_benchmark(shared):
+    if host_cuda.compiler() is None:
+        pytest.skip("no C++20 compiler to build the CUDA sources for the host")
+    out = _run("gpu_cost.py", "--quick", "--data", str(shared))
+    assert "| sites evaluation |" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("H100 estimate, 2 models: ") and float(last.split()[-2]) > 0

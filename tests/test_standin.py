@@ -118,3 +118,41 @@ def test_a_launch_outside_cudas_limits_is_refused(cp, scale, grid, block):
     x = cp.arange(5.0)
     with pytest.raises(ValueError, match="outside CUDA's limits"):
         scale(grid, block, (x, np.float64(2.0), np.int32(5), cp.empty(5)))
+
+
+def test_cost_counters_count_a_known_sequence(cp):
+    """bench/gpu_cost.py's counters: a known sequence of device operations gives known
+    numbers (uploads and their bytes, launches and the bytes they touch, syncs; views and
+    copy-free conversions cost nothing)."""
+    cost = cupy_standin.cost
+    cost.reset()
+    a = cp.asarray(np.ones(10, np.float32))             # upload, 40 bytes
+    assert (cost.uploads, cost.upload_bytes, cost.launches) == (1, 40, 0)
+    b = a * 2                                           # elementwise: reads 40, writes 40
+    assert (cost.launches, cost.bytes) == (1, 80)
+    a.reshape(2, 5)[0]                                  # views: free
+    cp.asarray(b)                                       # already on the device: free
+    b.astype(cp.float32, copy=False)
+    assert cost.launches == 1
+    s = b.sum()                                         # reduction: reads 40, writes 4
+    assert (cost.launches, cost.bytes, cost.syncs) == (2, 124, 0)
+    assert float(s) == 20.0 and cost.syncs == 1         # a value brought to the host
+    b.get()
+    bool(s > 0)                                         # one more launch, one more sync
+    assert (cost.syncs, cost.launches) == (3, 3)
+    b[cp.asarray(np.array([1, 2]))]                     # a gather: an upload and a launch
+    assert (cost.uploads, cost.launches) == (2, 4)
+    snap = cost.snapshot()
+    assert snap["launches"] == 4 and snap["pairs"] == 0
+
+
+def test_cost_counts_a_raw_kernel_and_its_bytes(cp):
+    cost = cupy_standin.cost
+    kernel = cp.RawModule(code=_SOURCE).get_function("scale_kernel")
+    x = cp.asarray(np.arange(64, dtype=np.float64))
+    out = cp.empty(64, dtype=cp.float64)                # allocation: free
+    cost.reset()
+    kernel((1,), (64,), (x, np.float64(2.0), np.int32(64), out))
+    assert (cost.launches, cost.bytes, cost.syncs) == (1, 1024, 0)
+    assert cost.by_name == {"kernel scale_kernel": [1, 1024]}
+    np.testing.assert_array_equal(out.get(), 2 * np.arange(64))

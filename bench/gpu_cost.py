@@ -1,0 +1,171 @@
+"""GPU cost of a real-space refinement, measured without a GPU: counts on the CuPy stand-in.
+
+The engine's CuPy path runs on the stand-in (tests/cupy_standin.py, its raw kernels built for
+the host by tests/host_cuda.py), which counts what a GPU would be asked to do: device→host
+syncs, uploads, launches (raw kernels, elementwise and reduction calls, FFTs) with the bytes
+each reads and writes, and the density kernels' atom × grid-point pairs.  For the benchmark
+case (EMD-2566 / 3J6B chain 9 without H, 3.2 Å, starts shaken 0.5 Å, as bench/rsr.py) at each
+batch size it counts one target evaluation of the sites and one L-BFGS iteration of the sites
+and of the B (each from a two-iteration run less its first evaluation), takes the number of
+iterations of a whole run from a NumPy run of the same case (one model; a batch runs as long as
+its slowest model, about as long as one), and prints per evaluation, per iteration and per run
+with an estimated H100 time:
+
+    bytes / HBM + launches × LAUNCH + syncs × SYNC + pairs / PAIR_RATE
+
+    python bench/gpu_cost.py [--data ../shared/data] [--batches 1,16,128] [--quick]
+
+``--quick``: the example helix (120 atoms) instead, batches 1 and 2 (tests/test_bench.py).
+"""
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import gemmi
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import cupy_standin  # noqa: E402
+import host_cuda  # noqa: E402
+
+import gpu_refine as gr  # noqa: E402
+import gpu_refine.examples  # noqa: E402,F401
+from gpu_refine.backend import Backend, get_backend  # noqa: E402
+from gpu_refine.workflows.geometry import shaken_batch  # noqa: E402
+from gpu_refine.workflows.rsr import RSRSettings, RealSpaceRefinement  # noqa: E402
+
+# The cost model's constants, all in one place (H100 SXM, CuPy 14):
+HBM = 2.0e12           # bytes/s: what streaming kernels reach of HBM3's 3.35 TB/s peak
+LAUNCH = 8e-6          # s per launch: CuPy's Python-side cost of a kernel or ufunc call
+SYNC = 30e-6           # s per device→host sync: stream drain, copy, Python
+PAIR_RATE = 2e10       # atom × grid-point pairs/s of the current density kernels (issue 29's
+                       # reading of bench/RESULTS.md's H200 timings, first section)
+
+EMD = Path("cryoem") / "emd2566_3j6b_chain9"
+COLUMNS = ("syncs", "uploads", "launches", "bytes", "pairs")
+
+
+def standin_backend():
+    return Backend("cupy", host_cuda.standin_cupy(), host_cuda.host_kernels(),
+                   "CuPy stand-in on the host CPU (tests/cupy_standin.py)")
+
+
+def case(data, quick):
+    """(model, map, resolution) of the benchmark case, or of the example with ``quick``."""
+    if quick:
+        model = gr.Model.from_gemmi(gr.examples.helix_structure())
+        grid, spec = gr.examples.simulated_map(model, 3.0, backend="numpy")
+        return model, gr.MapData(grid, spec), 3.0
+    st = gemmi.read_structure(str(data / EMD / "3J6B_9.pdb"))
+    st.remove_hydrogens()
+    st.setup_entities()
+    return gr.Model.from_gemmi(st), gr.read_map(data / EMD / "2566_3J6B_9.mrc"), 3.2
+
+
+def seconds(c):
+    """Estimated H100 seconds of counts ``c``."""
+    return (c["bytes"] / HBM + c["launches"] * LAUNCH + c["syncs"] * SYNC
+            + c["pairs"] / PAIR_RATE)
+
+
+def counted(fn):
+    """(counts of calling fn, its result)."""
+    cost = cupy_standin.cost
+    cost.reset()
+    out = fn()
+    return cost.snapshot(), out
+
+
+def minus(a, b, scale=1.0):
+    return {k: (a[k] - b[k]) * scale for k in COLUMNS}
+
+
+def numpy_iterations(model, map_data, d):
+    """{phase: L-BFGS iterations} of a whole default run of one start on NumPy."""
+    job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d),
+                              backend=get_backend("numpy"),
+                              starts=shaken_batch(model, 1, 0.5, seed=0, backend="numpy"))
+    its = {"sites": 0, "adp": 0}
+    for name, phase in (("regularize", "sites"), ("refine_sites", "sites"),
+                        ("refine_adp", "adp")):
+        method = getattr(job, name)
+
+        def wrapped(*args, _m=method, _p=phase, **kwargs):
+            res = _m(*args, **kwargs)
+            its[_p] += int(np.max(res.iterations)) if res is not None else 0
+            return res
+        setattr(job, name, wrapped)
+    t0 = time.perf_counter()
+    job.run()
+    return its, time.perf_counter() - t0
+
+
+def per_iteration(job, batch, phase, weight):
+    """Counts of one L-BFGS iteration of ``phase`` (sites or adp) at ``batch``."""
+    if phase == "sites":
+        two = lambda: job.refine_sites(batch.subset(list(range(batch.size))), weight, 2)
+        one_eval = lambda: job._sites_objective(batch, weight)(
+            batch.xyz.reshape(batch.size, -1))
+    else:
+        two = lambda: job.refine_adp(batch.subset(list(range(batch.size))), 2)
+        one_eval = None
+    c2, res = counted(two)
+    first = counted(one_eval)[0] if one_eval else {k: 0 for k in COLUMNS}
+    return minus(c2, first, 1.0 / max(int(np.max(res.iterations)), 1))
+
+
+def row(name, c):
+    return (f"| {name} | {c['syncs']:.0f} | {c['uploads']:.0f} | {c['launches']:.0f} | "
+            f"{c['bytes'] / 1e9:.3f} | {c['pairs'] / 1e9:.3f} | {seconds(c) * 1e3:.1f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data"))
+    ap.add_argument("--batches", default=None)
+    ap.add_argument("--quick", action="store_true", help="the example helix, batches 1 and 2")
+    args = ap.parse_args()
+    if host_cuda.compiler() is None:
+        sys.exit("gpu_cost: no C++20 compiler to build the CUDA sources for the host")
+    batches = [int(b) for b in (args.batches or ("1,2" if args.quick else "1,16,128"))
+               .split(",")]
+    model, map_data, d = case(Path(args.data), args.quick)
+    its, took = numpy_iterations(model, map_data, d)
+    print(f"# {'example helix' if args.quick else 'EMD-2566 / 3J6B chain 9'} ({model.n_atoms} "
+          f"atoms, {d} Å); {platform.machine()}; counted on the CuPy stand-in")
+    print(f"# NumPy run of 1 start: {its['sites']} sites and {its['adp']} ADP iterations, "
+          f"{took:.1f} s")
+    print(f"# H100 model: bytes / {HBM / 1e12:.1f} TB/s + launches x {LAUNCH * 1e6:.0f} us + "
+          f"syncs x {SYNC * 1e6:.0f} us + pairs / {PAIR_RATE:.0e}/s")
+    bk = standin_backend()
+    estimate = {}
+    for b in batches:
+        starts = shaken_batch(model, b, 0.5, seed=0, backend=bk)
+        job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d), backend=bk,
+                                  starts=starts)
+        batch = job.copy_batch()
+        weight = np.full(b, 100.0)
+        ev = counted(lambda: job._sites_objective(batch, weight)(
+            batch.xyz.reshape(b, -1)))[0]
+        sites = per_iteration(job, batch, "sites", weight)
+        adp = per_iteration(job, batch, "adp", weight)
+        run = {k: sites[k] * its["sites"] + adp[k] * its["adp"] for k in COLUMNS}
+        estimate[b] = seconds(run)
+        print(f"\n## batch {b}\n")
+        print("| per | syncs | uploads | launches | GB | G pairs | H100 ms |")
+        print("|---|---|---|---|---|---|---|")
+        print(row("sites evaluation", ev))
+        print(row("sites iteration", sites))
+        print(row("ADP iteration", adp))
+        print(row("run (sites + ADP iterations)", run))
+        print(row("run, per model", {k: v / b for k, v in run.items()}))
+    for b in batches:
+        print(f"H100 estimate, {b} models: {estimate[b]:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
