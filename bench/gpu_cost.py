@@ -6,10 +6,10 @@ syncs, uploads, launches (raw kernels, elementwise and reduction calls, FFTs) wi
 each reads and writes, and the density kernels' atom × grid-point pairs.  For the benchmark
 case (EMD-2566 / 3J6B chain 9 without H, 3.2 Å, starts shaken 0.5 Å, as bench/rsr.py) at each
 batch size it counts one target evaluation of the sites and one L-BFGS iteration of the sites
-and of the B (each from a two-iteration run less its first evaluation), takes the number of
-iterations of a whole run from a NumPy run of the same case (one model; a batch runs as long as
-its slowest model, about as long as one), and prints per evaluation, per iteration and per run
-with an estimated H100 time:
+and of the B (runs of 4 and 2 iterations, differenced), takes the number of iterations of a
+whole run from a NumPy run of the same case (one model; a batch runs as long as its slowest
+model, about as long as one; the weight search's trials run side by side, as on a GPU), and
+prints per evaluation, per iteration and per run with an estimated H100 time:
 
     bytes / HBM + launches × LAUNCH + syncs × SYNC + pairs / PAIR_RATE
 
@@ -85,18 +85,32 @@ def minus(a, b, scale=1.0):
 
 
 def numpy_iterations(model, map_data, d):
-    """{phase: L-BFGS iterations} of a whole default run of one start on NumPy."""
+    """({phase: L-BFGS iterations} of a whole default run of one start on NumPy, seconds).
+    Phases: "sites" (regularisation, coarse stages, macro-cycles), "weight" (the weight
+    search's trials) and "adp"."""
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d),
                               backend=get_backend("numpy"),
                               starts=shaken_batch(model, 1, 0.5, seed=0, backend="numpy"))
-    its = {"sites": 0, "adp": 0}
-    for name, phase in (("regularize", "sites"), ("refine_sites", "sites"),
-                        ("refine_adp", "adp")):
+    its = {"sites": 0, "weight": 0, "adp": 0, "trials": 0}
+    phase = ["sites"]
+    search = job.search_weight
+
+    def searching(*args, **kwargs):
+        phase[0] = "weight"
+        try:
+            choice = search(*args, **kwargs)
+        finally:
+            phase[0] = "sites"
+        its["trials"] = len(choice.trials)
+        return choice
+    job.search_weight = searching
+    for name in ("regularize", "refine_sites", "refine_adp"):
         method = getattr(job, name)
 
-        def wrapped(*args, _m=method, _p=phase, **kwargs):
+        def wrapped(*args, _m=method, _adp=name == "refine_adp", **kwargs):
             res = _m(*args, **kwargs)
-            its[_p] += int(np.max(res.iterations)) if res is not None else 0
+            if res is not None:
+                its["adp" if _adp else phase[0]] += int(np.max(res.iterations))
             return res
         setattr(job, name, wrapped)
     t0 = time.perf_counter()
@@ -105,17 +119,17 @@ def numpy_iterations(model, map_data, d):
 
 
 def per_iteration(job, batch, phase, weight):
-    """Counts of one L-BFGS iteration of ``phase`` (sites or adp) at ``batch``."""
-    if phase == "sites":
-        two = lambda: job.refine_sites(batch.subset(list(range(batch.size))), weight, 2)
-        one_eval = lambda: job._sites_objective(batch, weight)(
-            batch.xyz.reshape(batch.size, -1))
-    else:
-        two = lambda: job.refine_adp(batch.subset(list(range(batch.size))), 2)
-        one_eval = None
-    c2, res = counted(two)
-    first = counted(one_eval)[0] if one_eval else {k: 0 for k in COLUMNS}
-    return minus(c2, first, 1.0 / max(int(np.max(res.iterations)), 1))
+    """Counts of one L-BFGS iteration of ``phase`` (sites or adp) at ``batch``: runs of 4 and
+    of 2 iterations, differenced (what a call costs once, its set-up and first evaluation,
+    cancels)."""
+    def run(n):
+        copy = batch.subset(list(range(batch.size)))
+        if phase == "sites":
+            return job.refine_sites(copy, weight, n)
+        return job.refine_adp(copy, n)
+    c4, r4 = counted(lambda: run(4))
+    c2, r2 = counted(lambda: run(2))
+    return minus(c4, c2, 1.0 / max(int(np.max(r4.iterations) - np.max(r2.iterations)), 1))
 
 
 def row(name, c):
@@ -137,23 +151,33 @@ def main():
     its, took = numpy_iterations(model, map_data, d)
     print(f"# {'example helix' if args.quick else 'EMD-2566 / 3J6B chain 9'} ({model.n_atoms} "
           f"atoms, {d} Å); {platform.machine()}; counted on the CuPy stand-in")
-    print(f"# NumPy run of 1 start: {its['sites']} sites and {its['adp']} ADP iterations, "
-          f"{took:.1f} s")
+    n_trials = RSRSettings().weight_trials
+    per_trial = its["weight"] / max(its["trials"], 1)
+    print(f"# NumPy run of 1 start ({took:.1f} s): {its['sites']} sites, {its['adp']} ADP "
+          f"iterations; weight search {its['trials']} trials, {per_trial:.0f} iterations each")
+    print(f"# run = sites x {its['sites']} + ADP x {its['adp']} + weight search x "
+          f"{2 * per_trial:.0f} (its {n_trials} trials side by side, as on a GPU)")
     print(f"# H100 model: bytes / {HBM / 1e12:.1f} TB/s + launches x {LAUNCH * 1e6:.0f} us + "
           f"syncs x {SYNC * 1e6:.0f} us + pairs / {PAIR_RATE:.0e}/s")
     bk = standin_backend()
-    estimate = {}
+    estimate, trial_costs = {}, {}
     for b in batches:
         starts = shaken_batch(model, b, 0.5, seed=0, backend=bk)
         job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d), backend=bk,
                                   starts=starts)
         batch = job.copy_batch()
         weight = np.full(b, 100.0)
-        ev = counted(lambda: job._sites_objective(batch, weight)(
-            batch.xyz.reshape(b, -1)))[0]
+        fg = job._sites_objective(batch, weight)
+        fg(batch.xyz.reshape(b, -1))              # caches filled, as in a run
+        ev = counted(lambda: fg(batch.xyz.reshape(b, -1)))[0]
         sites = per_iteration(job, batch, "sites", weight)
         adp = per_iteration(job, batch, "adp", weight)
-        run = {k: sites[k] * its["sites"] + adp[k] * its["adp"] for k in COLUMNS}
+        # On a GPU the weight search refines its trials side by side from model 1: one batch
+        # of weight_trials, twice as long as a trial (the round and the halfway trial).
+        trials = trial_costs.setdefault("trials", per_iteration(
+            job, job.copy_batch().subset([0] * n_trials), "sites", np.full(n_trials, 100.0)))
+        run = {k: sites[k] * its["sites"] + adp[k] * its["adp"]
+               + trials[k] * 2 * per_trial for k in COLUMNS}
         estimate[b] = seconds(run)
         print(f"\n## batch {b}\n")
         print("| per | syncs | uploads | launches | GB | G pairs | H100 ms |")
@@ -161,7 +185,8 @@ def main():
         print(row("sites evaluation", ev))
         print(row("sites iteration", sites))
         print(row("ADP iteration", adp))
-        print(row("run (sites + ADP iterations)", run))
+        print(row(f"weight-search iteration ({n_trials} trials)", trials))
+        print(row("run", run))
         print(row("run, per model", {k: v / b for k, v in run.items()}))
     for b in batches:
         print(f"H100 estimate, {b} models: {estimate[b]:.2f} s")
