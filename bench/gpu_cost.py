@@ -6,7 +6,7 @@ syncs, uploads, launches (raw kernels, elementwise and reduction calls, FFTs) wi
 each reads and writes, and the density kernels' atom × grid-point pairs.  For the benchmark
 case (EMD-2566 / 3J6B chain 9 without H, 3.2 Å, starts shaken 0.5 Å, as bench/rsr.py) at each
 batch size it counts one target evaluation of the sites and one L-BFGS iteration of the sites
-and of the B (runs of 4 and 2 iterations, differenced), takes the number of iterations of a
+and of the B (runs of 4 and 2 iterations after a first run, differenced), takes the number of iterations of a
 whole run from a NumPy run of the same case (one model; a batch runs as long as its slowest
 model, about as long as one; the weight search's trials run side by side, as on a GPU), and
 prints per evaluation, per iteration and per run with an estimated H100 time:
@@ -127,12 +127,18 @@ def per_iteration(job, batch, phase, weight):
         if phase == "sites":
             return job.refine_sites(copy, weight, n)
         return job.refine_adp(copy, n)
+    run(2)                                  # caches and pair lists of this batch size
     c4, r4 = counted(lambda: run(4))
     c2, r2 = counted(lambda: run(2))
-    return minus(c4, c2, 1.0 / max(int(np.max(r4.iterations) - np.max(r2.iterations)), 1))
+    its = max(int(np.max(r4.iterations) - np.max(r2.iterations)), 1)
+    out = minus(c4, c2, 1.0 / its)
+    out["evaluations"] = (r4.n_evaluations - r2.n_evaluations) / its
+    return out
 
 
 def row(name, c):
+    if "evaluations" in c:
+        name += f" ({c['evaluations']:.1f} evaluations)"
     return (f"| {name} | {c['syncs']:.0f} | {c['uploads']:.0f} | {c['launches']:.0f} | "
             f"{c['bytes'] / 1e9:.3f} | {c['pairs'] / 1e9:.3f} | {seconds(c) * 1e3:.1f} |")
 

@@ -42,18 +42,30 @@ def _periodic_mask(periodic):
     return np.int32(sum(1 << a for a, wrap in enumerate(periodic_axes(periodic)) if wrap))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(data, dtype_name, device_id):
+    """A device copy of small constant host data (a grid's geometry, a placeholder), made
+    once: not an upload per launch."""
+    return cp.asarray(np.frombuffer(data, dtype=dtype_name))
+
+
+def _on_device(a, dtype):
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return _constant(a.tobytes(), a.dtype.name, cp.cuda.Device().id)
+
+
 def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
     n_models, n_atoms = xyz.shape[:2]
     has_aniso = u is not None and is_aniso is not None
-    u_arr = _c(u, dtype) if has_aniso else cp.zeros(1, dtype)
-    flag = _c(is_aniso, cp.uint8) if has_aniso else cp.zeros(1, cp.uint8)
+    u_arr = _c(u, dtype) if has_aniso else _on_device(np.zeros(1), dtype)
+    flag = _c(is_aniso, cp.uint8) if has_aniso else _on_device(np.zeros(1), np.uint8)
     geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
     # Slabs along the first grid axis: the widest bounding box over all atoms.
     rmax = float(radius.max()) if radius.size else 0.0
     row0 = float(np.sqrt((geom_np[:3] ** 2).sum()))
     n_slabs = int(math.floor(2 * rmax * row0)) + 1
     args = (_c(xyz, dtype), _c(b, dtype), u_arr, flag, _c(occ, dtype), _c(stype, cp.int32),
-            _c(coefs, cp.float64), _c(radius, dtype), cp.asarray(geom_np))
+            _c(coefs, cp.float64), _c(radius, dtype), _on_device(geom_np, np.float64))
     return args, has_aniso, n_models, n_atoms, n_slabs
 
 
@@ -103,8 +115,8 @@ def interpolate_at_atoms(maps, map_index, xyz, geom, periodic, order, out=None):
     n0, n1, n2 = maps.shape[1:]
     geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
     _launch(get_kernel("interpolate", "interpolate_at_atoms_kernel", dtype), nm * na,
-            (_c(maps, dtype), _c(map_index, cp.int32), _c(xyz, dtype), cp.asarray(geom_np),
-             _periodic_mask(periodic), np.int32(order), np.int64(nm), np.int64(na),
+            (_c(maps, dtype), _c(map_index, cp.int32), _c(xyz, dtype),
+             _on_device(geom_np, np.float64), _periodic_mask(periodic), np.int32(order), np.int64(nm), np.int64(na),
              np.int32(n0), np.int32(n1), np.int32(n2)) + tuple(out))
     return out
 

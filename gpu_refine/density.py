@@ -181,14 +181,19 @@ class ModelMapper:
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):
-        """Scattering-type index per atom and the (T,2,5) table, computed once per model."""
+        """Scattering-type index per atom and the (T,2,5) table, on the host and on the
+        device, and each atom's coefficients on the device: computed and moved once per
+        model (not an upload per evaluation)."""
         if self._types is None or self._types[0] is not model:
             names, stype = np.unique(model.element, return_inverse=True)
             try:
                 coefs = form_factor_table(list(names), self.settings.table)
             except Exception as exc:
                 raise InputError(f"no form factors for the elements of this model: {exc}") from None
-            self._types = (model, stype.astype(np.int32), coefs)
+            stype = stype.astype(np.int32)
+            bk = self.backend
+            self._types = (model, stype, coefs, bk.asarray(stype), bk.asarray(coefs),
+                           bk.asarray(coefs[stype]))
         return self._types[1:]
 
     def blur_for(self, batch):
@@ -201,12 +206,9 @@ class ModelMapper:
         """Kernel inputs, the copies' atoms after the model's: (xyz, b, u, is_aniso, occ,
         stype, coefs, radius)."""
         xp = self.backend.xp
-        stype, coefs = self._type_arrays(batch.model)
+        stype, coefs, stype_dev, coefs_dev, atom_coefs = self._type_arrays(batch.model)
         aniso = batch.model.is_aniso if batch.u is not None else None
         bt = batch.b + blur
-        if bool(xp.any(bt <= 0)):
-            raise InputError("B + blur must be positive for every atom")
-        atom_coefs = xp.asarray(coefs[stype])
         if aniso is not None and aniso.any():
             u = batch.u
             bmax = U_TO_B * xp.max(u[..., :3], axis=-1) + blur
@@ -214,7 +216,7 @@ class ModelMapper:
         radius = self._cutoff_radius(batch.model, atom_coefs, bt)
         xyz, u, b, occ = batch.xyz, batch.u, batch.b, batch.occ
         if not self.copies:
-            return xyz, b, u, aniso, occ, stype, coefs, radius
+            return xyz, b, u, aniso, occ, stype_dev, coefs_dev, radius
         xyz_parts, u_parts, b_parts, occ_parts, r_parts = [xyz], [u], [b], [occ], [radius]
         stype_parts, aniso_parts = [stype], [aniso]
         for c in self.copies:
@@ -240,8 +242,14 @@ class ModelMapper:
         xp = self.backend.xp
         key = (self.settings.cutoff, self.settings.table)
         last = self._radius
-        if (last is not None and last[0] is model and last[1] == key and last[2].shape == bt.shape
-                and last[2].dtype == bt.dtype and bool(xp.array_equal(last[2], bt))):
+        same = (last is not None and last[0] is model and last[1] == key
+                and last[2].shape == bt.shape and last[2].dtype == bt.dtype)
+        # One device→host transfer for both questions (a sync each on a GPU).
+        bad, unchanged = (bool(v) for v in self.backend.to_numpy(xp.stack([
+            xp.any(bt <= 0), xp.array_equal(last[2], bt) if same else xp.asarray(False)])))
+        if bad:
+            raise InputError("B + blur must be positive for every atom")
+        if unchanged:
             return last[3]
         radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
                                self.settings.cutoff).astype(bt.dtype)

@@ -9,6 +9,7 @@ deviations sum to zero).  N_atoms scales T like a sum over atoms, as the restrai
 Each model is compared inside the mask of its own start (``Batch.mask_index`` into
 ``PreparedMap.masks``).
 """
+import numpy as np
 
 from ..backend import get_backend
 from ..density import DensitySettings, ModelMapper, map_in_chunks
@@ -35,18 +36,28 @@ class ModelMapTarget:
         self.my = (w * self.y[None]).sum(axis=(1, 2, 3)) / self.w_sum
         self.syy = (w * (self.y[None] - self.my[:, None, None, None]) ** 2).sum(axis=(1, 2, 3))
         self.chunk = None   # models per evaluation: all, until the device runs out of memory
+        self._masks = None  # (mask_index, _per_model's arrays) of the last call
 
     def _per_model(self, batch):
         """(w, dy, w_sum, syy) of each model's mask (dy: the map's deviation from its mean
-        there), broadcastable against (B, …) images."""
+        there), broadcastable against (B, …) images.  Kept for the last ``mask_index`` (a
+        host array): fixed within a minimisation, and rebuilding dy is a pass over (B,
+        voxels) in float64 per evaluation."""
         index = batch.mask_index
         if index.size and index.max() >= self.w.shape[0]:
             raise ParameterError(f"mask_index {int(index.max())} given, but the map has "
                                  f"{self.w.shape[0]} mask(s)")
-        pick = slice(0, 1) if self.w.shape[0] == 1 else self.backend.asarray(index)
+        key = None if self.w.shape[0] == 1 else index
+        if self._masks is not None and (
+                (key is None) == (self._masks[0] is None)
+                and (key is None or np.array_equal(key, self._masks[0]))):
+            return self._masks[1]
+        pick = slice(0, 1) if key is None else self.backend.asarray(index)
         w = self.w[pick]
         dy = (self.y[None] - self.my[pick][:, None, None, None]) * (w > 0)
-        return w, dy, self.w_sum[pick], self.syy[pick]
+        self._masks = (None if key is None else key.copy(),
+                       (w, dy, self.w_sum[pick], self.syy[pick]))
+        return self._masks[1]
 
     def _cc(self, image, batch):
         """(CC (B,), dx (B,…), Sxx (B,), the masks' (w, dy, Syy)) of each image against the
