@@ -27,7 +27,8 @@ threads (one per core).
 import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 import numpy as np
 
@@ -280,9 +281,46 @@ def _by_worker(fn, chunks):
     return list(_pool().map(fn, shares))
 
 
+class _DaemonPool:
+    """Worker threads that never hold up the interpreter's exit.  ThreadPoolExecutor's do:
+    a run stopped by SIGTERM or Ctrl-C while it was starting a worker left that worker out of
+    the shutdown's reach, and the process waited for it forever (1 stop in ~8 under load)."""
+
+    def __init__(self, n):
+        self._tasks = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._work, daemon=True,
+                             name=f"gpu_refine-density-{i}").start()
+
+    def _work(self):
+        while True:
+            fn, arg, box, done = self._tasks.get()
+            try:
+                box.append((True, fn(arg)))
+            except BaseException as exc:  # handed to the caller, raised there
+                box.append((False, exc))
+            done.set()
+
+    def map(self, fn, items):
+        """[fn(item)] for ``items``, run by the workers; the first exception is raised."""
+        pending = []
+        for item in items:
+            box, done = [], threading.Event()
+            self._tasks.put((fn, item, box, done))
+            pending.append((box, done))
+        out = []
+        for box, done in pending:
+            done.wait()
+            ok, value = box[0]
+            if not ok:
+                raise value
+            out.append(value)
+        return out
+
+
 @functools.lru_cache(maxsize=1)
 def _pool():
-    return ThreadPoolExecutor(_worker_count(), thread_name_prefix="gpu_refine-density")
+    return _DaemonPool(_worker_count())
 
 
 def _line_and_plane(k, d, q, fac):
