@@ -120,8 +120,11 @@ def crystal_copies(spec):
 
 def split_on_oom(backend, n, fn, chunk=None):
     """Call fn(slice) over range(n), halving the slice length when the device runs out of
-    memory.  Returns the slice length that went through."""
-    chunk = chunk or n
+    memory.  Returns the slice length that went through where memory ran out, else the
+    ``chunk`` given: a caller that keeps it must not split a later, larger batch into parts
+    of this one's size (a run's 127-model step left every later 128-model evaluation in two
+    parts)."""
+    given, chunk = chunk, chunk or n
     start = 0
     while start < n:
         sl = slice(start, min(n, start + chunk))
@@ -131,11 +134,11 @@ def split_on_oom(backend, n, fn, chunk=None):
             if not backend.is_out_of_memory(exc) or chunk == 1:
                 raise
             backend.free_memory()
-            chunk = max(1, chunk // 2)
+            chunk = given = max(1, chunk // 2)
             log.warning("device memory exhausted; continuing with %d models at a time", chunk)
             continue
         start = sl.stop
-    return chunk
+    return given
 
 
 def map_in_chunks(backend, batch, fn, chunk=None):

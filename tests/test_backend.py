@@ -39,6 +39,17 @@ def test_split_on_oom_halves_until_it_fits():
     assert np.all(done == 1)
 
 
+def test_split_on_oom_keeps_no_chunk_where_memory_sufficed():
+    """A batch that went through whole gives back the chunk it was given (None: no limit), so
+    that a later, larger batch is not split into parts of its size."""
+    bk = get_backend("numpy")
+    calls = []
+    assert split_on_oom(bk, 6, calls.append) is None
+    assert split_on_oom(bk, 128, calls.append, None) is None
+    assert calls == [slice(0, 6), slice(0, 128)]
+    assert split_on_oom(bk, 4, calls.append, 8) == 8
+
+
 _REPEATED_MAPS = """
 import resource, sys
 import os
