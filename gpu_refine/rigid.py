@@ -36,6 +36,9 @@ class RigidBodies:
         group = np.asarray(group)
         self.n_groups = int(group.max()) + 1 if group.size else 0
         self.group = xp.asarray(group)
+        # (K, N) membership: sums over each group's atoms are one matrix product.
+        self.members = xp.asarray((group[None, :] == np.arange(self.n_groups)[:, None])
+                                  .astype(np.float64))
         count = np.bincount(group, minlength=self.n_groups).astype(np.float64)
         self.x0 = x0.astype(xp.float64)
         sums = xp.stack([self._sum_over_groups(self.x0[..., a]) for a in range(3)], axis=-1)
@@ -44,11 +47,7 @@ class RigidBodies:
 
     def _sum_over_groups(self, v):
         """(B, K) sums of ``v`` (B, N) over each group's atoms."""
-        xp = self.xp
-        out = xp.zeros((v.shape[0], self.n_groups))
-        for k in range(self.n_groups):
-            out[:, k] = v[:, self.group == k].sum(axis=1)
-        return out
+        return v @ self.members.T
 
     def sites(self, p):
         """x (B, N, 3) for parameters ``p`` (B, 6K): (ω, t) of each group."""

@@ -37,8 +37,8 @@ allocation_limit = None
 _FREE = {"reshape", "transpose", "swapaxes", "view", "squeeze", "T", "shape", "dtype", "ndim",
          "size", "nbytes", "flags", "strides", "itemsize", "real", "imag", "empty",
          "empty_like", "result_type", "broadcast_to", "expand_dims", "moveaxis", "shares_memory",
-         "may_share_memory", "can_cast", "iscomplexobj", "isscalar", "ndim", "atleast_1d",
-         "atleast_2d", "atleast_3d", "broadcast_arrays", "base", "get"}
+         "may_share_memory", "can_cast", "iscomplexobj", "isscalar", "atleast_1d",
+         "atleast_2d", "atleast_3d", "broadcast_arrays", "base"}
 
 
 class Cost:

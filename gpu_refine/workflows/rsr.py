@@ -421,37 +421,33 @@ class RealSpaceRefinement:
         directions (2AXD model 1: Cα 0.94 -> 1.16 Å from the map's model in 100
         iterations) and mend a badly distorted start slowly (a start halfway between two
         NMR models, bonds 0.28 Å: 0.14 Å after 100 iterations, 0.0065 Å so)."""
-        shape = batch.xyz.shape
-        x0 = batch.xyz.reshape(shape[0], -1)
-        fg = _tethered(self._sites_objective(batch, np.zeros(shape[0])), x0.copy(),
+        x0 = batch.xyz.reshape(batch.size, -1)
+        fg = _tethered(self._sites_objective(batch, np.zeros(batch.size)), x0.copy(),
                        REGULARIZE_TETHER)
-        res = minimize_lbfgs(fg, x0, _lbfgs(iterations, max_step=SITES_STEP),
-                             xp=self.backend.xp)
-        batch.xyz[...] = res.x.reshape(shape)
-        return res
+        return self._minimize_sites(batch, (fg, x0, None), iterations, SITES_STEP)
 
     def refine_sites(self, batch, weight, iterations, target=None):
         """L-BFGS of the sites of ``batch`` (``_sites_objective``), in the preconditioned
         variables where the run has them."""
-        shape = batch.xyz.shape
-        fg, x0 = self._sites_objective(batch, weight, target), batch.xyz.reshape(shape[0], -1)
+        fg = self._sites_objective(batch, weight, target)
+        x0 = batch.xyz.reshape(batch.size, -1)
         pc = self.preconditioner
-        if pc is not None and max(g["rmsd_bonds"] for g in self.geometry(batch)) > PC_BONDS:
+        if pc is None or max(g["rmsd_bonds"] for g in self.geometry(batch)) > PC_BONDS:
             # The Laplacian models the restraints near their ideal geometry only: from a
             # start shaken 1 Å (bonds ~0.5 Å off) it ends 1.1 Å from the model, 0.05 in x.
-            pc = None
-        if pc is None:
-            res = minimize_lbfgs(fg, x0, _lbfgs(iterations, max_step=SITES_STEP),
-                                 xp=self.backend.xp)
-            batch.xyz[...] = res.x.reshape(shape)
-            return res
+            return self._minimize_sites(batch, (fg, x0, None), iterations, SITES_STEP)
         # z's smallest curvature is pc's shift: a step of SITES_STEP √shift in z moves no
         # atom much farther than SITES_STEP Å.
-        fg_z, z0, x_of = pc.wrap(fg, x0.copy())
-        res = minimize_lbfgs(fg_z, z0, _lbfgs(iterations,
-                                              max_step=SITES_STEP * pc.shift_value ** 0.5),
+        return self._minimize_sites(batch, pc.wrap(fg, x0.copy()), iterations,
+                                    SITES_STEP * pc.shift_value ** 0.5)
+
+    def _minimize_sites(self, batch, problem, iterations, max_step):
+        """L-BFGS of ``problem`` = (fg of the parameters, their start, their map to the sites
+        (B, 3N); None where the parameters are the sites), the result written to batch.xyz."""
+        fg, p0, x_of = problem
+        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=max_step),
                              xp=self.backend.xp)
-        batch.xyz[...] = x_of(res.x).reshape(shape)
+        batch.xyz[...] = (res.x if x_of is None else x_of(res.x)).reshape(batch.xyz.shape)
         return res
 
     def _b_map(self):
@@ -651,10 +647,9 @@ class RealSpaceRefinement:
                                      settings=self.cc_target.settings))
             weight = np.full(batch.size, self._weight_scale(batch, target))
             bodies = RigidBodies(chains, batch.xyz, xp)
-            fg, p0, x_of = bodies.wrap(self._sites_objective(batch, weight, target),
-                                       batch.xyz.dtype)
-            res = minimize_lbfgs(fg, p0, _lbfgs(RIGID_ITERATIONS, max_step=RIGID_STEP), xp=xp)
-            batch.xyz[...] = x_of(res.x).reshape(batch.xyz.shape)
+            self._minimize_sites(batch, bodies.wrap(self._sites_objective(batch, weight, target),
+                                                    batch.xyz.dtype),
+                                 RIGID_ITERATIONS, RIGID_STEP)
             done.append((d, bodies.n_groups))
         return done
 
