@@ -475,8 +475,11 @@ def _model_chunks(shapes, m, xyz_m, radius_m, geom, shape, periodic, real):
     return boxes[-1], chunks
 
 
-def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
-    """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out."""
+def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out,
+                   radius_max=None):
+    """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out.
+    ``radius_max``: radius.max() where the caller knows it (the GPU twin sizes its launch by
+    it; here each atom's box is its own)."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
     real = _real(xyz)
     for m in range(xyz.shape[0]):
@@ -507,8 +510,9 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
 
 
 def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, dmap,
-                    out=None):
-    """Gradients of T = sum(dmap * rho) with respect to xyz, b, u and occ of every atom.
+                    out=None, radius_max=None):
+    """Gradients of T = sum(dmap * rho) with respect to xyz, b, u and occ of every atom
+    (``radius_max`` as spread_density's).
 
     Returns (g_xyz (B,N,3), g_b (B,N), g_u (B,N,6), g_occ (B,N)) in xyz's dtype, written into
     ``out`` (a tuple of those four arrays) when given.

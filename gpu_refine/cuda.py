@@ -54,14 +54,17 @@ def _on_device(a, dtype):
     return _constant(a.tobytes(), a.dtype.name, cp.cuda.Device().id)
 
 
-def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
+def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype, radius_max):
     n_models, n_atoms = xyz.shape[:2]
     has_aniso = u is not None and is_aniso is not None
     u_arr = _c(u, dtype) if has_aniso else _on_device(np.zeros(1), dtype)
     flag = _c(is_aniso, cp.uint8) if has_aniso else _on_device(np.zeros(1), np.uint8)
     geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
-    # Slabs along the first grid axis: the widest bounding box over all atoms.
-    rmax = float(radius.max()) if radius.size else 0.0
+    # Slabs along the first grid axis: the widest bounding box over all atoms (radius.max(),
+    # a device→host sync, unless the caller knows it).
+    if radius_max is None:
+        radius_max = float(radius.max()) if radius.size else 0.0
+    rmax = float(radius_max)
     row0 = float(np.sqrt((geom_np[:3] ** 2).sum()))
     n_slabs = int(math.floor(2 * rmax * row0)) + 1
     args = (_c(xyz, dtype), _c(b, dtype), u_arr, flag, _c(occ, dtype), _c(stype, cp.int32),
@@ -69,13 +72,14 @@ def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype):
     return args, has_aniso, n_models, n_atoms, n_slabs
 
 
-def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out):
+def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out,
+                   radius_max=None):
     """GPU twin of cpu_fallback.spread_density."""
     dtype = _real(out.dtype)
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
     args, has_aniso, nm, na, ns = _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius,
-                                             geom, dtype)
+                                             geom, dtype, radius_max)
     out.fill(0)
     n0, n1, n2 = out.shape[1:]
     kernel = "spread_density_kernel" if has_aniso else "spread_density_iso_kernel"
@@ -87,16 +91,20 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
 
 
 def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, dmap,
-                    out=None):
+                    out=None, radius_max=None):
     """GPU twin of cpu_fallback.density_adjoint."""
     dtype = _real(xyz.dtype)
     args, has_aniso, nm, na, ns = _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius,
-                                             geom, dtype)
+                                             geom, dtype, radius_max)
     if out is None:
-        out = (cp.empty((nm, na, 3), dtype), cp.empty((nm, na), dtype),
-               cp.empty((nm, na, 6), dtype), cp.empty((nm, na), dtype))
-    for o in out:
-        o.fill(0)
+        # One zeroed buffer, cut into the four (contiguous) outputs: one launch, not four.
+        flat = cp.zeros(nm * na * 11, dtype)
+        parts = np.cumsum([0, 3, 1, 6, 1]) * nm * na
+        out = tuple(flat[a:b].reshape((nm, na) + tail) for a, b, tail in
+                    zip(parts[:-1], parts[1:], ((3,), (), (6,), ())))
+    else:
+        for o in out:
+            o.fill(0)
     n0, n1, n2 = dmap.shape[1:]
     kernel = "density_adjoint_kernel" if has_aniso else "density_adjoint_iso_kernel"
     _launch(get_kernel("density", kernel, dtype), nm * na * ns,

@@ -7,6 +7,7 @@ per-atom cutoff radius where the atom's density falls to ``cutoff``, an optional
 removed again in Fourier space, symmetry mates added for crystal cells (the map summed over
 the space group on the grid, as gemmi's symmetrize_sum, where the sampling allows).
 """
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -146,8 +147,11 @@ def map_in_chunks(backend, batch, fn, chunk=None):
     whole batch if None), halved while the device runs out of memory.  Returns (results,
     chunk that went through): a caller keeps the chunk for its next call."""
     parts = []
-    chunk = split_on_oom(backend, batch.size, lambda sl: parts.append(fn(batch.subset(sl))),
-                         chunk)
+
+    def part(sl):
+        whole = sl.start == 0 and sl.stop == batch.size
+        parts.append(fn(batch if whole else batch.subset(sl)))
+    chunk = split_on_oom(backend, batch.size, part, chunk)
     return parts, chunk
 
 
@@ -180,7 +184,8 @@ class ModelMapper:
         self.copies = list(copies)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
-        self._radius = None  # (model, (cutoff, table), total B, radii) of the last call
+        self._radius = None  # (model, (cutoff, table), total B, radii, their max) of the last call
+        self._held = None    # (b, u, blur, radii, their max) while fixed_b holds them
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):
@@ -199,27 +204,49 @@ class ModelMapper:
                            bk.asarray(coefs[stype]))
         return self._types[1:]
 
+    @contextlib.contextmanager
+    def fixed_b(self, batch):
+        """Within, ``batch``'s B and U (the very arrays) do not change: the blur and the
+        atoms' radii are found once, not in each evaluation (each a device→host sync on a
+        GPU), for any batch that shares those arrays (a sites refinement's views)."""
+        blur = self.blur_for(batch)
+        radius, rmax = self._inputs(batch, blur, with_max=True)[-2:]
+        self._held = (batch.b, batch.u, blur, radius, rmax)
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def _holds(self, batch):
+        h = self._held
+        return h is not None and batch.b is h[0] and batch.u is h[1]
+
     def blur_for(self, batch):
+        if self._holds(batch):
+            return self._held[2]
         if self.settings.blur is not None:
             return float(self.settings.blur)
         spacing = float(min(self.spec.voxel_size))
         return refmac_blur(spacing, lowest_b(self.backend.xp, batch))
 
-    def _inputs(self, batch, blur):
+    def _inputs(self, batch, blur, with_max=False):
         """Kernel inputs, the copies' atoms after the model's: (xyz, b, u, is_aniso, occ,
-        stype, coefs, radius)."""
+        stype, coefs, radius), and with ``with_max`` the radii's maximum (host float)."""
         xp = self.backend.xp
         stype, coefs, stype_dev, coefs_dev, atom_coefs = self._type_arrays(batch.model)
         aniso = batch.model.is_aniso if batch.u is not None else None
-        bt = batch.b + blur
-        if aniso is not None and aniso.any():
-            u = batch.u
-            bmax = U_TO_B * xp.max(u[..., :3], axis=-1) + blur
-            bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
-        radius = self._cutoff_radius(batch.model, atom_coefs, bt)
+        if self._holds(batch) and blur == self._held[2]:
+            radius, rmax = self._held[3:]
+        else:
+            bt = batch.b + blur
+            if aniso is not None and aniso.any():
+                bmax = U_TO_B * xp.max(batch.u[..., :3], axis=-1) + blur
+                bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
+            radius, rmax = self._cutoff_radius(batch.model, atom_coefs, bt)
         xyz, u, b, occ = batch.xyz, batch.u, batch.b, batch.occ
+        tail = (rmax,) if with_max else ()
         if not self.copies:
-            return xyz, b, u, aniso, occ, stype_dev, coefs_dev, radius
+            return (xyz, b, u, aniso, occ, stype_dev, coefs_dev, radius) + tail
         xyz_parts, u_parts, b_parts, occ_parts, r_parts = [xyz], [u], [b], [occ], [radius]
         stype_parts, aniso_parts = [stype], [aniso]
         for c in self.copies:
@@ -237,11 +264,11 @@ class ModelMapper:
         join = (lambda parts: xp.concatenate(parts, axis=1))
         return (join(xyz_parts), join(b_parts), None if u is None else join(u_parts),
                 None if aniso is None else np.concatenate(aniso_parts), join(occ_parts),
-                np.concatenate(stype_parts), coefs, join(r_parts))
+                np.concatenate(stype_parts), coefs, join(r_parts)) + tail
 
     def _cutoff_radius(self, model, atom_coefs, bt):
-        """cutoff_radius, kept for the last model and total B: a map and its adjoint, and every
-        evaluation of a sites refinement, see the same B."""
+        """(cutoff_radius, its maximum), kept for the last model and total B: a map and its
+        adjoint, and every evaluation of a sites refinement, see the same B."""
         xp = self.backend.xp
         key = (self.settings.cutoff, self.settings.table)
         last = self._radius
@@ -253,11 +280,12 @@ class ModelMapper:
         if bad:
             raise InputError("B + blur must be positive for every atom")
         if unchanged:
-            return last[3]
+            return last[3], last[4]
         radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
                                self.settings.cutoff).astype(bt.dtype)
-        self._radius = (model, key, bt.copy(), radius)
-        return radius
+        rmax = float(radius.max()) if radius.size else 0.0
+        self._radius = (model, key, bt.copy(), radius, rmax)
+        return radius, rmax
 
     # -- maps -------------------------------------------------------------------------------
     def exact(self, batch, blur=None):
@@ -265,12 +293,10 @@ class ModelMapper:
         blur = self.blur_for(batch) if blur is None else blur
         xp = self.backend.xp
         out = xp.empty((batch.size,) + tuple(self.spec.shape), dtype=self.settings.dtype)
-        inputs = self._inputs(batch, blur)
-        geom = self.spec.geom
-
-        xyz, b, u, aniso, occ, stype, coefs, radius = inputs
-        self.backend.ops.spread_density(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
-                                        self.spec.periodic_axes, out)
+        xyz, b, u, aniso, occ, stype, coefs, radius, rmax = self._inputs(batch, blur, True)
+        self.backend.ops.spread_density(xyz, b, u, aniso, occ, stype, coefs, radius,
+                                        self.spec.geom, blur, self.spec.periodic_axes, out,
+                                        radius_max=rmax)
         return self.symmetrize(out)
 
     def symmetrize(self, maps):
@@ -322,15 +348,11 @@ class ModelMapper:
         """Per-atom gradients of T given dT/d(exact blurred density)."""
         blur = self.blur_for(batch) if blur is None else blur
         xp = self.backend.xp
-        xyz, b, u, aniso, occ, stype, coefs, radius = self._inputs(batch, blur)
+        xyz, b, u, aniso, occ, stype, coefs, radius, rmax = self._inputs(batch, blur, True)
         dmap = self.symmetrize(self.backend.asarray(dmap, dtype=batch.dtype))
-        n_all = xyz.shape[1]
-        out = (xp.empty((batch.size, n_all, 3), batch.dtype), xp.empty((batch.size, n_all), batch.dtype),
-               xp.empty((batch.size, n_all, 6), batch.dtype), xp.empty((batch.size, n_all), batch.dtype))
-        geom = self.spec.geom
-
-        self.backend.ops.density_adjoint(xyz, b, u, aniso, occ, stype, coefs, radius, geom, blur,
-                                         self.spec.periodic_axes, dmap, out=out)
+        out = self.backend.ops.density_adjoint(xyz, b, u, aniso, occ, stype, coefs, radius,
+                                               self.spec.geom, blur, self.spec.periodic_axes,
+                                               dmap, radius_max=rmax)
         gx, gb, gu, go = out
         n = batch.model.n_atoms
         if self.copies:

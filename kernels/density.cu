@@ -10,7 +10,9 @@
 //                Bm = 8 pi^2 U + (b_g + blur) I
 // d = p - x, p = origin + M idx.  Points with |d| < radius are used (radius per model and atom,
 // chosen on the host as gemmi does).  Work item = (model, atom, slab along the first grid axis),
-// so that a small batch still fills the device.
+// so that a small batch still fills the device.  Each slab visits only the rows, and each row
+// only the points, that the sphere |d| < radius cuts (ranges solved from the grid's metric
+// M^T M): about half of the atom's bounding box.
 //
 // Geometry block `geom` (double[21]): index_from_xyz (3x3 row-major), xyz_from_index (3x3),
 // origin (3).  `periodic` is a bit mask: bit a set where grid axis a wraps around.
@@ -53,6 +55,54 @@ __device__ inline bool wrap_index(int i, int n, int periodic, int& out) {
   }
   out = i;
   return i >= 0 && i < n;
+}
+
+// Index range [lo, hi] (clipped to [lo, hi] as given) of the integers t with
+// a (t - c)^2 + 2 b (t - c) + q < 0, a > 0: the points of a row or plane that the sphere cuts.
+// Widened by a hair, so that rounding never drops a point inside (|d| < radius is tested
+// again at each point).  False where no integer lies in it.
+__device__ inline bool quadratic_range(double a, double b, double q, double c, int& lo,
+                                       int& hi) {
+  double disc = b * b - a * q;
+  if (disc < 0.0) return false;
+  double root = sqrt(disc), eps = 1e-9 * (1.0 + fabs(c));
+  lo = max(lo, (int)ceil(c + (-b - root) / a - eps));
+  hi = min(hi, (int)floor(c + (-b + root) / a + eps));
+  return lo <= hi;
+}
+
+// The grid's metric G = M^T M (M = xyz_from_index): |d|^2 = f^T G f for index offsets f.
+struct Metric {
+  double g00, g01, g02, g11, g12, g22;
+};
+
+__device__ inline Metric grid_metric(const double* M) {
+  Metric m;
+  m.g00 = M[0] * M[0] + M[3] * M[3] + M[6] * M[6];
+  m.g01 = M[0] * M[1] + M[3] * M[4] + M[6] * M[7];
+  m.g02 = M[0] * M[2] + M[3] * M[5] + M[6] * M[8];
+  m.g11 = M[1] * M[1] + M[4] * M[4] + M[7] * M[7];
+  m.g12 = M[1] * M[2] + M[4] * M[5] + M[7] * M[8];
+  m.g22 = M[2] * M[2] + M[5] * M[5] + M[8] * M[8];
+  return m;
+}
+
+// Rows j of the slab at offset fi (from the atom's centre) that the sphere of radius^2 r2
+// cuts: |d|^2 minimised over the third index is a quadratic in fj.
+__device__ inline bool slab_rows(const Metric& m, double fi, double r2, double cj, int& lo,
+                                 int& hi) {
+  double a = m.g11 - m.g12 * m.g12 / m.g22;
+  double b = fi * (m.g01 - m.g02 * m.g12 / m.g22);
+  double q = fi * fi * (m.g00 - m.g02 * m.g02 / m.g22) - r2;
+  return quadratic_range(a, b, q, cj, lo, hi);
+}
+
+// Points k of the row (fi, fj) inside the sphere.
+__device__ inline bool row_points(const Metric& m, double fi, double fj, double r2, double ck,
+                                  int& lo, int& hi) {
+  double b = m.g02 * fi + m.g12 * fj;
+  double q = m.g00 * fi * fi + 2.0 * m.g01 * fi * fj + m.g11 * fj * fj - r2;
+  return quadratic_range(m.g22, b, q, ck, lo, hi);
 }
 
 // Per-Gaussian precomputation for one atom.  For isotropic atoms only amp[g] and k[g] are used.
@@ -154,11 +204,16 @@ __device__ inline void spread_density(
   const double* M = geom + 9;
   double fi = w.i - f.g[0];
   real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
-  for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
+  const Metric gm = grid_metric(M);
+  int jlo = f.lo[1], jhi = f.hi[1];
+  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
+  for (int j = jlo; j <= jhi; ++j) {
     int jw;
     if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
     double fj = j - f.g[1];
-    for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
+    int klo = f.lo[2], khi = f.hi[2];
+    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+    for (int k = klo; k <= khi; ++k) {
       int kw;
       if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
       double fk = k - f.g[2];
@@ -207,11 +262,16 @@ __device__ inline void density_adjoint(
   const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   double sx = 0, sy = 0, sz = 0, sb = 0, socc = 0;
   double su[6] = {0, 0, 0, 0, 0, 0};
-  for (int j = f.lo[1]; j <= f.hi[1]; ++j) {
+  const Metric gm = grid_metric(M);
+  int jlo = f.lo[1], jhi = f.hi[1];
+  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
+  for (int j = jlo; j <= jhi; ++j) {
     int jw;
     if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
     double fj = j - f.g[1];
-    for (int k = f.lo[2]; k <= f.hi[2]; ++k) {
+    int klo = f.lo[2], khi = f.hi[2];
+    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+    for (int k = klo; k <= khi; ++k) {
       int kw;
       if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
       double fk = k - f.g[2];

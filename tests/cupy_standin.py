@@ -283,7 +283,10 @@ def _device_function(fn, where, spec, host_input=False, counted=True, operand=No
             cost.uploads += 1
             cost.upload_bytes += _nbytes(result)
             return result
-        result = _wrap(fn(*_unwrap(args, where), **_unwrap(kwargs, where)))
+        raw = fn(*_unwrap(args, where), **_unwrap(kwargs, where))
+        if args and isinstance(args[0], ndarray) and raw is args[0]._a:
+            return args[0]    # CuPy too gives the very array back (asarray of its dtype)
+        result = _wrap(raw)
         if counted and where.rsplit(".", 1)[-1] not in _FREE and not _same_data(
                 result, operand if operand is not None else (args[0] if args else None)):
             cost.launch(where, _nbytes(operand, args, kwargs, result))
@@ -335,7 +338,10 @@ def _ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Argument 'a' has incorrect type (expected cupy.ndarray, got "
                         f"{type(a).__name__})")
-    result = _wrap(np.ascontiguousarray(a._a, dtype=dtype))
+    raw = np.ascontiguousarray(a._a, dtype=dtype)
+    if raw is a._a:
+        return a
+    result = _wrap(raw)
     if not _same_data(result, a):
         cost.launch("ascontiguousarray", 2 * result._a.nbytes)
     return result

@@ -170,15 +170,16 @@ class _Function:
 
 
 def _pairs(name, args):
-    """Atom × grid-point pairs a density kernel visits: each atom's bounding box, (2 r |row_a|
-    + 1) points along grid axis a for its radius r (``radius``, argument 7) and the rows of
-    index_from_xyz (``geom``, argument 8); 0 for other kernels."""
+    """Atom × grid-point pairs a density kernel visits: the grid points inside each atom's
+    sphere (the kernels solve each slab's rows and each row's points from the sphere), counted
+    as its volume 4/3 pi r^3 over the voxel's |det xyz_from_index|, for the radius r
+    (``radius``, argument 7) and ``geom`` (argument 8); 0 for other kernels."""
     if not name.startswith(("spread_density", "density_adjoint")):
         return 0
     radius, geom, n_models = args[7]._a, args[8]._a, int(args[12])
-    scale = np.sqrt((geom[:9].reshape(3, 3) ** 2).sum(axis=1))
-    boxes = np.prod(2 * radius.astype(np.float64)[..., None] * scale + 1, axis=-1).sum()
-    return boxes * (n_models if radius.ndim == 1 else 1)
+    voxel = abs(np.linalg.det(geom[9:18].reshape(3, 3)))
+    spheres = (4.0 / 3.0 * np.pi * radius.astype(np.float64) ** 3).sum() / voxel
+    return spheres * (n_models if radius.ndim == 1 else 1)
 
 
 # CUDA's launch limits (compute capability 9.0): what cuLaunchKernel refuses at run time.

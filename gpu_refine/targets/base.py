@@ -27,3 +27,8 @@ class Target(Protocol):
 
     def stats(self, batch):
         """Per-model statistics: dict of name -> (B,) NumPy array."""
+
+    def fixed_b(self, batch):
+        """Context manager: within, ``batch``'s B, U and occupancies (the very arrays) do
+        not change, so what follows from them alone may be found once (a sites
+        refinement)."""

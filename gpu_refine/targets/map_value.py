@@ -5,6 +5,8 @@ rho is the normalised experimental map, interpolated tricubically (Catmull-Rom) 
 gradients; Z, the atomic number, stands for each atom's scattering strength.  B and occupancy do
 not enter a map-value target, so it refines sites only.
 """
+import contextlib
+
 import gemmi
 import numpy as np
 
@@ -45,6 +47,10 @@ class MapValueTarget:
         w = self._weights(batch)
         f = -(w.astype(xp.float64) * value).sum(axis=1)
         return f, Gradients(xyz=-(w[..., None] * grad))
+
+    def fixed_b(self, batch):
+        """Nothing here depends on B alone."""
+        return contextlib.nullcontext()
 
     def value(self, batch):
         return self.value_and_gradient(batch)[0]

@@ -77,6 +77,10 @@ class ModelMapTarget:
         parts, self.chunk = map_in_chunks(self.backend, batch, fn, self.chunk)
         return parts
 
+    def fixed_b(self, batch):
+        """The blur and the atoms' radii found once for ``batch``'s B (ModelMapper.fixed_b)."""
+        return self.mapper.fixed_b(batch)
+
     def _target_cc(self, batch):
         return self._cc(self.mapper.image(batch), batch)[0]
 

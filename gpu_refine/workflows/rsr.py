@@ -11,6 +11,7 @@ given weight, trial weights are refined side by side for a short run and the lar
 geometry stays within the limits is kept; given several (a grid), each start is refined with
 each of them.
 """
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -432,21 +433,24 @@ class RealSpaceRefinement:
         fg = self._sites_objective(batch, weight, target)
         x0 = batch.xyz.reshape(batch.size, -1)
         pc = self.preconditioner
+        target = target or self.sites_target
         if pc is None or max(g["rmsd_bonds"] for g in self.geometry(batch)) > PC_BONDS:
             # The Laplacian models the restraints near their ideal geometry only: from a
             # start shaken 1 Å (bonds ~0.5 Å off) it ends 1.1 Å from the model, 0.05 in x.
-            return self._minimize_sites(batch, (fg, x0, None), iterations, SITES_STEP)
+            return self._minimize_sites(batch, (fg, x0, None), iterations, SITES_STEP, target)
         # z's smallest curvature is pc's shift: a step of SITES_STEP √shift in z moves no
         # atom much farther than SITES_STEP Å.
         return self._minimize_sites(batch, pc.wrap(fg, x0.copy()), iterations,
-                                    SITES_STEP * pc.shift_value ** 0.5)
+                                    SITES_STEP * pc.shift_value ** 0.5, target)
 
-    def _minimize_sites(self, batch, problem, iterations, max_step):
+    def _minimize_sites(self, batch, problem, iterations, max_step, target=None):
         """L-BFGS of ``problem`` = (fg of the parameters, their start, their map to the sites
-        (B, 3N); None where the parameters are the sites), the result written to batch.xyz."""
+        (B, 3N); None where the parameters are the sites), the result written to batch.xyz.
+        ``target``: the map target in fg, which B does not change for."""
         fg, p0, x_of = problem
-        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=max_step),
-                             xp=self.backend.xp)
+        with target.fixed_b(batch) if target is not None else contextlib.nullcontext():
+            res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=max_step),
+                                 xp=self.backend.xp)
         batch.xyz[...] = (res.x if x_of is None else x_of(res.x)).reshape(batch.xyz.shape)
         return res
 
@@ -649,7 +653,7 @@ class RealSpaceRefinement:
             bodies = RigidBodies(chains, batch.xyz, xp)
             self._minimize_sites(batch, bodies.wrap(self._sites_objective(batch, weight, target),
                                                     batch.xyz.dtype),
-                                 RIGID_ITERATIONS, RIGID_STEP)
+                                 RIGID_ITERATIONS, RIGID_STEP, target)
             done.append((d, bodies.n_groups))
         return done
 
