@@ -213,3 +213,47 @@ def banded_solve(band, rhs, transpose, out):
             (band, np.int32(n), np.int32(band.shape[0] - 1), _c(rhs, dtype), np.int32(ncol),
              np.int32(bool(transpose)), out))
     return out
+
+
+def _voxel_blocks(n_voxels):
+    """Blocks per model of the CC kernels: each thread some 8 voxels, at most 64 blocks (the
+    partial sums are 64 × 4 warps per model)."""
+    return max(1, min(64, -(-n_voxels // (_BLOCK * 8))))
+
+
+def _cc_args(image, masks, mask_index, y, my):
+    dtype = _real(image.dtype)
+    n = image.shape[0]
+    n_voxels = int(np.prod(image.shape[1:]))
+    if masks.dtype != cp.float32 or int(np.prod(masks.shape[1:])) != n_voxels:
+        raise ValueError("masks must be float32 grids of the image's size")
+    return dtype, n, n_voxels, (_c(image, dtype), _c(masks, cp.float32), _c(mask_index, cp.int32),
+                                _c(y, cp.float64), _c(my, cp.float64))
+
+
+def cc_statistics(image, masks, mask_index, y, my, w_sum, syy, out):
+    """GPU twin of cpu_fallback.cc_statistics."""
+    dtype, n, n_voxels, args = _cc_args(image, masks, mask_index, y, my)
+    if out.dtype != cp.float64 or not out.flags.c_contiguous or out.shape != (n, 4):
+        raise ValueError("out must be a C-contiguous (B, 4) float64 array")
+    blocks = _voxel_blocks(n_voxels)
+    warps = blocks * (_BLOCK // 32)
+    partial = cp.empty((n, warps, 3), cp.float64)
+    get_kernel("cc_target", "cc_sums_kernel", dtype)(
+        (blocks, n), (_BLOCK,), args + (np.int64(n_voxels), partial))
+    _launch(get_kernel("cc_target", "cc_finish_kernel", dtype), n,
+            (partial, np.int32(warps), args[2], _c(w_sum, cp.float64), _c(syy, cp.float64),
+             np.int32(n), out))
+    return out
+
+
+def cc_gradient_map(image, masks, mask_index, y, my, syy, stats, scale, out):
+    """GPU twin of cpu_fallback.cc_gradient_map."""
+    dtype, n, n_voxels, args = _cc_args(image, masks, mask_index, y, my)
+    if out.dtype != dtype or not out.flags.c_contiguous or out.shape != image.shape:
+        raise ValueError("out must be C-contiguous, shaped and typed as image")
+    get_kernel("cc_target", "cc_gradient_map_kernel", dtype)(
+        (_voxel_blocks(n_voxels), n), (_BLOCK,),
+        args + (_c(syy, cp.float64), _c(stats, cp.float64), np.float64(scale),
+                np.int64(n_voxels), out))
+    return out

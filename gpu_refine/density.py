@@ -312,23 +312,28 @@ class ModelMapper:
             total += flat[:, src]
         return total.reshape(maps.shape)
 
-    def fourier_filter(self, blur):
-        """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else 0.
+    def fourier_filter(self, blur, dtype):
+        """Real filter on rfft terms: 1 inside the resolution sphere (times the un-blur), else
+        0, and the inverse FFT's 1/N (a pass of its own otherwise), in the grids' precision.
         Kept for the last blur: a refinement applies the same one many times."""
-        if self._filter is None or self._filter[0] != blur:
+        key = (blur, np.dtype(dtype))
+        if self._filter is None or self._filter[0] != key:
             xp = self.backend.xp
             s2 = self.spec.s2(xp)
             keep = (within_resolution(s2, self.resolution) if self.resolution
                     else xp.ones(s2.shape, bool))
-            self._filter = (blur, xp.where(keep, xp.exp(blur * s2 / 4.0), 0.0))
+            n = float(np.prod(self.spec.shape))
+            self._filter = (key, xp.where(keep, xp.exp(blur * s2 / 4.0) / n, 0.0).astype(dtype))
         return self._filter[1]
 
     def apply_filter(self, maps, blur):
-        """Fourier image of blurred densities: drop terms beyond d, undo the blur (batched FFT)."""
+        """Fourier image of blurred densities: drop terms beyond d, undo the blur (batched FFT;
+        the inverse unscaled, its 1/N in the filter)."""
         fft = self.backend.fft
         f = fft.rfftn(maps, axes=(1, 2, 3))
-        f *= self.fourier_filter(blur)[None]
-        return fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3)).astype(maps.dtype)
+        f *= self.fourier_filter(blur, maps.dtype)[None]
+        out = fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3), norm="forward")
+        return out.astype(maps.dtype, copy=False)
 
     def image(self, batch):
         """Model map at the mapper's resolution for each batch member: (B, n0, n1, n2)."""

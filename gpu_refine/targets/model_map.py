@@ -6,6 +6,8 @@ shape it and get gradients, through the density adjoint kernel:
     dCC/dx_p = w_p (dy_p / sqrt(Sxx Syy) - CC dx_p / Sxx),
 with dx, dy deviations from the weighted means (their derivatives cancel because the weighted
 deviations sum to zero).  N_atoms scales T like a sum over atoms, as the restraints are.
+The passes over the grids are two kernels (kernels/cc_target.cu): the per-model sums in
+float64 from the float32 images, and the gradient map.
 Each model is compared inside the mask of its own start (``Batch.mask_index`` into
 ``PreparedMap.masks``).
 """
@@ -28,7 +30,8 @@ class ModelMapTarget:
                                   copies=prepared.copies)
         xp = bk.xp
         # One mask per start (S, n0, n1, n2), kept in float32 (exact: the masks are float32):
-        # with many starts and a large box the masks are the target's largest arrays.
+        # with many starts and a large box the masks are the target's largest arrays.  The
+        # kernels (ops.cc_statistics, cc_gradient_map) pick each model's by its mask_index.
         self.w = bk.asarray(prepared.masks, dtype=xp.float32)
         self.y = bk.asarray(prepared.data, dtype=xp.float64)
         w = self.w.astype(xp.float64)
@@ -36,41 +39,25 @@ class ModelMapTarget:
         self.my = (w * self.y[None]).sum(axis=(1, 2, 3)) / self.w_sum
         self.syy = (w * (self.y[None] - self.my[:, None, None, None]) ** 2).sum(axis=(1, 2, 3))
         self.chunk = None   # models per evaluation: all, until the device runs out of memory
-        self._masks = None  # (mask_index, _per_model's arrays) of the last call
+        self._index = None  # (mask_index on the host, on the device) of the last call
 
-    def _per_model(self, batch):
-        """(w, dy, w_sum, syy) of each model's mask (dy: the map's deviation from its mean
-        there), broadcastable against (B, …) images.  Kept for the last ``mask_index`` (a
-        host array): fixed within a minimisation, and rebuilding dy is a pass over (B,
-        voxels) in float64 per evaluation."""
+    def _mask_index(self, batch):
+        """batch.mask_index on the device, moved there only when it changes (fixed within a
+        minimisation)."""
         index = batch.mask_index
         if index.size and index.max() >= self.w.shape[0]:
             raise ParameterError(f"mask_index {int(index.max())} given, but the map has "
                                  f"{self.w.shape[0]} mask(s)")
-        key = None if self.w.shape[0] == 1 else index
-        if self._masks is not None and (
-                (key is None) == (self._masks[0] is None)
-                and (key is None or np.array_equal(key, self._masks[0]))):
-            return self._masks[1]
-        pick = slice(0, 1) if key is None else self.backend.asarray(index)
-        w = self.w[pick]
-        dy = (self.y[None] - self.my[pick][:, None, None, None]) * (w > 0)
-        self._masks = (None if key is None else key.copy(),
-                       (w, dy, self.w_sum[pick], self.syy[pick]))
-        return self._masks[1]
+        if self._index is None or not np.array_equal(self._index[0], index):
+            self._index = (index.copy(), self.backend.asarray(index, dtype=np.int32))
+        return self._index[1]
 
-    def _cc(self, image, batch):
-        """(CC (B,), dx (B,…), Sxx (B,), the masks' (w, dy, Syy)) of each image against the
-        map."""
+    def _stats(self, image, batch):
+        """(B, 4) float64 on the device: CC, mx, Sxx, Sxy of each image against the map."""
         xp = self.backend.xp
-        w, dy, w_sum, syy = self._per_model(batch)
-        x = image.astype(xp.float64)
-        mx = (w * x).sum(axis=(1, 2, 3)) / w_sum
-        dx = x - mx[:, None, None, None]
-        sxx = (w * dx * dx).sum(axis=(1, 2, 3))
-        sxy = (w * dx * dy).sum(axis=(1, 2, 3))
-        cc = sxy / xp.sqrt(xp.maximum(sxx, 1e-300) * syy)
-        return cc, dx, sxx, (w, dy, syy)
+        out = xp.empty((batch.size, 4), xp.float64)
+        return self.backend.ops.cc_statistics(image, self.w, self._mask_index(batch), self.y,
+                                              self.my, self.w_sum, self.syy, out)
 
     def _chunked(self, batch, fn):
         """fn over sub-batches whose model maps fit on the device (all at once where they do)."""
@@ -82,7 +69,7 @@ class ModelMapTarget:
         return self.mapper.fixed_b(batch)
 
     def _target_cc(self, batch):
-        return self._cc(self.mapper.image(batch), batch)[0]
+        return self._stats(self.mapper.image(batch), batch)[:, 0]
 
     def value(self, batch):
         cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
@@ -101,17 +88,16 @@ class ModelMapTarget:
     def _value_and_gradient(self, batch, wrt):
         xp = self.backend.xp
         image = self.mapper.image(batch)
-        cc, dx, sxx, (w, dy, syy) = self._cc(image, batch)
-        del image
+        stats = self._stats(image, batch)
         n = batch.model.n_atoms
-        denom = xp.sqrt(xp.maximum(sxx, 1e-300) * syy)
-        dcc = w * (dy / denom[:, None, None, None]
-                   - (cc / xp.maximum(sxx, 1e-300))[:, None, None, None] * dx)
-        dmap = (-n * dcc).astype(batch.dtype)
+        dmap = self.backend.ops.cc_gradient_map(image, self.w, self._mask_index(batch), self.y,
+                                                self.my, self.syy, stats, -n,
+                                                xp.empty_like(image))
+        del image
         gx, gb, _, go = self.mapper.image_adjoint(batch, dmap)
         grads = Gradients(xyz=gx if "xyz" in wrt else None, b=gb if "b" in wrt else None,
                           occ=go if "occ" in wrt else None)
-        return n * (1.0 - cc), grads
+        return n * (1.0 - stats[:, 0]), grads
 
     def stats(self, batch):
         cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
