@@ -330,6 +330,34 @@ def _namespace(name, source, host_input=()):
     return module
 
 
+def _fft_namespace():
+    """cupy.fft on scipy.fft (as cuFFT, float32 stays single precision), with the passes
+    CuPy adds to a transform counted as launches: the scaling by 1/N (or 1/sqrt N) where
+    ``norm`` asks it of this direction, and the copy of a complex-to-real transform's input,
+    which cuFFT overwrites."""
+    module = _namespace("cupy.fft", scipy.fft)
+    plain = module.__getattr__
+
+    def lookup(attr):
+        fn = plain(attr)
+        if not callable(fn) or not attr.endswith(("fft", "fft2", "fftn")):
+            return fn
+        inverse = attr.startswith(("i", "h")) and attr != "ihfft" or attr == "hfft"
+
+        @functools.wraps(fn)
+        def call(a, *args, **kwargs):
+            if attr.startswith("irfft") or attr == "hfft":
+                cost.launch(f"cupy.fft.{attr} input copy", 2 * _nbytes(a))
+            out = fn(a, *args, **kwargs)
+            norm = kwargs.get("norm") or "backward"
+            if norm == "ortho" or (norm == "backward") == inverse:
+                cost.launch(f"cupy.fft.{attr} scaling", 2 * _nbytes(out))
+            return out
+        return call
+    module.__getattr__ = lookup
+    return module
+
+
 def asnumpy(a):
     return a.get() if isinstance(a, ndarray) else np.asarray(a)
 
@@ -353,7 +381,7 @@ def module(raw_module=None):
     cp.ndarray = ndarray
     cp.asnumpy = asnumpy
     cp.ascontiguousarray = _ascontiguousarray
-    cp.fft = _namespace("cupy.fft", scipy.fft)   # as cuFFT, float32 stays single precision
+    cp.fft = _fft_namespace()
     cp.RawModule = raw_module
     pool = types.SimpleNamespace(free_all_blocks=lambda: None)
     cp.get_default_memory_pool = lambda: pool

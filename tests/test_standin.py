@@ -156,3 +156,42 @@ def test_cost_counts_a_raw_kernel_and_its_bytes(cp):
     assert (cost.launches, cost.bytes, cost.syncs) == (1, 1024, 0)
     assert cost.by_name == {"kernel scale_kernel": [1, 1024]}
     np.testing.assert_array_equal(out.get(), 2 * np.arange(64))
+
+
+def test_cost_counts_the_passes_cupy_adds_to_a_transform(cp):
+    """rfftn: the transform alone; irfftn: a copy of its input (cuFFT overwrites a complex-to-
+    real transform's input), the transform, and the 1/N scaling unless norm='forward'."""
+    cost = cupy_standin.cost
+    x = cp.asarray(np.ones((4, 6, 8), np.float32))
+    cost.reset()
+    f = cp.fft.rfftn(x)
+    assert cost.launches == 1
+    cost.reset()
+    cp.fft.irfftn(f, s=x.shape)
+    assert sorted(cost.by_name) == ["cupy.fft.irfftn", "cupy.fft.irfftn input copy",
+                                    "cupy.fft.irfftn scaling"]
+    assert cost.by_name["cupy.fft.irfftn scaling"][1] == 2 * x.nbytes
+    cost.reset()
+    back = cp.fft.irfftn(f, s=x.shape, norm="forward")
+    assert cost.launches == 2
+    np.testing.assert_allclose(back.get(), 192.0)
+
+
+def test_cost_counts_density_pairs_as_the_spheres_points(cp):
+    """A density launch's pairs: each atom's sphere volume in voxels (4/3 pi r^3 / voxel)."""
+    import host_cuda
+    from helpers import ortho_box_spec, random_atoms
+    from gpu_refine.density import cutoff_radius
+    spec = ortho_box_spec()
+    rng = np.random.default_rng(1)
+    xyz, b, u, flag, occ, stype, coefs = random_atoms(rng, 2, 7, spec, False, np.float64)
+    radius = cutoff_radius(np, coefs[stype], b + 5.0)
+    ops = host_cuda.host_kernels()
+    cost = cupy_standin.cost
+    dev = [cp.asarray(a) for a in (xyz, b, occ, radius)]
+    out = cp.empty((2,) + spec.shape, cp.float64)
+    cost.reset()
+    ops.spread_density(dev[0], dev[1], None, None, dev[2], stype, coefs, dev[3], spec.geom,
+                       5.0, spec.periodic_axes, out)
+    voxel = abs(np.linalg.det(spec.geom[9:18].reshape(3, 3)))
+    assert abs(cost.pairs - (4 / 3 * np.pi * radius**3).sum() / voxel) <= 1    # counted whole
