@@ -257,3 +257,36 @@ def cc_gradient_map(image, masks, mask_index, y, my, syy, stats, scale, out):
         args + (_c(syy, cp.float64), _c(stats, cp.float64), np.float64(scale),
                 np.int64(n_voxels), out))
     return out
+
+
+def _check_history(gram, rho):
+    m = rho.shape[1]
+    if m > 32:
+        raise ValueError("the L-BFGS kernels keep at most 32 pairs (MAX_HISTORY)")
+    for name, a in (("gram", gram), ("rho", rho)):
+        if a.dtype != cp.float64 or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous float64 array")
+    return m
+
+
+def lbfgs_direction(gram, gv, rho, gamma, gmax, active, head, check_descent, coef, dg):
+    """GPU twin of cpu_fallback.lbfgs_direction."""
+    m = _check_history(gram, rho)
+    n = rho.shape[0]
+    _launch(get_kernel("lbfgs", "lbfgs_direction_kernel", cp.float64), n,
+            (gram, _c(gv, cp.float64), rho, _c(gamma, cp.float64), _c(gmax, cp.float64),
+             _c(active, cp.bool_), np.int32(head), np.int32(m), np.int32(bool(check_descent)),
+             np.int32(n), coef, dg))
+    return coef, dg
+
+
+def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, gtol, ftol,
+                 failures, slow, iterations):
+    """GPU twin of cpu_fallback.lbfgs_update."""
+    m = _check_history(gram, rho)
+    n = rho.shape[0]
+    _launch(get_kernel("lbfgs", "lbfgs_update_kernel", cp.float64), n,
+            (gram, rho, gamma, _c(cols, cp.float64), np.int32(head), np.int32(m), active,
+             _c(pending, cp.bool_), _c(f, cp.float64), _c(f_new, cp.float64),
+             _c(gmax, cp.float64), np.float64(gtol), np.float64(ftol), failures, slow,
+             iterations, np.int32(n)))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODULES = ("density", "interpolate", "restraints", "banded", "cc_target")
+MODULES = ("density", "interpolate", "restraints", "banded", "cc_target", "lbfgs")
 COMPILE_OPTIONS = ("--std=c++14",)
 # Threads per block of every launch (gpu_refine/cuda.py); the kernels take any multiple of 32.
 THREADS_PER_BLOCK = 128

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_host
+from .backend import get_backend, to_host
 
 
 @dataclass
@@ -51,75 +51,77 @@ def _rowdot(xp, a, b):
 
 
 class _History:
-    """The last m (s, y) pairs of every model and their dot products.
+    """The last m (s, y) pairs of every model, their dot products and the current gradient.
 
     The two-loop recursion needs only dot products of the pairs with each other and with g:
-    those are kept on the host, the recursion runs on (B, m) numbers there, and a direction
-    costs two batched matrix products on the device (not 4 m vector operations, each a
-    launch on a GPU).  An entry with rho = 0 is empty."""
+    ``vectors`` (B, 2m+1, P) holds s_0 … s_{m-1}, y_0 … y_{m-1} and g, so a direction costs
+    two batched matrix products (the dot products with g, and the combination), and the
+    recursion itself runs in one thread per model (ops.lbfgs_direction), on the device: no
+    transfer to the host, and not 4 m vector operations, each a launch on a GPU."""
 
-    def __init__(self, xp, n_models, n_par, m):
-        self.xp = xp
+    def __init__(self, backend, n_models, n_par, m):
+        self.backend = backend
+        xp = self.xp = backend.xp
         self.m = m
-        # s_0 … s_{m-1}, y_0 … y_{m-1} of each model, and their dot products
-        self.vectors = xp.zeros((n_models, 2 * m, n_par), dtype=xp.float64)
-        self.gram = np.zeros((n_models, 2 * m, 2 * m))
-        self.rho = np.zeros((n_models, m))      # 1 / (s_i . y_i)
-        self.gamma = np.zeros(n_models)         # s.y / y.y of the newest pair; 0: none yet
-        self.head = 0                           # the slot of the next pair
+        self.vectors = xp.zeros((n_models, 2 * m + 1, n_par), dtype=xp.float64)
+        self.gram = xp.zeros((n_models, 2 * m, 2 * m), dtype=xp.float64)
+        self.rho = xp.zeros((n_models, m), dtype=xp.float64)   # 1 / (s_i . y_i); 0: empty
+        self.gamma = xp.zeros(n_models, dtype=xp.float64)      # s.y / y.y of the newest pair
+        self.head = 0                                           # the slot of the next pair
+        self._coef = xp.empty((n_models, 2 * m + 1), dtype=xp.float64)
+        self._dg = xp.empty(n_models, dtype=xp.float64)
 
-    def add(self, sk, yk, keep):
-        """Store (sk, yk) (B, P) where ``keep`` (host bool, B), an empty entry elsewhere."""
-        xp, h, m = self.xp, self.head, self.m
-        k = xp.asarray(keep)[:, None]
-        self.vectors[:, h] = xp.where(k, sk, 0.0)
-        self.vectors[:, m + h] = xp.where(k, yk, 0.0)
-        pair = self.vectors[:, h::m]                                    # s_h, y_h
-        cols = to_host(xp.matmul(self.vectors, pair.transpose(0, 2, 1)))  # (B, 2m, 2)
-        for j, slot in enumerate((h, m + h)):
-            self.gram[:, :, slot] = cols[:, :, j]
-            self.gram[:, slot, :] = cols[:, :, j]
-        sy, yy = self.gram[:, h, m + h], self.gram[:, m + h, m + h]
-        self.rho[:, h] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
-        self.gamma = np.where(keep, sy / np.maximum(yy, 1e-300), self.gamma)
+    def direction(self, g, gmax, active, check_descent=True):
+        """(d = -H g (B, P) float64, d . g (B,)) for the inverse Hessian H of the stored
+        pairs with H0 = gamma (1 / max|g| without history); zero for inactive models.  With
+        ``check_descent``, a model whose d is no descent direction drops its history and
+        takes d = -H0 g."""
+        xp, m = self.xp, self.m
+        self.vectors[:, 2 * m] = g
+        gv = xp.matmul(self.vectors, self.vectors[:, 2 * m, :, None])[..., 0]
+        coef, dg = self.backend.ops.lbfgs_direction(self.gram, gv, self.rho, self.gamma, gmax,
+                                                    active, self.head, check_descent,
+                                                    self._coef, self._dg)
+        return xp.matmul(coef[:, None, :], self.vectors)[:, 0, :], dg
+
+    def update(self, sk, yk, state, f_new, gmax, settings):
+        """Store the step's pair (sk, yk) (B, P) in the next slot and update the dot
+        products, curvature scale and stopping counters of ``state`` (ops.lbfgs_update)."""
+        xp, m, h = self.xp, self.m, self.head
+        self.vectors[:, h] = sk
+        self.vectors[:, m + h] = yk
+        pair = self.vectors[:, h:2 * m:m]                               # s_h, y_h
+        cols = xp.matmul(self.vectors[:, :2 * m], pair.transpose(0, 2, 1))   # (B, 2m, 2)
+        self.backend.ops.lbfgs_update(self.gram, self.rho, self.gamma, cols, h, state.active,
+                                      state.pending, state.f, f_new, gmax, settings.gtol,
+                                      settings.ftol, state.failures, state.slow,
+                                      state.iterations)
         self.head = (h + 1) % m
 
-    def forget(self, models):
-        """Drop the whole history of ``models`` (host bool, B)."""
-        self.rho[models] = 0.0
 
-    def direction(self, g, scale):
-        """H g (B, P) float64 for the inverse Hessian H of the stored pairs with H0 = scale
-        (host, B): the two-loop recursion, q <- q - a_i y_i newest first, then
-        r <- r + (a_i - b_i) s_i oldest first, on the dot products; r is then
-        scale g + sum c_i s_i + e_i y_i."""
-        xp, m = self.xp, self.m
-        gv = to_host(xp.matmul(self.vectors, g.astype(xp.float64, copy=False)[:, :, None]))[..., 0]
-        sy = self.gram[:, :m, m:]                         # sy[:, i, j] = s_i . y_j
-        yy = self.gram[:, m:, m:]
-        a = np.zeros_like(self.rho)
-        c = np.zeros_like(self.rho)
-        sq = gv[:, :m].copy()                             # s_i . q for the current q
-        newest_first = [(self.head - 1 - k) % m for k in range(m)]
-        for i in newest_first:
-            a[:, i] = self.rho[:, i] * sq[:, i]
-            sq -= a[:, i, None] * sy[:, :, i]
-        yr = scale[:, None] * (gv[:, m:] - np.einsum("bj,bij->bi", a, yy))   # y_i . r
-        for i in reversed(newest_first):
-            c[:, i] = a[:, i] - self.rho[:, i] * yr[:, i]
-            yr += c[:, i, None] * sy[:, i, :]
-        coef = xp.asarray(np.concatenate([c, -scale[:, None] * a], axis=1))
-        return (xp.asarray(scale)[:, None] * g
-                + xp.matmul(coef[:, None, :], self.vectors)[:, 0, :])
+@dataclass
+class _State:
+    """Per-model bookkeeping on the device."""
+    f: object
+    active: object
+    pending: object
+    failures: object
+    slow: object
+    iterations: object
 
 
-def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
+def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None):
     """Minimise f(x) for each row of x0 (B,P); ``fg(x) -> (f (B,), g (B,P))``.
 
     With bounds, parameters on a bound whose gradient points outwards are held there (their
     gradient is taken as zero), the others move freely and are projected back after a step.
+    The decisions stay on the device: two device→host transfers per iteration (whether a
+    trial step left any model pending, whether any model is still active), one more per
+    backtrack.
     """
     s = settings or LBFGSSettings()
+    bk = get_backend(backend)
+    xp = bk.xp
     x = xp.array(x0, copy=True)
     bounded = lower is not None or upper is not None
     if bounded:
@@ -130,72 +132,58 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, xp=np):
             f, g = raw_fg(x)
             return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
     n_models, n_par = x.shape
-    history = _History(xp, n_models, n_par, max(1, s.history))
+    history = _History(bk, n_models, n_par, max(1, s.history))
     f, g = fg(x)
     n_eval = 1
-    active = xp.ones(n_models, dtype=bool)
-    iterations = xp.zeros(n_models, dtype=xp.int64)
-    slow = xp.zeros(n_models, dtype=xp.int64)
-    failures = xp.zeros(n_models, dtype=xp.int64)
+    gmax = xp.abs(g).max(axis=1).astype(xp.float64)
+    zeros = xp.zeros(n_models, dtype=xp.int64)
+    state = _State(f=f, active=gmax > s.gtol * xp.maximum(1.0, xp.abs(f)),
+                   pending=xp.zeros(n_models, dtype=bool), failures=zeros,
+                   slow=zeros.copy(), iterations=zeros.copy())
     for _ in range(s.max_iterations):
-        gmax = xp.abs(g).max(axis=1)
-        active &= gmax > s.gtol * xp.maximum(1.0, xp.abs(f))
-        if not bool(active.any()):
+        if not bool(state.active.any()):
             break
-        gamma = history.gamma
-        scale = np.where(gamma > 0, gamma, 1.0 / np.maximum(to_host(gmax), 1e-300))
-        d = (-history.direction(g, scale)).astype(x.dtype)
+        d, dg = history.direction(g, gmax, state.active, check_descent=not bounded)
         if bounded:
             # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
             # bound would be clipped away yet set the step length (max_step) for the others:
             # both are left out of the direction.
             held = (g == 0) & _on_bound(xp, x, lower, upper)
             d = xp.where(held | _on_bound(xp, x, lower, upper, d), 0, d)
-        dg = _rowdot(xp, d, g)
-        bad = dg >= 0
-        if bool(bad.any()):   # not a descent direction: steepest descent, history dropped
-            d = xp.where(bad[:, None], -g * xp.asarray(scale)[:, None], d)
-            history.forget(to_host(bad))
             dg = _rowdot(xp, d, g)
+            bad = ~(dg < 0) & state.active  # not a descent direction: steepest descent
+            scale = xp.where(history.gamma > 0, history.gamma, 1.0 / xp.maximum(gmax, 1e-300))
+            d = xp.where(bad[:, None], -scale[:, None] * g, d)
+            history.rho = xp.where(bad[:, None], 0.0, history.rho)
+            dg = xp.where(bad, _rowdot(xp, d, g), dg)
         dmax = xp.abs(d).max(axis=1)
-        step = xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300))
-        step = xp.where(active, step, 0.0)
-        pending = active.copy()
+        step = xp.where(state.active, xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300)),
+                        0.0)
+        d = d.astype(x.dtype)
+        state.pending = state.active.copy()
         x_new, f_new, g_new = x, f, g
         for _ls in range(s.max_backtracks):
             trial = x + (step[:, None] * d).astype(x.dtype)
             if bounded:
                 trial = xp.clip(trial, lower, upper)
-            trial = xp.where(pending[:, None], trial, x_new)
+            trial = xp.where(state.pending[:, None], trial, x_new)
             f_t, g_t = fg(trial)
             n_eval += 1
-            decrease = _rowdot(xp, trial - x, g)
-            ok = pending & xp.isfinite(f_t) & (f_t <= f + s.armijo * xp.minimum(decrease, 0.0)) \
-                & (f_t <= f)
+            # Without bounds the trial is x + step d, and its first-order decrease step d.g.
+            decrease = _rowdot(xp, trial - x, g) if bounded else step * dg
+            ok = state.pending & xp.isfinite(f_t) & (f_t <= f + s.armijo * xp.minimum(
+                decrease, 0.0)) & (f_t <= f)
             x_new = xp.where(ok[:, None], trial, x_new)
             f_new = xp.where(ok, f_t, f_new)
             g_new = xp.where(ok[:, None], g_t, g_new)
-            pending &= ~ok
-            if not bool(pending.any()):
+            state.pending &= ~ok
+            if not bool(state.pending.any()):
                 break
-            step = xp.where(pending, step * 0.5, step)
-        moved = active & ~pending
-        sk = x_new.astype(xp.float64) - x
-        yk = g_new.astype(xp.float64) - g
-        sy = _rowdot(xp, sk, yk)
-        good = moved & (sy > 1e-12 * xp.maximum(1.0, _rowdot(xp, yk, yk)))
-        # A failed line search drops the history but keeps the curvature scale gamma, so the
-        # steepest-descent restart takes a step of the right length near a minimum; two
-        # failures in a row stop that model.
-        failed = active & pending
-        keep, lost = to_host(xp.stack([good, failed]))
-        history.add(sk, yk, keep)
-        history.forget(lost)
-        failures = xp.where(failed, failures + 1, 0)
-        rel = (f - f_new) / xp.maximum(xp.abs(f), 1e-300)
-        slow = xp.where(moved & (rel < s.ftol), slow + 1, xp.where(moved, 0, slow))
-        iterations += moved.astype(iterations.dtype)
+            step = xp.where(state.pending, step * 0.5, step)
+        gmax = xp.abs(g_new).max(axis=1).astype(xp.float64)
+        history.update(x_new.astype(xp.float64) - x, g_new.astype(xp.float64) - g, state,
+                       f_new, gmax, s)
         x, f, g = x_new, f_new, g_new
-        active &= (failures < 2) & (slow < 2)
-    return LBFGSResult(x=x, f=f, iterations=to_host(iterations), converged=to_host(~active),
-                       n_evaluations=n_eval)
+        state.f = f
+    return LBFGSResult(x=x, f=f, iterations=to_host(state.iterations),
+                       converged=to_host(~state.active), n_evaluations=n_eval)

@@ -59,7 +59,7 @@ def kernel_signatures(code):
 
 _C_DTYPES = {"int": np.int32, "long long": np.int64, "unsigned int": np.uint32,
              "double": np.float64, "float": np.float32, "unsigned char": np.uint8,
-             "signed char": np.int8}
+             "signed char": np.int8, "bool": np.bool_}
 
 
 def _expected_dtype(ctype, real):

@@ -1,7 +1,8 @@
 """Batched L-BFGS: every model converges on its own, bounds hold, finished models stay put."""
 import numpy as np
 
-from gpu_refine.minimize import LBFGSSettings, _History, minimize_lbfgs
+import cpu_fallback
+from gpu_refine.minimize import LBFGSSettings, _History, _State, minimize_lbfgs
 
 
 def rosenbrock(xp, shift):
@@ -20,7 +21,7 @@ def test_batched_rosenbrock_each_model_converges(backend, rng):
     x0 = backend.asarray(rng.uniform(-2, 2, (6, 2)))
     x0[0] = 1.0      # starts at the minimum: must not move and take no iterations
     res = minimize_lbfgs(rosenbrock(xp, 0.0), x0, LBFGSSettings(max_iterations=500, gtol=1e-8,
-                                                               ftol=0), xp=xp)
+                                                               ftol=0), backend=backend)
     x = backend.to_numpy(res.x)
     assert res.converged.all()
     np.testing.assert_allclose(x, 1.0, atol=1e-4)
@@ -38,7 +39,7 @@ def test_bounds_are_respected(backend, rng):
     # Tight stopping rules: the test is about the bounds, not about when to stop (the default
     # gtol is relative to |f|, which the held components keep large).
     settings = LBFGSSettings(max_iterations=200, gtol=1e-10, ftol=0.0)
-    res = minimize_lbfgs(fg, xp.zeros((4, 5)), settings, lower=0.0, upper=1.0, xp=xp)
+    res = minimize_lbfgs(fg, xp.zeros((4, 5)), settings, lower=0.0, upper=1.0, backend=backend)
     np.testing.assert_allclose(backend.to_numpy(res.x),
                                np.clip(backend.to_numpy(target), 0, 1), atol=1e-6)
 
@@ -61,26 +62,98 @@ def _two_loop(pairs, g, scale):
 
 def test_history_direction_is_the_two_loop_recursion(backend, rng):
     """Pairs kept as dot products give the textbook H g: a history wrapped around its ring,
-    with empty entries (rejected pairs) and one model's history dropped."""
+    with rejected pairs (no curvature) and one model's history dropped by a failed line
+    search (it keeps its curvature scale)."""
     n_models, n_par, m = 3, 12, 4
-    hist = _History(backend.xp, n_models, n_par, m)
+    xp = backend.xp
+    hist = _History(backend, n_models, n_par, m)
     kept = [[] for _ in range(n_models)]
+    gamma = np.zeros(n_models)
+    settings = LBFGSSettings(gtol=0.0, ftol=-1.0)
     for step in range(7):
         a = rng.normal(size=(n_models, n_par, n_par))
         s = rng.normal(size=(n_models, n_par))
         y = np.einsum("bij,bkj,bk->bi", a, a, s) + 0.1 * s      # s . y > 0
         keep = np.array([True, step % 3 != 1, True])
-        hist.add(backend.asarray(s), backend.asarray(y), keep)
+        y[~keep] = -y[~keep]                                     # s . y < 0: rejected
+        failed = np.array([False, False, step == 6])
+        state = _State(f=xp.ones(n_models), active=xp.ones(n_models, dtype=bool),
+                       pending=xp.asarray(failed), failures=xp.zeros(n_models, np.int64),
+                       slow=xp.zeros(n_models, np.int64),
+                       iterations=xp.zeros(n_models, np.int64))
+        hist.update(backend.asarray(s), backend.asarray(y), state, xp.zeros(n_models),
+                    xp.ones(n_models), settings)
         for b in range(n_models):
-            kept[b] = (kept[b] + [(s[b], y[b]) if keep[b] else None])[-m:]
-        if step == 6:
-            hist.forget(np.array([False, False, True]))
-            kept[2] = [None] * m
+            good = keep[b] and not failed[b]
+            kept[b] = (kept[b] + [(s[b], y[b]) if good else None])[-m:]
+            gamma[b] = (s[b] @ y[b]) / (y[b] @ y[b]) if good else gamma[b]
+            if failed[b]:
+                kept[b] = [None] * m
+        assert backend.to_numpy(state.active).all()
+        assert backend.to_numpy(state.iterations).tolist() == (1 - failed).tolist()
     g = rng.normal(size=(n_models, n_par))
-    scale = np.array([0.5, 1.5, 2.0])
-    got = backend.to_numpy(hist.direction(backend.asarray(g), scale))
+    gmax = np.abs(g).max(axis=1)
+    d, dg = hist.direction(backend.asarray(g), backend.asarray(gmax),
+                           xp.ones(n_models, dtype=bool))
+    d = backend.to_numpy(d)
     for b in range(n_models):
-        want = _two_loop([p for p in kept[b] if p is not None], g[b], scale[b])
-        np.testing.assert_allclose(got[b], want, rtol=1e-9, atol=1e-12)
+        want = _two_loop([p for p in kept[b] if p is not None], g[b], gamma[b])
+        np.testing.assert_allclose(d[b], -want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(dg), (d * g).sum(axis=1), rtol=1e-9)
     assert len([p for p in kept[1] if p is not None]) < m      # some entry was empty
-    np.testing.assert_allclose(got[2], scale[2] * g[2])       # model 3 forgot its pairs
+    np.testing.assert_allclose(d[2], -gamma[2] * g[2])        # model 3 forgot its pairs
+
+
+def _history_inputs(rng, n_models=5, m=4):
+    """Random dot products of m pairs, as the L-BFGS kernels take them."""
+    vec = rng.normal(size=(n_models, 2 * m + 1, 9))
+    vec[:, m:2 * m] += vec[:, :m]                 # y near s: positive curvature
+    gram = np.einsum("bip,bjp->bij", vec[:, :2 * m], vec[:, :2 * m])
+    gv = np.einsum("bip,bp->bi", vec, vec[:, 2 * m])
+    rho = 1.0 / np.einsum("bip,bip->bi", vec[:, :m], vec[:, m:2 * m])
+    rho[1, 2] = 0.0                               # an empty slot
+    gamma = rng.uniform(0.5, 2.0, n_models)
+    gamma[3] = 0.0                                # no history yet: 1 / max|g|
+    active = np.ones(n_models, dtype=bool)
+    active[4] = False
+    return gram, gv, rho, gamma, rng.uniform(0.5, 2.0, n_models), active
+
+
+def test_lbfgs_kernels_parity(gpu, rng):
+    """ops.lbfgs_direction and lbfgs_update on the device against their NumPy twins (fresh
+    random dot products, poisoned outputs; models active, inactive, failed, moved)."""
+    m, n = 4, 5
+    gram, gv, rho, gamma, gmax, active = _history_inputs(rng, n, m)
+    gv[0] = -gv[0]                                # flips model 1's d.g: a restart
+    ref = cpu_fallback.lbfgs_direction(gram, gv, rho.copy(), gamma, gmax, active, 3, True,
+                                       np.full((n, 2 * m + 1), np.nan), np.full(n, np.nan))
+    rho_dev = gpu.asarray(rho)
+    got = gpu.ops.lbfgs_direction(gpu.asarray(gram), gpu.asarray(gv), rho_dev,
+                                  gpu.asarray(gamma), gpu.asarray(gmax), gpu.asarray(active), 3,
+                                  True, gpu.xp.full((n, 2 * m + 1), np.nan),
+                                  gpu.xp.full(n, np.nan))
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(gpu.to_numpy(g), r, rtol=1e-12, atol=1e-14)
+    rho_ref = rho.copy()
+    cpu_fallback.lbfgs_direction(gram, gv, rho_ref, gamma, gmax, active, 3, True,
+                                 np.empty((n, 2 * m + 1)), np.empty(n))
+    np.testing.assert_array_equal(gpu.to_numpy(rho_dev), rho_ref)
+
+    cols = rng.normal(size=(n, 2 * m, 2))
+    cols[:, 1, 1] = np.abs(cols[:, 1, 1])         # slot 1: s.y > 0 for most
+    cols[2, 1, 1] = -1.0                          # model 3: no curvature
+    pending = np.array([False, True, False, False, False])   # model 2: line search failed
+    f = rng.uniform(1, 2, n)
+    f_new = f * rng.uniform(0.5, 0.9, n)          # decreases well ...
+    f_new[0] = f[0] * (1 - 1e-9)                  # ... but model 1's: slow a second time
+    counters = [np.array([0, 1, 0, 1, 0]), np.array([1, 0, 0, 1, 0]), np.arange(n)]
+    arrays = [gram.copy(), rho.copy(), gamma.copy(), active.copy()] + [c.copy() for c in counters]
+    dev = [gpu.asarray(a) for a in arrays]
+    cpu_fallback.lbfgs_update(arrays[0], arrays[1], arrays[2], cols, 1, arrays[3], pending, f,
+                              f_new, gmax, 1e-12, 1e-5, *arrays[4:])
+    gpu.ops.lbfgs_update(dev[0], dev[1], dev[2], gpu.asarray(cols), 1, dev[3],
+                         gpu.asarray(pending), gpu.asarray(f), gpu.asarray(f_new),
+                         gpu.asarray(gmax), 1e-12, 1e-5, *dev[4:])
+    for r, g in zip(arrays, dev):
+        np.testing.assert_allclose(gpu.to_numpy(g), r, rtol=1e-14)
+    assert arrays[3].tolist() == [False, False, True, True, False]

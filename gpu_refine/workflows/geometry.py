@@ -50,7 +50,7 @@ def regularize(batch, restraints=None, settings=None, monlib=None):
 
     result = minimize_lbfgs(fg, batch.xyz.reshape(shape[0], -1),
                             settings or LBFGSSettings(max_iterations=300, max_step=0.3),
-                            xp=bk.xp)
+                            backend=bk)
     batch.xyz[...] = result.x.reshape(shape)
     log.info("regularised %d models: %d-%d iterations, %d evaluations", shape[0],
              int(result.iterations.min()), int(result.iterations.max()), result.n_evaluations)

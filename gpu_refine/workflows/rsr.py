@@ -450,7 +450,7 @@ class RealSpaceRefinement:
         fg, p0, x_of = problem
         with target.fixed_b(batch) if target is not None else contextlib.nullcontext():
             res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=max_step),
-                                 xp=self.backend.xp)
+                                 backend=self.backend)
         batch.xyz[...] = (res.x if x_of is None else x_of(res.x)).reshape(batch.xyz.shape)
         return res
 
@@ -506,7 +506,7 @@ class RealSpaceRefinement:
             return f, g if hold is None else xp.where(hold, 0, g)
 
         res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
-                             lower=B_BOUNDS[0], upper=B_BOUNDS[1], xp=xp)
+                             lower=B_BOUNDS[0], upper=B_BOUNDS[1], backend=self.backend)
         batch.b[...] = to_atoms(res.x)
         return res
 
@@ -531,7 +531,8 @@ class RealSpaceRefinement:
             return fd, g if hold is None else xp.where(hold, 0, g)
 
         res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=0.2),
-                             lower=xp.asarray(grp.lower), upper=1.0, xp=xp)
+                             lower=xp.asarray(grp.lower), upper=1.0,
+                             backend=self.backend)
         batch.occ[...] = occ_of(res.x)
         return res
 

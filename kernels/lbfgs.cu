@@ -1,0 +1,110 @@
+// The per-model bookkeeping of the batched L-BFGS (gpu_refine/minimize.py): the two-loop
+// recursion on the dot products of the stored pairs, and the update after a step.  One thread
+// per model; the (B, P) vector work stays in batched matrix products on the Python side.
+//
+// NumPy twins: cpu_fallback/lbfgs.py  lbfgs_direction, lbfgs_update (same arguments).
+// Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
+// (nothing else is generated; these kernels work in double whatever REAL is).
+//
+// History of m pairs per model: slot i holds s_i and y_i; gram (B, 2m, 2m) double holds the
+// dot products of [s_0..s_{m-1}, y_0..y_{m-1}]; rho (B, m) = 1 / (s_i . y_i), 0 for an empty
+// slot; gamma (B,) = s.y / y.y of the newest kept pair (0: none); head = the next slot.
+//
+// lbfgs_direction: gv (B, 2m+1) = [s_i . g, y_i . g, g . g].  H0 = scale I with scale = gamma,
+// or 1 / max|g| without history.  The two-loop recursion, newest slot first:
+//   a_i = rho_i (s_i . q),  q <- q - a_i y_i;   r = scale q;   oldest first:
+//   c_i = a_i - rho_i (y_i . r),  r <- r + c_i s_i
+// run on dot products alone gives H g = scale g + sum c_i s_i - scale a_i y_i; the kernel writes
+// coef (B, 2m+1) of d = -H g in [s; y; g] and dg = d . g.  check_descent: where dg >= 0 (or not a
+// number) the model drops its history and d = -scale g.  Inactive models get d = 0.
+//
+// lbfgs_update: cols (B, 2m, 2) = [v_j . s_h, v_j . y_h] after the new pair went to slot h.
+// Writes row and column h and m+h of gram; a moved model (active, not pending) whose pair has
+// s.y > 1e-12 max(1, y.y) keeps it (rho_h, gamma), else rho_h = 0; a failed line search (active
+// and pending) drops the history.  failures, slow (relative decrease below ftol) and iterations
+// count on; active stays where failures < 2, slow < 2 and max|g| > gtol max(1, |f_new|).
+
+#define MAX_HISTORY 32
+
+extern "C" __global__ void lbfgs_direction_kernel(
+    const double* __restrict__ gram, const double* __restrict__ gv, double* __restrict__ rho,
+    const double* __restrict__ gamma, const double* __restrict__ gmax,
+    const bool* __restrict__ active, int head, int m, int check_descent, int n_models,
+    double* __restrict__ coef, double* __restrict__ dg) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= n_models) return;
+  const int n = 2 * m;
+  const double* G = gram + (long long)b * n * n;
+  const double* v = gv + (long long)b * (n + 1);
+  double* r_b = rho + (long long)b * m;
+  double* out = coef + (long long)b * (n + 1);
+  if (!active[b]) {
+    for (int j = 0; j <= n; ++j) out[j] = 0.0;
+    dg[b] = 0.0;
+    return;
+  }
+  const double scale = gamma[b] > 0.0 ? gamma[b] : 1.0 / fmax(gmax[b], 1e-300);
+  double a[MAX_HISTORY], c[MAX_HISTORY], sq[MAX_HISTORY], yr[MAX_HISTORY];
+  for (int i = 0; i < m; ++i) sq[i] = v[i];
+  for (int k = 0; k < m; ++k) {  // newest first
+    const int i = ((head - 1 - k) % m + m) % m;
+    a[i] = r_b[i] * sq[i];
+    for (int j = 0; j < m; ++j) sq[j] -= a[i] * G[j * n + m + i];  // s_j . y_i
+  }
+  for (int i = 0; i < m; ++i) {
+    double t = v[m + i];
+    for (int j = 0; j < m; ++j) t -= a[j] * G[(m + i) * n + m + j];  // y_i . y_j
+    yr[i] = scale * t;
+  }
+  for (int k = m - 1; k >= 0; --k) {  // oldest first
+    const int i = ((head - 1 - k) % m + m) % m;
+    c[i] = a[i] - r_b[i] * yr[i];
+    for (int j = 0; j < m; ++j) yr[j] += c[i] * G[i * n + m + j];  // s_i . y_j
+  }
+  double d_g = 0.0;
+  for (int i = 0; i < m; ++i) {
+    out[i] = -c[i];
+    out[m + i] = scale * a[i];
+    d_g += out[i] * v[i] + out[m + i] * v[m + i];
+  }
+  out[n] = -scale;
+  d_g += out[n] * v[n];
+  if (check_descent && !(d_g < 0.0)) {
+    for (int j = 0; j < n; ++j) out[j] = 0.0;
+    for (int i = 0; i < m; ++i) r_b[i] = 0.0;
+    d_g = -scale * v[n];
+  }
+  dg[b] = d_g;
+}
+
+extern "C" __global__ void lbfgs_update_kernel(
+    double* __restrict__ gram, double* __restrict__ rho, double* __restrict__ gamma,
+    const double* __restrict__ cols, int head, int m, bool* __restrict__ active,
+    const bool* __restrict__ pending, const double* __restrict__ f,
+    const double* __restrict__ f_new, const double* __restrict__ gmax, double gtol,
+    double ftol, long long* __restrict__ failures, long long* __restrict__ slow,
+    long long* __restrict__ iterations, int n_models) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= n_models) return;
+  const int n = 2 * m, h = head;
+  double* G = gram + (long long)b * n * n;
+  const double* col = cols + (long long)b * n * 2;
+  // Slot h's column and row, then slot m+h's: where the two products s_h . y_h differ in
+  // rounding, the second one stays, as in the NumPy twin.
+  for (int j = 0; j < n; ++j) G[j * n + h] = G[h * n + j] = col[2 * j];
+  for (int j = 0; j < n; ++j) G[j * n + m + h] = G[(m + h) * n + j] = col[2 * j + 1];
+  const double sy = col[2 * h + 1], yy = col[2 * (m + h) + 1];
+  const bool act = active[b], moved = act && !pending[b], failed = act && pending[b];
+  const bool good = moved && sy > 1e-12 * fmax(1.0, yy);
+  double* r_b = rho + (long long)b * m;
+  r_b[h] = good ? 1.0 / sy : 0.0;
+  if (good) gamma[b] = sy / fmax(yy, 1e-300);
+  if (failed)
+    for (int i = 0; i < m; ++i) r_b[i] = 0.0;
+  failures[b] = failed ? failures[b] + 1 : 0;
+  const double rel = (f[b] - f_new[b]) / fmax(fabs(f[b]), 1e-300);
+  if (moved) slow[b] = rel < ftol ? slow[b] + 1 : 0;
+  iterations[b] += moved ? 1 : 0;
+  active[b] = act && failures[b] < 2 && slow[b] < 2 &&
+              gmax[b] > gtol * fmax(1.0, fabs(f_new[b]));
+}
