@@ -25,9 +25,11 @@ import time
 import gemmi
 import numpy as np
 
+import cpu_fallback
+
 import gpu_refine as gr
 from gpu_refine.backend import available_backends, get_backend
-from gpu_refine.density import DensitySettings, ModelMapper, crystal_copies, cutoff_radius
+from gpu_refine.density import DensitySettings, ModelMapper, crystal_copies
 from gpu_refine.grid import space_group_operations
 from gpu_refine.scattering import form_factor_table
 
@@ -108,8 +110,9 @@ def grid_for(model, d, cell, spacegroup="P 1"):
 
 def pairs_per_model(model, spec, blur):
     names, stype = np.unique(model.element, return_inverse=True)
-    coefs = form_factor_table(list(names), "electron")[stype]
-    r = cutoff_radius(np, coefs, model.b[None] + blur)[0]
+    coefs = form_factor_table(list(names), "electron")
+    b = model.b[None].astype(np.float64)
+    r = cpu_fallback.cutoff_radii(b, None, None, stype, coefs, blur, 1e-5, np.empty_like(b))[0]
     return float((4 / 3 * np.pi * r**3).sum() / abs(np.linalg.det(spec.xyz_from_index)))
 
 

@@ -80,18 +80,31 @@ def counted(fn):
     return cost.snapshot(), out
 
 
+def floor_bytes(job, b):
+    """Bytes one sites evaluation must move at batch b: each model's grid (the box, in the
+    grids' precision) written by the density, read and written by the forward and the
+    inverse transform (half-size complex terms), read by the CC sums, written as the gradient
+    map and read by the adjoint; twice over the transforms (image and gradient); plus the
+    map and the masks read once per model."""
+    target = job.cc_target
+    n = int(np.prod(target.spec.shape))
+    real = np.dtype(target.settings.dtype).itemsize
+    per_model = n * real * (1 + 2 * 2 * 2 + 1 + 1 + 1) + n * 4 + n * 8
+    return b * per_model
+
+
 def minus(a, b, scale=1.0):
     return {k: (a[k] - b[k]) * scale for k in COLUMNS}
 
 
 def numpy_iterations(model, map_data, d):
     """({phase: L-BFGS iterations} of a whole default run of one start on NumPy, seconds).
-    Phases: "sites" (regularisation, coarse stages, macro-cycles), "weight" (the weight
-    search's trials) and "adp"."""
+    Phases: "regularize" (restraints alone), "sites" (coarse stages, macro-cycles), "weight"
+    (the weight search's trials), "adp" and "trials" (how many)."""
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d),
                               backend=get_backend("numpy"),
                               starts=shaken_batch(model, 1, 0.5, seed=0, backend="numpy"))
-    its = {"sites": 0, "weight": 0, "adp": 0, "trials": 0}
+    its = {"regularize": 0, "sites": 0, "weight": 0, "adp": 0, "trials": 0}
     phase = ["sites"]
     search = job.search_weight
 
@@ -107,10 +120,11 @@ def numpy_iterations(model, map_data, d):
     for name in ("regularize", "refine_sites", "refine_adp"):
         method = getattr(job, name)
 
-        def wrapped(*args, _m=method, _adp=name == "refine_adp", **kwargs):
+        def wrapped(*args, _m=method, _name=name, **kwargs):
             res = _m(*args, **kwargs)
             if res is not None:
-                its["adp" if _adp else phase[0]] += int(np.max(res.iterations))
+                key = {"regularize": "regularize", "refine_adp": "adp"}.get(_name, phase[0])
+                its[key] += int(np.max(res.iterations))
             return res
         setattr(job, name, wrapped)
     t0 = time.perf_counter()
@@ -126,6 +140,8 @@ def per_iteration(job, batch, phase, weight):
         copy = batch.subset(list(range(batch.size)))
         if phase == "sites":
             return job.refine_sites(copy, weight, n)
+        if phase == "regularize":
+            return job.regularize(copy, n)
         return job.refine_adp(copy, n)
     run(2)                                  # caches and pair lists of this batch size
     c4, r4 = counted(lambda: run(4))
@@ -157,12 +173,16 @@ def main():
     its, took = numpy_iterations(model, map_data, d)
     print(f"# {'example helix' if args.quick else 'EMD-2566 / 3J6B chain 9'} ({model.n_atoms} "
           f"atoms, {d} Å); {platform.machine()}; counted on the CuPy stand-in")
-    n_trials = RSRSettings().weight_trials
+    settings = RSRSettings()
+    n_trials = settings.weight_trials
     per_trial = its["weight"] / max(its["trials"], 1)
-    print(f"# NumPy run of 1 start ({took:.1f} s): {its['sites']} sites, {its['adp']} ADP "
-          f"iterations; weight search {its['trials']} trials, {per_trial:.0f} iterations each")
-    print(f"# run = sites x {its['sites']} + ADP x {its['adp']} + weight search x "
-          f"{2 * per_trial:.0f} (its {n_trials} trials side by side, as on a GPU)")
+    print(f"# NumPy run of 1 start ({took:.1f} s): {its['regularize']} regularisation, "
+          f"{its['sites']} sites, {its['adp']} ADP iterations; weight search {its['trials']} "
+          f"trials, {per_trial:.0f} iterations each")
+    print(f"# run of B starts = regularisation x {its['regularize']} + sites x {its['sites']} "
+          f"(+ {settings.sites_iterations} where B > 1: macro-cycle 1 of the starts the search "
+          f"did not refine) + ADP x {its['adp']} + weight search x {2 * per_trial:.0f} (its "
+          f"{n_trials} trials side by side, as on a GPU)")
     print(f"# H100 model: bytes / {HBM / 1e12:.1f} TB/s + launches x {LAUNCH * 1e6:.0f} us + "
           f"syncs x {SYNC * 1e6:.0f} us + pairs / {PAIR_RATE:.0e}/s")
     bk = standin_backend()
@@ -174,26 +194,35 @@ def main():
         batch = job.copy_batch()
         weight = np.full(b, 100.0)
         fg = job._sites_objective(batch, weight)
-        fg(batch.xyz.reshape(b, -1))              # caches filled, as in a run
-        ev = counted(lambda: fg(batch.xyz.reshape(b, -1)))[0]
+        # As a sites minimisation holds them: B fixed, the pair list checked by the minimiser.
+        with job.sites_target.fixed_b(batch), job.restraints.deferred_pair_checks():
+            fg(batch.xyz.reshape(b, -1))          # caches filled, as in a run
+            ev = counted(lambda: fg(batch.xyz.reshape(b, -1)))[0]
+        floor = floor_bytes(job, b)
+        regularize = per_iteration(job, batch, "regularize", weight)
         sites = per_iteration(job, batch, "sites", weight)
         adp = per_iteration(job, batch, "adp", weight)
         # On a GPU the weight search refines its trials side by side from model 1: one batch
         # of weight_trials, twice as long as a trial (the round and the halfway trial).
         trials = trial_costs.setdefault("trials", per_iteration(
             job, job.copy_batch().subset([0] * n_trials), "sites", np.full(n_trials, 100.0)))
-        run = {k: sites[k] * its["sites"] + adp[k] * its["adp"]
-               + trials[k] * 2 * per_trial for k in COLUMNS}
+        n_sites = its["sites"] + (settings.sites_iterations if b > 1 else 0)
+        run = {k: regularize[k] * its["regularize"] + sites[k] * n_sites
+               + adp[k] * its["adp"] + trials[k] * 2 * per_trial for k in COLUMNS}
         estimate[b] = seconds(run)
         print(f"\n## batch {b}\n")
         print("| per | syncs | uploads | launches | GB | G pairs | H100 ms |")
         print("|---|---|---|---|---|---|---|")
         print(row("sites evaluation", ev))
+        print(row("regularisation iteration", regularize))
         print(row("sites iteration", sites))
         print(row("ADP iteration", adp))
         print(row(f"weight-search iteration ({n_trials} trials)", trials))
         print(row("run", run))
         print(row("run, per model", {k: v / b for k, v in run.items()}))
+        print(f"\nsites evaluation: {ev['bytes'] / floor:.1f}x the floor of {floor / 1e9:.3f} GB "
+              f"(the grids an evaluation must read and write once); per sites iteration "
+              f"{sites['syncs']:.0f} syncs, {sites['launches']:.0f} launches")
     for b in batches:
         print(f"H100 estimate, {b} models: {estimate[b]:.2f} s")
 

@@ -4,13 +4,13 @@ Each function here is the reference that the matching ``.cu`` kernel is tested a
 """
 from .banded import banded_solve
 from .cc_target import cc_gradient_map, cc_statistics
-from .density import density_adjoint, spread_density
+from .density import cutoff_radii, density_adjoint, spread_density
 from .interpolate import interpolate_at_atoms
 from .lbfgs import lbfgs_direction, lbfgs_update
 from .restraints import (adp_similarity_terms, angle_terms, bond_terms, chiral_terms,
                          nonbonded_terms, plane_terms, torsion_terms)
 
-__all__ = ["spread_density", "density_adjoint", "interpolate_at_atoms", "bond_terms",
+__all__ = ["spread_density", "density_adjoint", "cutoff_radii", "interpolate_at_atoms", "bond_terms",
            "angle_terms", "torsion_terms", "chiral_terms", "plane_terms", "nonbonded_terms",
            "adp_similarity_terms", "banded_solve", "cc_statistics", "cc_gradient_map",
            "lbfgs_direction", "lbfgs_update"]

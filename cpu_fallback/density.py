@@ -1,6 +1,6 @@
 """Batched atomic density on a grid and its adjoint (twin of ``kernels/density.cu``).
 
-Arguments shared by both functions (B models, N atoms, T scattering types, G = 5 Gaussians):
+Arguments shared by the functions (B models, N atoms, T scattering types, G = 5 Gaussians):
 
 xyz (B,N,3), b (B,N), u (B,N,6) or None, is_aniso (N,) bool or None, occ (B,N),
 stype (N,) int, coefs (T,2,G) float64 [a; b], radius (B,N) in Å,
@@ -88,6 +88,63 @@ def _atom_shapes(b, u, is_aniso, stype, coefs, blur):
         shapes["amp"] = np.where(flag[..., None], amp_aniso, shapes["amp"])
         shapes["aniso"] = flag
     return shapes
+
+
+def total_b(b, u, is_aniso, blur):
+    """Each atom's B for its radius (B,N) float64: B + blur, or for an anisotropic atom 8pi²
+    times its largest diagonal U + blur."""
+    bt = b.astype(np.float64) + blur
+    if u is not None and is_aniso is not None and np.any(is_aniso):
+        bmax = 8 * np.pi**2 * u[..., :3].astype(np.float64).max(axis=-1) + blur
+        bt = np.where(np.asarray(is_aniso, dtype=bool)[None], bmax, bt)
+    return bt
+
+
+def it92_radius_approx(b):
+    """gemmi's first guess of the density radius for total B (Å²)."""
+    return (8.5 + 0.075 * b) / (2.4 + 0.0045 * b)
+
+
+def cutoff_radii(b, u, is_aniso, stype, coefs, blur, cutoff, out, max_steps=64):
+    """Radius (Å) of every atom (B,N), written into ``out``: where its density
+    sum_g a_g (4pi/Bt_g)^1.5 exp(-4pi² r²/Bt_g), Bt_g = b_g + total_b, falls to ``cutoff``.
+    Same search as gemmi's determine_cutoff_radius: 0.5 Å steps from it92_radius_approx
+    (inwards while below the cutoff, else outwards while above, at most max_steps), then
+    linear interpolation between the last two points."""
+    bt = total_b(b, u, is_aniso, blur)
+    atom_coefs = coefs[stype]                                        # (N,2,G)
+    btot = atom_coefs[None, :, 1, :] + bt[..., None]                 # (B,N,G)
+    amp = atom_coefs[None, :, 0, :] * (4 * np.pi / btot) ** 1.5
+    k = _FOUR_PI2 / btot
+
+    def f(x):
+        return np.abs((amp * np.exp(-k * (x * x)[..., None])).sum(axis=-1))
+
+    x1 = it92_radius_approx(bt)
+    y1 = f(x1)
+    x2, y2 = x1.copy(), y1.copy()
+    down = y1 < cutoff
+    active = down.copy()           # walk inwards: x1 ends above the cutoff, x2 below
+    for _ in range(max_steps):
+        if not active.any():
+            break
+        x2 = np.where(active, x1, x2)
+        y2 = np.where(active, y1, y2)
+        x1 = np.where(active, np.maximum(x1 - 0.5, 0.0), x1)
+        y1 = np.where(active, f(x1), y1)
+        active &= (y1 < cutoff) & (x1 > 0)
+    active = ~down                 # or outwards
+    for _ in range(max_steps):
+        if not active.any():
+            break
+        x1 = np.where(active, x2, x1)
+        y1 = np.where(active, y2, y1)
+        x2 = np.where(active, x2 + 0.5, x2)
+        y2 = np.where(active, f(x2), y2)
+        active &= y2 > cutoff
+    denom = np.where(y1 == y2, 1.0, y1 - y2)
+    out[...] = x1 + (x1 - x2) / denom * (cutoff - y1)
+    return out
 
 
 def periodic_axes(periodic):

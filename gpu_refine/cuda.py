@@ -90,6 +90,22 @@ def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, p
     return out
 
 
+def cutoff_radii(b, u, is_aniso, stype, coefs, blur, cutoff, out, max_steps=64):
+    """GPU twin of cpu_fallback.cutoff_radii."""
+    dtype = _real(out.dtype)
+    if not out.flags.c_contiguous or out.shape != b.shape:
+        raise ValueError("out must be C-contiguous and shaped as b")
+    has_aniso = u is not None and is_aniso is not None
+    u_arr = _c(u, dtype) if has_aniso else _on_device(np.zeros(1), dtype)
+    flag = _c(is_aniso, cp.uint8) if has_aniso else _on_device(np.zeros(1), np.uint8)
+    nm, na = b.shape
+    _launch(get_kernel("density", "cutoff_radius_kernel", dtype), nm * na,
+            (_c(b, dtype), u_arr, flag, _c(stype, cp.int32), _c(coefs, cp.float64),
+             np.float64(blur), np.int32(has_aniso), np.float64(cutoff), np.int32(max_steps),
+             np.int64(nm), np.int64(na), out))
+    return out
+
+
 def density_adjoint(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, dmap,
                     out=None, radius_max=None):
     """GPU twin of cpu_fallback.density_adjoint."""

@@ -23,52 +23,6 @@ log = logging.getLogger(__name__)
 U_TO_B = 8 * np.pi**2
 
 
-def it92_radius_approx(b):
-    """gemmi's first guess of the density radius for total B (Å²)."""
-    return (8.5 + 0.075 * b) / (2.4 + 0.0045 * b)
-
-
-def cutoff_radius(xp, coefs, bt, cutoff=1e-5, max_steps=64):
-    """Radius (Å) where sum_g a_g (4pi/(b_g+bt))^1.5 exp(-4pi² r²/(b_g+bt)) falls to ``cutoff``.
-
-    coefs (N,2,G) per atom, bt (B,N) total B (B + blur).  Same search as gemmi's
-    determine_cutoff_radius: 0.5 Å steps from it92_radius_approx, then linear interpolation.
-    """
-    btot = coefs[None, :, 1, :] + bt[..., None]                       # (B,N,G)
-    amp = coefs[None, :, 0, :] * (4 * np.pi / btot) ** 1.5
-    k = 4 * np.pi**2 / btot
-
-    def f(x):
-        return xp.abs((amp * xp.exp(-k * (x * x)[..., None])).sum(axis=-1))
-
-    x1 = it92_radius_approx(bt)
-    y1 = f(x1)
-    x2, y2 = x1.copy(), y1.copy()
-    down = y1 < cutoff
-    # Walk inwards while still below the cutoff (x1 ends above it, x2 below) ...
-    active = down.copy()
-    for _ in range(max_steps):
-        if not bool(active.any()):
-            break
-        x2 = xp.where(active, x1, x2)
-        y2 = xp.where(active, y1, y2)
-        x1 = xp.where(active, xp.maximum(x1 - 0.5, 0.0), x1)
-        y1 = xp.where(active, f(x1), y1)
-        active = active & (y1 < cutoff) & (x1 > 0)
-    # ... or outwards while above it.
-    active = ~down
-    for _ in range(max_steps):
-        if not bool(active.any()):
-            break
-        x1 = xp.where(active, x2, x1)
-        y1 = xp.where(active, y2, y1)
-        x2 = xp.where(active, x2 + 0.5, x2)
-        y2 = xp.where(active, f(x2), y2)
-        active = active & (y2 > cutoff)
-    denom = xp.where(y1 == y2, 1.0, y1 - y2)
-    return x1 + (x1 - x2) / denom * (cutoff - y1)
-
-
 def lowest_b(xp, batch):
     """The smallest B of ``batch``'s atoms, an anisotropic atom's taken along its narrowest
     axis (8pi² times a lower bound on U's smallest eigenvalue, by Gershgorin's discs): the
@@ -184,14 +138,13 @@ class ModelMapper:
         self.copies = list(copies)
         self._filter = None
         self._types = None   # (model, stype, coefs) of the last model seen
-        self._radius = None  # (model, (cutoff, table), total B, radii, their max) of the last call
         self._held = None    # (b, u, blur, radii, their max) while fixed_b holds them
+        self._held_blur = None   # (model, blur, radii's max then) while fixed_blur holds it
 
     # -- per-batch inputs -------------------------------------------------------------------
     def _type_arrays(self, model):
         """Scattering-type index per atom and the (T,2,5) table, on the host and on the
-        device, and each atom's coefficients on the device: computed and moved once per
-        model (not an upload per evaluation)."""
+        device: computed and moved once per model (not an upload per evaluation)."""
         if self._types is None or self._types[0] is not model:
             names, stype = np.unique(model.element, return_inverse=True)
             try:
@@ -200,8 +153,7 @@ class ModelMapper:
                 raise InputError(f"no form factors for the elements of this model: {exc}") from None
             stype = stype.astype(np.int32)
             bk = self.backend
-            self._types = (model, stype, coefs, bk.asarray(stype), bk.asarray(coefs),
-                           bk.asarray(coefs[stype]))
+            self._types = (model, stype, coefs, bk.asarray(stype), bk.asarray(coefs))
         return self._types[1:]
 
     @contextlib.contextmanager
@@ -210,39 +162,71 @@ class ModelMapper:
         atoms' radii are found once, not in each evaluation (each a device→host sync on a
         GPU), for any batch that shares those arrays (a sites refinement's views)."""
         blur = self.blur_for(batch)
-        radius, rmax = self._inputs(batch, blur, with_max=True)[-2:]
+        radius, rmax = self._radii(batch, blur, measure=True)
         self._held = (batch.b, batch.u, blur, radius, rmax)
         try:
             yield
         finally:
             self._held = None
 
+    @contextlib.contextmanager
+    def fixed_blur(self, batch):
+        """Within, B changes (a B refinement of ``batch``'s model) but the blur stays the one
+        of the B now, and the launches are sized by the radii now: each evaluation's radii
+        are found on the device, with no device→host sync.  (A B that falls below today's
+        lowest is sampled a little less finely; the kernels cover radii that grow.)"""
+        blur = self.blur_for(batch)
+        self._held_blur = (batch.model, blur, self._radii(batch, blur, measure=True)[1])
+        try:
+            yield
+        finally:
+            self._held_blur = None
+
     def _holds(self, batch):
         h = self._held
         return h is not None and batch.b is h[0] and batch.u is h[1]
 
+    def _holds_blur(self, batch):
+        return self._held_blur is not None and self._held_blur[0] is batch.model
+
     def blur_for(self, batch):
         if self._holds(batch):
             return self._held[2]
+        if self._holds_blur(batch):
+            return self._held_blur[1]
         if self.settings.blur is not None:
             return float(self.settings.blur)
         spacing = float(min(self.spec.voxel_size))
         return refmac_blur(spacing, lowest_b(self.backend.xp, batch))
 
+    def _radii(self, batch, blur, measure):
+        """(each atom's radius (B,N) on the device, their maximum on the host, or None
+        without ``measure``: a device→host sync)."""
+        xp = self.backend.xp
+        _, _, stype, coefs = self._type_arrays(batch.model)
+        aniso = batch.model.is_aniso if batch.u is not None else None
+        radius = self.backend.ops.cutoff_radii(batch.b, batch.u, aniso, stype, coefs, blur,
+                                               self.settings.cutoff,
+                                               xp.empty(batch.b.shape, batch.dtype))
+        if not measure:
+            return radius, None
+        rmax = float(radius.max()) if radius.size else 0.0
+        if not np.isfinite(rmax):
+            raise InputError("B + blur must be positive for every atom")
+        return radius, rmax
+
     def _inputs(self, batch, blur, with_max=False):
         """Kernel inputs, the copies' atoms after the model's: (xyz, b, u, is_aniso, occ,
         stype, coefs, radius), and with ``with_max`` the radii's maximum (host float)."""
         xp = self.backend.xp
-        stype, coefs, stype_dev, coefs_dev, atom_coefs = self._type_arrays(batch.model)
+        stype, coefs, stype_dev, coefs_dev = self._type_arrays(batch.model)
         aniso = batch.model.is_aniso if batch.u is not None else None
         if self._holds(batch) and blur == self._held[2]:
             radius, rmax = self._held[3:]
+        elif self._holds_blur(batch) and blur == self._held_blur[1]:
+            radius, rmax = self._radii(batch, blur, measure=False)[0], self._held_blur[2]
         else:
-            bt = batch.b + blur
-            if aniso is not None and aniso.any():
-                bmax = U_TO_B * xp.max(batch.u[..., :3], axis=-1) + blur
-                bt = xp.where(xp.asarray(aniso)[None], bmax, bt)
-            radius, rmax = self._cutoff_radius(batch.model, atom_coefs, bt)
+            radius, rmax = self._radii(batch, blur, measure=True)
         xyz, u, b, occ = batch.xyz, batch.u, batch.b, batch.occ
         tail = (rmax,) if with_max else ()
         if not self.copies:
@@ -265,27 +249,6 @@ class ModelMapper:
         return (join(xyz_parts), join(b_parts), None if u is None else join(u_parts),
                 None if aniso is None else np.concatenate(aniso_parts), join(occ_parts),
                 np.concatenate(stype_parts), coefs, join(r_parts)) + tail
-
-    def _cutoff_radius(self, model, atom_coefs, bt):
-        """(cutoff_radius, its maximum), kept for the last model and total B: a map and its
-        adjoint, and every evaluation of a sites refinement, see the same B."""
-        xp = self.backend.xp
-        key = (self.settings.cutoff, self.settings.table)
-        last = self._radius
-        same = (last is not None and last[0] is model and last[1] == key
-                and last[2].shape == bt.shape and last[2].dtype == bt.dtype)
-        # One device→host transfer for both questions (a sync each on a GPU).
-        bad, unchanged = (bool(v) for v in self.backend.to_numpy(xp.stack([
-            xp.any(bt <= 0), xp.array_equal(last[2], bt) if same else xp.asarray(False)])))
-        if bad:
-            raise InputError("B + blur must be positive for every atom")
-        if unchanged:
-            return last[3], last[4]
-        radius = cutoff_radius(xp, atom_coefs, bt.astype(xp.float64),
-                               self.settings.cutoff).astype(bt.dtype)
-        rmax = float(radius.max()) if radius.size else 0.0
-        self._radius = (model, key, bt.copy(), radius, rmax)
-        return radius, rmax
 
     # -- maps -------------------------------------------------------------------------------
     def exact(self, batch, blur=None):

@@ -110,14 +110,18 @@ class _State:
     iterations: object
 
 
-def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None):
+def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
+                   recheck=None):
     """Minimise f(x) for each row of x0 (B,P); ``fg(x) -> (f (B,), g (B,P))``.
 
     With bounds, parameters on a bound whose gradient points outwards are held there (their
     gradient is taken as zero), the others move freely and are projected back after a step.
     The decisions stay on the device: two device→host transfers per iteration (whether a
     trial step left any model pending, whether any model is still active), one more per
-    backtrack.
+    backtrack.  ``recheck`` (optional): ``stale()`` is a device bool (or None) after each
+    evaluation, true where fg's own caches were out of date for it (a restraint pair list);
+    it travels with the minimiser's transfer, and such an evaluation is made again after
+    ``refresh()``.
     """
     s = settings or LBFGSSettings()
     bk = get_backend(backend)
@@ -133,8 +137,26 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None):
             return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
     n_models, n_par = x.shape
     history = _History(bk, n_models, n_par, max(1, s.history))
-    f, g = fg(x)
-    n_eval = 1
+    n_eval = 0
+
+    def evaluate(p, pending_of=None):
+        """(f, g, what pending_of(f, g) gives, any of its pending): fg at p, repeated while
+        ``recheck`` finds it stale, with one device→host transfer for both answers."""
+        nonlocal n_eval
+        while True:
+            f_p, g_p = fg(p)
+            n_eval += 1
+            out = pending_of(f_p, g_p) if pending_of else None
+            flags = [out[-1].any()] if pending_of else []
+            stale = recheck.stale() if recheck is not None else None
+            if stale is not None:
+                flags.append(stale)
+            host = to_host(xp.stack(flags)) if flags else ()
+            if stale is None or not host[-1]:
+                return f_p, g_p, out, bool(host[0]) if pending_of else None
+            recheck.refresh()
+
+    f, g, _, _ = evaluate(x)
     gmax = xp.abs(g).max(axis=1).astype(xp.float64)
     zeros = xp.zeros(n_models, dtype=xp.int64)
     state = _State(f=f, active=gmax > s.gtol * xp.maximum(1.0, xp.abs(f)),
@@ -167,17 +189,19 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None):
             if bounded:
                 trial = xp.clip(trial, lower, upper)
             trial = xp.where(state.pending[:, None], trial, x_new)
-            f_t, g_t = fg(trial)
-            n_eval += 1
             # Without bounds the trial is x + step d, and its first-order decrease step d.g.
             decrease = _rowdot(xp, trial - x, g) if bounded else step * dg
-            ok = state.pending & xp.isfinite(f_t) & (f_t <= f + s.armijo * xp.minimum(
-                decrease, 0.0)) & (f_t <= f)
+
+            def accepted(f_t, g_t):
+                ok = state.pending & xp.isfinite(f_t) & (f_t <= f + s.armijo * xp.minimum(
+                    decrease, 0.0)) & (f_t <= f)
+                return ok, state.pending & ~ok
+            f_t, g_t, (ok, pending), any_pending = evaluate(trial, accepted)
             x_new = xp.where(ok[:, None], trial, x_new)
             f_new = xp.where(ok, f_t, f_new)
             g_new = xp.where(ok[:, None], g_t, g_new)
-            state.pending &= ~ok
-            if not bool(state.pending.any()):
+            state.pending = pending
+            if not any_pending:
                 break
             step = xp.where(state.pending, step * 0.5, step)
         gmax = xp.abs(g_new).max(axis=1).astype(xp.float64)

@@ -1,6 +1,6 @@
 // Batched atomic density on a grid and its adjoint.
 //
-// NumPy twins: cpu_fallback/density.py  spread_density, density_adjoint.
+// NumPy twins: cpu_fallback/density.py  spread_density, density_adjoint, cutoff_radii.
 // Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
 // (nothing else is generated) and gives the options.
 //
@@ -149,11 +149,13 @@ __device__ inline double quad(const double* s, double x, double y, double z) {
          2.0 * (s[3] * x * y + s[4] * x * z + s[5] * y * z);
 }
 
-// One work item (model, atom, slab): its frame, shape and first-axis plane, or false if the
-// slab lies outside the atom's box or (for a box grid) outside the stored grid.
+// One work item (model, atom, first slab): its frame and shape, or false if the atom's box has
+// no plane that far along the first grid axis.  The item then takes the planes lo + slab,
+// lo + slab + n_slabs, ...: any n_slabs >= 1 covers every atom (a launch sized from radii
+// that have since grown is slower, not wrong).
 struct WorkItem {
   long long ma, model;
-  int i, iw;
+  int slab;
   double r, o;
   AtomFrame f;
   AtomShape sh;
@@ -166,14 +168,13 @@ __device__ inline bool work_item(long long tid, const real_t* xyz, const real_t*
                                  const real_t* radius, const double* geom, double blur,
                                  int periodic, int has_aniso, long long n_atoms, int n_slabs,
                                  int n0, WorkItem& w) {
-  int slab = (int)(tid % n_slabs);
+  w.slab = (int)(tid % n_slabs);
   w.ma = tid / n_slabs;  // model * n_atoms + atom
   long long atom = w.ma % n_atoms;
   w.model = w.ma / n_atoms;
   w.r = (double)radius[w.ma];
   atom_frame(geom, xyz + 3 * w.ma, w.r, w.f);
-  w.i = w.f.lo[0] + slab;
-  if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic & 1, w.iw)) return false;
+  if (w.f.lo[0] + w.slab > w.f.hi[0]) return false;
   bool aniso = ALLOW_ANISO && has_aniso && is_aniso[atom];
   atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[w.ma],
              has_aniso ? uaniso + 6 * w.ma : nullptr, aniso, blur, w.sh);
@@ -202,32 +203,36 @@ __device__ inline void spread_density(
   const double o = w.o;
   double r2max = w.r * w.r;
   const double* M = geom + 9;
-  double fi = w.i - f.g[0];
-  real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   const Metric gm = grid_metric(M);
-  int jlo = f.lo[1], jhi = f.hi[1];
-  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
-  for (int j = jlo; j <= jhi; ++j) {
-    int jw;
-    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
-    double fj = j - f.g[1];
-    int klo = f.lo[2], khi = f.hi[2];
-    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
-    for (int k = klo; k <= khi; ++k) {
-      int kw;
-      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
-      double fk = k - f.g[2];
-      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
-      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
-      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
-      double d2 = dx * dx + dy * dy + dz * dz;
-      if (d2 >= r2max) continue;
-      double rho = 0.0;
-      for (int g = 0; g < NGAUSS; ++g) {
-        double e = aniso ? 4.0 * PI_D * PI_D * quad(sh.s[g], dx, dy, dz) : sh.k[g] * d2;
-        rho += sh.amp[g] * exp(-e);
+  for (int i = f.lo[0] + w.slab; i <= f.hi[0]; i += n_slabs) {
+    int iw;
+    if (!wrap_index(i, n0, periodic & 1, iw)) continue;
+    double fi = i - f.g[0];
+    real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+    int jlo = f.lo[1], jhi = f.hi[1];
+    if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) continue;
+    for (int j = jlo; j <= jhi; ++j) {
+      int jw;
+      if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
+      double fj = j - f.g[1];
+      int klo = f.lo[2], khi = f.hi[2];
+      if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+      for (int k = klo; k <= khi; ++k) {
+        int kw;
+        if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
+        double fk = k - f.g[2];
+        double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+        double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+        double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+        double d2 = dx * dx + dy * dy + dz * dz;
+        if (d2 >= r2max) continue;
+        double rho = 0.0;
+        for (int g = 0; g < NGAUSS; ++g) {
+          double e = aniso ? 4.0 * PI_D * PI_D * quad(sh.s[g], dx, dy, dz) : sh.k[g] * d2;
+          rho += sh.amp[g] * exp(-e);
+        }
+        atomicAdd(grid + (long long)jw * n2 + kw, (real_t)(o * rho));
       }
-      atomicAdd(grid + (long long)jw * n2 + kw, (real_t)(o * rho));
     }
   }
 }
@@ -258,57 +263,61 @@ __device__ inline void density_adjoint(
   double r2max = w.r * w.r;
   const double* M = geom + 9;
   const double four_pi2 = 4.0 * PI_D * PI_D;
-  double fi = w.i - f.g[0];
-  const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   double sx = 0, sy = 0, sz = 0, sb = 0, socc = 0;
   double su[6] = {0, 0, 0, 0, 0, 0};
   const Metric gm = grid_metric(M);
-  int jlo = f.lo[1], jhi = f.hi[1];
-  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
-  for (int j = jlo; j <= jhi; ++j) {
-    int jw;
-    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
-    double fj = j - f.g[1];
-    int klo = f.lo[2], khi = f.hi[2];
-    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
-    for (int k = klo; k <= khi; ++k) {
-      int kw;
-      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
-      double fk = k - f.g[2];
-      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
-      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
-      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
-      double d2 = dx * dx + dy * dy + dz * dz;
-      if (d2 >= r2max) continue;
-      double w = (double)grid[(long long)jw * n2 + kw];
-      if (w == 0.0) continue;
-      for (int g = 0; g < NGAUSS; ++g) {
-        if (!aniso) {
-          double rho = sh.amp[g] * exp(-sh.k[g] * d2);
-          double wr = w * rho;
-          socc += wr;
-          // d rho / d x = rho * 2k d ; d rho / d B = rho (k d2 / Bt - 1.5 / Bt)
-          double c = 2.0 * sh.k[g] * wr;
-          sx += c * dx; sy += c * dy; sz += c * dz;
-          sb += wr * (sh.k[g] * d2 - 1.5) / sh.bt[g];
-        } else {
-          const double* s = sh.s[g];
-          double rho = sh.amp[g] * exp(-four_pi2 * quad(s, dx, dy, dz));
-          double wr = w * rho;
-          socc += wr;
-          double vx = s[0] * dx + s[3] * dy + s[4] * dz;  // S d
-          double vy = s[3] * dx + s[1] * dy + s[5] * dz;
-          double vz = s[4] * dx + s[5] * dy + s[2] * dz;
-          double c = 2.0 * four_pi2 * wr;
-          sx += c * vx; sy += c * vy; sz += c * vz;
-          // d rho / d Bm = rho (-S/2 + 4 pi^2 S d d^T S); dU = 8 pi^2 dBm, off-diagonals twice
-          double e = 8.0 * PI_D * PI_D * wr;
-          su[0] += e * (-0.5 * s[0] + four_pi2 * vx * vx);
-          su[1] += e * (-0.5 * s[1] + four_pi2 * vy * vy);
-          su[2] += e * (-0.5 * s[2] + four_pi2 * vz * vz);
-          su[3] += 2.0 * e * (-0.5 * s[3] + four_pi2 * vx * vy);
-          su[4] += 2.0 * e * (-0.5 * s[4] + four_pi2 * vx * vz);
-          su[5] += 2.0 * e * (-0.5 * s[5] + four_pi2 * vy * vz);
+  for (int i = f.lo[0] + w.slab; i <= f.hi[0]; i += n_slabs) {
+    int iw;
+    if (!wrap_index(i, n0, periodic & 1, iw)) continue;
+    double fi = i - f.g[0];
+    const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
+    int jlo = f.lo[1], jhi = f.hi[1];
+    if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) continue;
+    for (int j = jlo; j <= jhi; ++j) {
+      int jw;
+      if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
+      double fj = j - f.g[1];
+      int klo = f.lo[2], khi = f.hi[2];
+      if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+      for (int k = klo; k <= khi; ++k) {
+        int kw;
+        if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
+        double fk = k - f.g[2];
+        double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+        double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+        double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+        double d2 = dx * dx + dy * dy + dz * dz;
+        if (d2 >= r2max) continue;
+        double w = (double)grid[(long long)jw * n2 + kw];
+        if (w == 0.0) continue;
+        for (int g = 0; g < NGAUSS; ++g) {
+          if (!aniso) {
+            double rho = sh.amp[g] * exp(-sh.k[g] * d2);
+            double wr = w * rho;
+            socc += wr;
+            // d rho / d x = rho * 2k d ; d rho / d B = rho (k d2 / Bt - 1.5 / Bt)
+            double c = 2.0 * sh.k[g] * wr;
+            sx += c * dx; sy += c * dy; sz += c * dz;
+            sb += wr * (sh.k[g] * d2 - 1.5) / sh.bt[g];
+          } else {
+            const double* s = sh.s[g];
+            double rho = sh.amp[g] * exp(-four_pi2 * quad(s, dx, dy, dz));
+            double wr = w * rho;
+            socc += wr;
+            double vx = s[0] * dx + s[3] * dy + s[4] * dz;  // S d
+            double vy = s[3] * dx + s[1] * dy + s[5] * dz;
+            double vz = s[4] * dx + s[5] * dy + s[2] * dz;
+            double c = 2.0 * four_pi2 * wr;
+            sx += c * vx; sy += c * vy; sz += c * vz;
+            // d rho / d Bm = rho (-S/2 + 4 pi^2 S d d^T S); dU = 8 pi^2 dBm, off-diagonals twice
+            double e = 8.0 * PI_D * PI_D * wr;
+            su[0] += e * (-0.5 * s[0] + four_pi2 * vx * vx);
+            su[1] += e * (-0.5 * s[1] + four_pi2 * vy * vy);
+            su[2] += e * (-0.5 * s[2] + four_pi2 * vz * vz);
+            su[3] += 2.0 * e * (-0.5 * s[3] + four_pi2 * vx * vy);
+            su[4] += 2.0 * e * (-0.5 * s[4] + four_pi2 * vx * vz);
+            su[5] += 2.0 * e * (-0.5 * s[5] + four_pi2 * vy * vz);
+          }
         }
       }
     }
@@ -374,4 +383,56 @@ extern "C" __global__ void density_adjoint_iso_kernel(
     const real_t* __restrict__ dmap, real_t* __restrict__ g_xyz, real_t* __restrict__ g_b,
     real_t* __restrict__ g_u, real_t* __restrict__ g_occ) {
   density_adjoint<false>(SPREAD_ARGS, dmap, g_xyz, g_b, g_u, g_occ);
+}
+
+// Radius of every (model, atom): where its isotropic density at total B falls to `cutoff`, by
+// gemmi's search (cpu_fallback/density.py cutoff_radii): 0.5 A steps from a first guess,
+// inwards while below the cutoff, else outwards while above, then linear interpolation.
+// Total B: B + blur, or 8 pi^2 max(U11, U22, U33) + blur for an anisotropic atom.
+__device__ inline double radial_density(const double* coef, double bt, double x) {
+  double rho = 0.0;
+  for (int g = 0; g < NGAUSS; ++g) {
+    double btot = coef[NGAUSS + g] + bt;
+    double t = 4.0 * PI_D / btot;
+    rho += coef[g] * t * sqrt(t) * exp(-PI_D * 4.0 * PI_D / btot * x * x);
+  }
+  return fabs(rho);
+}
+
+extern "C" __global__ void cutoff_radius_kernel(
+    const real_t* __restrict__ bfac, const real_t* __restrict__ uaniso,
+    const unsigned char* __restrict__ is_aniso, const int* __restrict__ stype,
+    const double* __restrict__ coefs, double blur, int has_aniso, double cutoff,
+    int max_steps, long long n_models, long long n_atoms, real_t* __restrict__ out) {
+  long long ma = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (ma >= n_models * n_atoms) return;
+  long long atom = ma % n_atoms;
+  double bt = (double)bfac[ma] + blur;
+  if (has_aniso && is_aniso[atom]) {
+    const real_t* u = uaniso + 6 * ma;
+    bt = 8.0 * PI_D * PI_D * fmax(fmax((double)u[0], (double)u[1]), (double)u[2]) + blur;
+  }
+  const double* coef = coefs + 2 * NGAUSS * stype[atom];
+  double x1 = (8.5 + 0.075 * bt) / (2.4 + 0.0045 * bt);
+  double y1 = radial_density(coef, bt, x1);
+  double x2 = x1, y2 = y1;
+  if (y1 < cutoff) {
+    for (int step = 0; step < max_steps; ++step) {
+      x2 = x1;
+      y2 = y1;
+      x1 = fmax(x1 - 0.5, 0.0);
+      y1 = radial_density(coef, bt, x1);
+      if (!(y1 < cutoff && x1 > 0)) break;
+    }
+  } else {
+    for (int step = 0; step < max_steps; ++step) {
+      x1 = x2;
+      y1 = y2;
+      x2 += 0.5;
+      y2 = radial_density(coef, bt, x2);
+      if (!(y2 > cutoff)) break;
+    }
+  }
+  double denom = y1 == y2 ? 1.0 : y1 - y2;
+  out[ma] = (real_t)(x1 + (x1 - x2) / denom * (cutoff - y1));
 }

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import cpu_fallback
-from gpu_refine.density import cutoff_radius
 from helpers import (hexagonal_box_spec, monoclinic_spec, ortho_box_spec, random_atoms,
                      triclinic_slab_spec, triclinic_spec)
 
@@ -16,10 +15,7 @@ SPECS = {"triclinic-periodic": triclinic_spec(True), "triclinic-box": triclinic_
 
 
 def _radius(b, u, flag, stype, coefs):
-    bt = b + BLUR
-    if u is not None:
-        bt = np.where(flag[None], 8 * np.pi**2 * u[..., :3].max(axis=-1) + BLUR, bt)
-    return cutoff_radius(np, coefs[stype], bt.astype(np.float64)).astype(b.dtype)
+    return cpu_fallback.cutoff_radii(b, u, flag, stype, coefs, BLUR, 1e-5, np.empty_like(b))
 
 
 def _inputs(rng, spec, n_models=3, n_atoms=40, aniso=True, dtype=np.float64):
@@ -281,3 +277,53 @@ def test_cc_kernels_parity(gpu, rng, dtype, rtol):
                                                  gpu.xp.full(image.shape, np.nan, dtype)))
     assert np.isfinite(got_g).all()
     np.testing.assert_allclose(got_g, ref_g, rtol=rtol, atol=rtol * np.abs(ref_g).max())
+
+
+def test_a_launch_sized_for_smaller_radii_still_covers_every_atom(gpu, rng):
+    """radius_max only sizes the launch (slabs per atom): given far too small (radii grown
+    since it was measured), each work item takes more planes and the results stay the same."""
+    spec = SPECS["triclinic-box"]
+    xyz, b, u, flag, occ, stype, coefs, radius = _inputs(rng, spec, aniso=False)
+    args = (gpu.asarray(xyz), gpu.asarray(b), None, None, gpu.asarray(occ), stype, coefs,
+            gpu.asarray(radius), spec.geom, BLUR, spec.periodic_axes)
+    shape = (xyz.shape[0],) + spec.shape
+    dmap = gpu.asarray(rng.normal(size=shape))
+    maps, grads = [], []
+    for rmax in (None, 0.1 * float(radius.max())):
+        maps.append(gpu.to_numpy(gpu.ops.spread_density(*args, gpu.xp.full(shape, np.nan),
+                                                        radius_max=rmax)))
+        grads.append([gpu.to_numpy(g) for g in gpu.ops.density_adjoint(*args, dmap,
+                                                                       radius_max=rmax)])
+    # Sums in another order: equal to rounding, relative to each array's largest value.
+    np.testing.assert_allclose(maps[1], maps[0], rtol=1e-10, atol=1e-12 * np.abs(maps[0]).max())
+    for small, full in zip(*grads):
+        np.testing.assert_allclose(small, full, rtol=1e-10, atol=1e-12 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("aniso", [True, False])
+def test_cutoff_radii_parity(gpu, rng, aniso):
+    """The radius kernel against its twin: both gemmi's search, the same radii."""
+    spec = SPECS["ortho-box"]
+    xyz, b, u, flag, occ, stype, coefs = random_atoms(rng, 3, 40, spec, aniso, np.float64)
+    b[0, :3] = [0.5, 300.0, 2000.0]           # walks inwards and far outwards
+    ref = cpu_fallback.cutoff_radii(b, u, flag, stype, coefs, BLUR, 1e-4,
+                                    np.full(b.shape, np.nan))
+    got = gpu.ops.cutoff_radii(gpu.asarray(b), None if u is None else gpu.asarray(u), flag,
+                               stype, coefs, BLUR, 1e-4, gpu.xp.full(b.shape, np.nan))
+    np.testing.assert_allclose(gpu.to_numpy(got), ref, rtol=1e-12)
+
+
+def test_cutoff_radius_is_where_the_density_falls_to_the_cutoff(rng):
+    """gemmi's radius: interpolated on a chord of the (convex) density over a 0.5 Å bracket
+    that it crosses the cutoff in, so the density is below the cutoff there and above it
+    0.5 Å further in."""
+    spec = SPECS["ortho-box"]
+    _, b, _, _, _, stype, coefs = random_atoms(rng, 1, 30, spec, False, np.float64)
+    r = cpu_fallback.cutoff_radii(b, None, None, stype, coefs, BLUR, 1e-4, np.empty_like(b))
+    c = coefs[stype]
+    bt = c[:, 1, :] + b[0, :, None] + BLUR
+
+    def rho(x):
+        return (c[:, 0, :] * (4 * np.pi / bt) ** 1.5
+                * np.exp(-4 * np.pi**2 * x[:, None] ** 2 / bt)).sum(axis=1)
+    assert (rho(r[0]) <= 1e-4 * (1 + 1e-9)).all() and (rho(r[0] - 0.5) >= 1e-4).all()

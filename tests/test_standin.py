@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+import cpu_fallback
 import cupy_standin
 import host_cuda
+from helpers import ortho_box_spec, random_atoms
 
 _SOURCE = """#define REAL double
 typedef REAL real_t;
@@ -179,13 +181,10 @@ def test_cost_counts_the_passes_cupy_adds_to_a_transform(cp):
 
 def test_cost_counts_density_pairs_as_the_spheres_points(cp):
     """A density launch's pairs: each atom's sphere volume in voxels (4/3 pi r^3 / voxel)."""
-    import host_cuda
-    from helpers import ortho_box_spec, random_atoms
-    from gpu_refine.density import cutoff_radius
     spec = ortho_box_spec()
     rng = np.random.default_rng(1)
     xyz, b, u, flag, occ, stype, coefs = random_atoms(rng, 2, 7, spec, False, np.float64)
-    radius = cutoff_radius(np, coefs[stype], b + 5.0)
+    radius = cpu_fallback.cutoff_radii(b, None, None, stype, coefs, 5.0, 1e-5, np.empty_like(b))
     ops = host_cuda.host_kernels()
     cost = cupy_standin.cost
     dev = [cp.asarray(a) for a in (xyz, b, occ, radius)]

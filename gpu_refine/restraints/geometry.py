@@ -6,6 +6,8 @@ T = sum over types of sum_r w_r delta_r^2 with w_r = 1 / sigma_r^2 (restraints w
 counted but carry no weight).  Links to symmetry mates are restrained on images of the mates'
 atoms (``Topology.mate_atom``), placed from the coordinates before each evaluation.
 """
+import contextlib
+
 import numpy as np
 
 from ..backend import get_backend
@@ -56,6 +58,7 @@ class GeometryRestraints:
                             arr(topology.mate_rot), arr(topology.mate_shift))
         self._mates = None
         self._reference = None
+        self._deferred = None    # _PairCheck while deferred_pair_checks holds
 
     @property
     def n_atoms(self):
@@ -67,15 +70,34 @@ class GeometryRestraints:
             raise ParameterError(f"xyz must have shape (B, {self.n_atoms}, 3), got {xyz.shape}")
         return xyz
 
+    @contextlib.contextmanager
+    def deferred_pair_checks(self):
+        """Within, an evaluation does not stop to ask whether some atom has moved too far
+        for the pair list (a device→host sync each on a GPU): it leaves the answer on the
+        device, and the caller (minimize_lbfgs's ``recheck``) fetches it with its own and
+        repeats an evaluation made with a stale list after ``refresh()``."""
+        self._deferred = _PairCheck()
+        try:
+            yield self._deferred
+        finally:
+            self._deferred = None
+
     def update_pairs(self, xyz, force=False):
         """Rebuild the nonbonded pair list if any atom moved more than allowed since the last
         build (or the batch size changed)."""
         xp = self.backend.xp
         ref = self._reference
+        check = self._deferred
+        force = force or (check is not None and check.due)
         if not force and ref is not None and ref.shape == xyz.shape:
-            moved = float(xp.sqrt(((xyz - ref) ** 2).sum(-1)).max())
-            if moved <= self.pairs.allowed_move:
+            moved2 = ((xyz - ref) ** 2).sum(-1).max()
+            if check is not None:
+                check.flag = moved2 > self.pairs.allowed_move ** 2
                 return False
+            if float(moved2) <= self.pairs.allowed_move ** 2:
+                return False
+        if check is not None:
+            check.due, check.flag = False, None
         pl = self.pairs.build(xyz, self.backend)
         w = 1.0 / self.nonbonded_settings.sigma ** 2
         bk = self.backend
@@ -173,3 +195,18 @@ class GeometryRestraints:
             self._run(name, x, energy, grad, delta)
             out[name] = (energy, delta)
         return out
+
+
+class _PairCheck:
+    """The pair list's state under deferred checks: ``flag`` (a device bool: the last
+    evaluation's list was stale, or None) and ``due`` (rebuild at the next evaluation)."""
+
+    def __init__(self):
+        self.flag = None
+        self.due = False
+
+    def stale(self):
+        return self.flag
+
+    def refresh(self):
+        self.due = True

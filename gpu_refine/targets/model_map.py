@@ -68,6 +68,10 @@ class ModelMapTarget:
         """The blur and the atoms' radii found once for ``batch``'s B (ModelMapper.fixed_b)."""
         return self.mapper.fixed_b(batch)
 
+    def fixed_blur(self, batch):
+        """The blur held while B is refined (ModelMapper.fixed_blur)."""
+        return self.mapper.fixed_blur(batch)
+
     def _target_cc(self, batch):
         return self._stats(self.mapper.image(batch), batch)[:, 0]
 

@@ -448,9 +448,10 @@ class RealSpaceRefinement:
         (B, 3N); None where the parameters are the sites), the result written to batch.xyz.
         ``target``: the map target in fg, which B does not change for."""
         fg, p0, x_of = problem
-        with target.fixed_b(batch) if target is not None else contextlib.nullcontext():
+        with (target.fixed_b(batch) if target is not None else contextlib.nullcontext(),
+              self.restraints.deferred_pair_checks() as recheck):
             res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=max_step),
-                                 backend=self.backend)
+                                 backend=self.backend, recheck=recheck)
         batch.xyz[...] = (res.x if x_of is None else x_of(res.x)).reshape(batch.xyz.shape)
         return res
 
@@ -505,8 +506,9 @@ class RealSpaceRefinement:
             # Zero in every step, so the L-BFGS history never moves a kept B.
             return f, g if hold is None else xp.where(hold, 0, g)
 
-        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
-                             lower=B_BOUNDS[0], upper=B_BOUNDS[1], backend=self.backend)
+        with target.fixed_blur(batch):
+            res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
+                                 lower=B_BOUNDS[0], upper=B_BOUNDS[1], backend=self.backend)
         batch.b[...] = to_atoms(res.x)
         return res
 
@@ -530,9 +532,9 @@ class RealSpaceRefinement:
             g = grp.gradient(p, gd.occ[:, atoms].astype(xp.float64))
             return fd, g if hold is None else xp.where(hold, 0, g)
 
-        res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=0.2),
-                             lower=xp.asarray(grp.lower), upper=1.0,
-                             backend=self.backend)
+        with self.cc_target.fixed_b(batch):
+            res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=0.2),
+                                 lower=xp.asarray(grp.lower), upper=1.0, backend=self.backend)
         batch.occ[...] = occ_of(res.x)
         return res
 
