@@ -6,11 +6,13 @@ from .banded import banded_solve
 from .cc_target import cc_gradient_map, cc_statistics
 from .density import cutoff_radii, density_adjoint, spread_density
 from .interpolate import interpolate_at_atoms
-from .lbfgs import lbfgs_direction, lbfgs_update
+from .lbfgs import (lbfgs_accept, lbfgs_direction, lbfgs_pair, lbfgs_step, lbfgs_trial,
+                    lbfgs_update)
 from .restraints import (adp_similarity_terms, angle_terms, bond_terms, chiral_terms,
                          nonbonded_terms, plane_terms, torsion_terms)
 
 __all__ = ["spread_density", "density_adjoint", "cutoff_radii", "interpolate_at_atoms", "bond_terms",
            "angle_terms", "torsion_terms", "chiral_terms", "plane_terms", "nonbonded_terms",
            "adp_similarity_terms", "banded_solve", "cc_statistics", "cc_gradient_map",
-           "lbfgs_direction", "lbfgs_update"]
+           "lbfgs_direction", "lbfgs_update", "lbfgs_step", "lbfgs_trial", "lbfgs_accept",
+           "lbfgs_pair"]

@@ -59,3 +59,45 @@ def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, 
     slow[:] = np.where(moved & (rel < ftol), slow + 1, np.where(moved, 0, slow))
     iterations += moved
     active &= (failures < 2) & (slow < 2) & (gmax > gtol * np.maximum(1.0, np.abs(f_new)))
+
+
+def lbfgs_step(dmax, active, max_step, out):
+    """Step length of each model (B,): 1, or less where the direction's largest component
+    would move a parameter by more than ``max_step``; 0 for inactive models."""
+    out[:] = np.where(active, np.minimum(1.0, max_step / np.maximum(dmax, 1e-300)), 0.0)
+    return out
+
+
+def lbfgs_trial(x, d, step, pending, x_last, lower, upper, out):
+    """Trial parameters (B, P) in x's dtype: x + step d, clipped to [lower, upper] (arrays
+    of 1 or P values, or None), where ``pending``; the last accepted ``x_last`` elsewhere."""
+    move = (step[:, None] * d.astype(x.dtype)).astype(x.dtype)
+    trial = x + move
+    if lower is not None or upper is not None:
+        trial = np.clip(trial, lower, upper)
+    out[...] = np.where(pending[:, None], trial, x_last)
+    return out
+
+
+def lbfgs_accept(f_t, g_t, trial, f, decrease, pending, armijo, f_last, g_last, x_last,
+                 f_out, g_out, x_out, ok_out, pending_out):
+    """The Armijo test of each pending model's trial: finite, f_t <= f + armijo min(decrease,
+    0) and f_t <= f.  Writes ok, the models still pending, and the last accepted f, g, x
+    (the trial's where ok, the given last ones elsewhere)."""
+    ok = pending & np.isfinite(f_t) & (f_t <= f + armijo * np.minimum(decrease, 0.0)) \
+        & (f_t <= f)
+    ok_out[:] = ok
+    pending_out[:] = pending & ~ok
+    f_out[:] = np.where(ok, f_t, f_last)
+    g_out[...] = np.where(ok[:, None], g_t, g_last)
+    x_out[...] = np.where(ok[:, None], trial, x_last)
+    return ok_out
+
+
+def lbfgs_pair(x_new, x, g_new, g, vectors, head):
+    """The step's pair into the history block (B, 2m+1, P) float64: slot ``head`` gets
+    s = x_new - x, slot m + head gets y = g_new - g (differences in float64)."""
+    m = (vectors.shape[1] - 1) // 2
+    vectors[:, head] = x_new.astype(np.float64) - x.astype(np.float64)
+    vectors[:, m + head] = g_new.astype(np.float64) - g.astype(np.float64)
+    return vectors

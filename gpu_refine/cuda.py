@@ -289,8 +289,8 @@ def lbfgs_direction(gram, gv, rho, gamma, gmax, active, head, check_descent, coe
     """GPU twin of cpu_fallback.lbfgs_direction."""
     m = _check_history(gram, rho)
     n = rho.shape[0]
-    _launch(get_kernel("lbfgs", "lbfgs_direction_kernel", cp.float64), n,
-            (gram, _c(gv, cp.float64), rho, _c(gamma, cp.float64), _c(gmax, cp.float64),
+    _launch(get_kernel("lbfgs", "lbfgs_direction_kernel", gmax.dtype), n,
+            (gram, _c(gv, cp.float64), rho, _c(gamma, cp.float64), _c(gmax, _real(gmax.dtype)),
              _c(active, cp.bool_), np.int32(head), np.int32(m), np.int32(bool(check_descent)),
              np.int32(n), coef, dg))
     return coef, dg
@@ -301,8 +301,65 @@ def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, 
     """GPU twin of cpu_fallback.lbfgs_update."""
     m = _check_history(gram, rho)
     n = rho.shape[0]
-    _launch(get_kernel("lbfgs", "lbfgs_update_kernel", cp.float64), n,
+    _launch(get_kernel("lbfgs", "lbfgs_update_kernel", gmax.dtype), n,
             (gram, rho, gamma, _c(cols, cp.float64), np.int32(head), np.int32(m), active,
              _c(pending, cp.bool_), _c(f, cp.float64), _c(f_new, cp.float64),
-             _c(gmax, cp.float64), np.float64(gtol), np.float64(ftol), failures, slow,
+             _c(gmax, _real(gmax.dtype)), np.float64(gtol), np.float64(ftol), failures, slow,
              iterations, np.int32(n)))
+
+
+def lbfgs_step(dmax, active, max_step, out):
+    """GPU twin of cpu_fallback.lbfgs_step."""
+    n = out.shape[0]
+    _launch(get_kernel("lbfgs", "lbfgs_step_kernel", cp.float64), n,
+            (_c(dmax, cp.float64), _c(active, cp.bool_), np.float64(max_step), np.int32(n), out))
+    return out
+
+
+def _bound(v):
+    """(values, count) of a bound for the kernels: count 0 (none), 1 (one for all) or P."""
+    if v is None:
+        return _on_device(np.zeros(1), np.float64), np.int32(0)
+    if isinstance(v, cp.ndarray):
+        v = _c(v, cp.float64).reshape(-1)
+    else:   # a host number or array: moved once
+        v = _on_device(np.atleast_1d(np.asarray(v, np.float64)), np.float64)
+    return v, np.int32(v.size)
+
+
+def lbfgs_trial(x, d, step, pending, x_last, lower, upper, out):
+    """GPU twin of cpu_fallback.lbfgs_trial."""
+    dtype = _real(x.dtype)
+    n_models, n_par = x.shape
+    (lo, n_lo), (hi, n_hi) = _bound(lower), _bound(upper)
+    _launch(get_kernel("lbfgs", "lbfgs_trial_kernel", dtype), n_models * n_par,
+            (_c(x, dtype), _c(d, cp.float64), _c(step, cp.float64), _c(pending, cp.bool_),
+             _c(x_last, dtype), lo, n_lo, hi, n_hi, np.int64(n_par), np.int64(n_models * n_par),
+             out))
+    return out
+
+
+def lbfgs_accept(f_t, g_t, trial, f, decrease, pending, armijo, f_last, g_last, x_last,
+                 f_out, g_out, x_out, ok_out, pending_out):
+    """GPU twin of cpu_fallback.lbfgs_accept."""
+    dtype = _real(trial.dtype)
+    n_models, n_par = trial.shape
+    _launch(get_kernel("lbfgs", "lbfgs_accept_kernel", dtype), n_models * n_par,
+            (_c(f_t, cp.float64), _c(g_t, dtype), _c(trial, dtype), _c(f, cp.float64),
+             _c(decrease, cp.float64), _c(pending, cp.bool_), np.float64(armijo),
+             _c(f_last, cp.float64), _c(g_last, dtype), _c(x_last, dtype), np.int64(n_par),
+             np.int64(n_models * n_par), f_out, g_out, x_out, ok_out, pending_out))
+    return ok_out
+
+
+def lbfgs_pair(x_new, x, g_new, g, vectors, head):
+    """GPU twin of cpu_fallback.lbfgs_pair."""
+    dtype = _real(x.dtype)
+    n_models, n_par = x.shape
+    if vectors.dtype != cp.float64 or not vectors.flags.c_contiguous:
+        raise ValueError("vectors must be a C-contiguous float64 array")
+    m = (vectors.shape[1] - 1) // 2
+    _launch(get_kernel("lbfgs", "lbfgs_pair_kernel", dtype), n_models * n_par,
+            (_c(x_new, dtype), _c(x, dtype), _c(g_new, dtype), _c(g, dtype), np.int32(head),
+             np.int32(m), np.int64(n_par), np.int64(n_models * n_par), vectors))
+    return vectors

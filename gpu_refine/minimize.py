@@ -84,12 +84,12 @@ class _History:
                                                     self._coef, self._dg)
         return xp.matmul(coef[:, None, :], self.vectors)[:, 0, :], dg
 
-    def update(self, sk, yk, state, f_new, gmax, settings):
-        """Store the step's pair (sk, yk) (B, P) in the next slot and update the dot
-        products, curvature scale and stopping counters of ``state`` (ops.lbfgs_update)."""
+    def update(self, x_new, x, g_new, g, state, f_new, gmax, settings):
+        """Store the step's pair (x_new - x, g_new - g) (B, P) in the next slot and update the
+        dot products, curvature scale and stopping counters of ``state`` (ops.lbfgs_pair,
+        lbfgs_update)."""
         xp, m, h = self.xp, self.m, self.head
-        self.vectors[:, h] = sk
-        self.vectors[:, m + h] = yk
+        self.backend.ops.lbfgs_pair(x_new, x, g_new, g, self.vectors, h)
         pair = self.vectors[:, h:2 * m:m]                               # s_h, y_h
         cols = xp.matmul(self.vectors[:, :2 * m], pair.transpose(0, 2, 1))   # (B, 2m, 2)
         self.backend.ops.lbfgs_update(self.gram, self.rho, self.gamma, cols, h, state.active,
@@ -157,11 +157,12 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
             recheck.refresh()
 
     f, g, _, _ = evaluate(x)
-    gmax = xp.abs(g).max(axis=1).astype(xp.float64)
+    gmax = xp.abs(g).max(axis=1)
     zeros = xp.zeros(n_models, dtype=xp.int64)
     state = _State(f=f, active=gmax > s.gtol * xp.maximum(1.0, xp.abs(f)),
                    pending=xp.zeros(n_models, dtype=bool), failures=zeros,
                    slow=zeros.copy(), iterations=zeros.copy())
+    ops = bk.ops
     for _ in range(s.max_iterations):
         if not bool(state.active.any()):
             break
@@ -174,39 +175,34 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
             d = xp.where(held | _on_bound(xp, x, lower, upper, d), 0, d)
             dg = _rowdot(xp, d, g)
             bad = ~(dg < 0) & state.active  # not a descent direction: steepest descent
-            scale = xp.where(history.gamma > 0, history.gamma, 1.0 / xp.maximum(gmax, 1e-300))
+            scale = xp.where(history.gamma > 0, history.gamma,
+                             1.0 / xp.maximum(gmax.astype(xp.float64), 1e-300))
             d = xp.where(bad[:, None], -scale[:, None] * g, d)
             history.rho = xp.where(bad[:, None], 0.0, history.rho)
             dg = xp.where(bad, _rowdot(xp, d, g), dg)
-        dmax = xp.abs(d).max(axis=1)
-        step = xp.where(state.active, xp.minimum(1.0, s.max_step / xp.maximum(dmax, 1e-300)),
-                        0.0)
-        d = d.astype(x.dtype)
-        state.pending = state.active.copy()
+        step = ops.lbfgs_step(xp.abs(d).max(axis=1), state.active, s.max_step,
+                              xp.empty(n_models, xp.float64))
+        state.pending = state.active
         x_new, f_new, g_new = x, f, g
         for _ls in range(s.max_backtracks):
-            trial = x + (step[:, None] * d).astype(x.dtype)
-            if bounded:
-                trial = xp.clip(trial, lower, upper)
-            trial = xp.where(state.pending[:, None], trial, x_new)
+            trial = ops.lbfgs_trial(x, d, step, state.pending, x_new, lower, upper,
+                                    xp.empty_like(x))
             # Without bounds the trial is x + step d, and its first-order decrease step d.g.
             decrease = _rowdot(xp, trial - x, g) if bounded else step * dg
 
             def accepted(f_t, g_t):
-                ok = state.pending & xp.isfinite(f_t) & (f_t <= f + s.armijo * xp.minimum(
-                    decrease, 0.0)) & (f_t <= f)
-                return ok, state.pending & ~ok
-            f_t, g_t, (ok, pending), any_pending = evaluate(trial, accepted)
-            x_new = xp.where(ok[:, None], trial, x_new)
-            f_new = xp.where(ok, f_t, f_new)
-            g_new = xp.where(ok[:, None], g_t, g_new)
+                out = (xp.empty_like(f_new), xp.empty_like(g_new), xp.empty_like(x_new),
+                       xp.empty(n_models, bool), xp.empty(n_models, bool))
+                ops.lbfgs_accept(f_t, g_t, trial, f, decrease, state.pending, s.armijo, f_new,
+                                 g_new, x_new, *out)
+                return out
+            _, _, (f_new, g_new, x_new, _, pending), any_pending = evaluate(trial, accepted)
             state.pending = pending
             if not any_pending:
                 break
-            step = xp.where(state.pending, step * 0.5, step)
-        gmax = xp.abs(g_new).max(axis=1).astype(xp.float64)
-        history.update(x_new.astype(xp.float64) - x, g_new.astype(xp.float64) - g, state,
-                       f_new, gmax, s)
+            step = xp.where(pending, step * 0.5, step)
+        gmax = xp.abs(g_new).max(axis=1)
+        history.update(x_new, x, g_new, g, state, f_new, gmax, s)
         x, f, g = x_new, f_new, g_new
         state.f = f
     return LBFGSResult(x=x, f=f, iterations=to_host(state.iterations),

@@ -2,9 +2,11 @@
 // recursion on the dot products of the stored pairs, and the update after a step.  One thread
 // per model; the (B, P) vector work stays in batched matrix products on the Python side.
 //
-// NumPy twins: cpu_fallback/lbfgs.py  lbfgs_direction, lbfgs_update (same arguments).
+// NumPy twins: cpu_fallback/lbfgs.py  lbfgs_direction, lbfgs_update, lbfgs_step, lbfgs_trial,
+// lbfgs_accept, lbfgs_pair (same arguments).
 // Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
-// (nothing else is generated; these kernels work in double whatever REAL is).
+// (nothing else is generated): REAL is the parameters' precision; the history, the dot
+// products and the per-model numbers are double.
 //
 // History of m pairs per model: slot i holds s_i and y_i; gram (B, 2m, 2m) double holds the
 // dot products of [s_0..s_{m-1}, y_0..y_{m-1}]; rho (B, m) = 1 / (s_i . y_i), 0 for an empty
@@ -24,11 +26,17 @@
 // and pending) drops the history.  failures, slow (relative decrease below ftol) and iterations
 // count on; active stays where failures < 2, slow < 2 and max|g| > gtol max(1, |f_new|).
 
+#ifndef REAL
+#define REAL float
+#endif
+
+typedef REAL real_t;
+
 #define MAX_HISTORY 32
 
 extern "C" __global__ void lbfgs_direction_kernel(
     const double* __restrict__ gram, const double* __restrict__ gv, double* __restrict__ rho,
-    const double* __restrict__ gamma, const double* __restrict__ gmax,
+    const double* __restrict__ gamma, const real_t* __restrict__ gmax,
     const bool* __restrict__ active, int head, int m, int check_descent, int n_models,
     double* __restrict__ coef, double* __restrict__ dg) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
@@ -43,7 +51,7 @@ extern "C" __global__ void lbfgs_direction_kernel(
     dg[b] = 0.0;
     return;
   }
-  const double scale = gamma[b] > 0.0 ? gamma[b] : 1.0 / fmax(gmax[b], 1e-300);
+  const double scale = gamma[b] > 0.0 ? gamma[b] : 1.0 / fmax((double)gmax[b], 1e-300);
   double a[MAX_HISTORY], c[MAX_HISTORY], sq[MAX_HISTORY], yr[MAX_HISTORY];
   for (int i = 0; i < m; ++i) sq[i] = v[i];
   for (int k = 0; k < m; ++k) {  // newest first
@@ -81,7 +89,7 @@ extern "C" __global__ void lbfgs_update_kernel(
     double* __restrict__ gram, double* __restrict__ rho, double* __restrict__ gamma,
     const double* __restrict__ cols, int head, int m, bool* __restrict__ active,
     const bool* __restrict__ pending, const double* __restrict__ f,
-    const double* __restrict__ f_new, const double* __restrict__ gmax, double gtol,
+    const double* __restrict__ f_new, const real_t* __restrict__ gmax, double gtol,
     double ftol, long long* __restrict__ failures, long long* __restrict__ slow,
     long long* __restrict__ iterations, int n_models) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
@@ -106,5 +114,81 @@ extern "C" __global__ void lbfgs_update_kernel(
   if (moved) slow[b] = rel < ftol ? slow[b] + 1 : 0;
   iterations[b] += moved ? 1 : 0;
   active[b] = act && failures[b] < 2 && slow[b] < 2 &&
-              gmax[b] > gtol * fmax(1.0, fabs(f_new[b]));
+              (double)gmax[b] > gtol * fmax(1.0, fabs(f_new[b]));
+}
+
+// Step length per model: min(1, max_step / max|d|), 0 for inactive models.
+extern "C" __global__ void lbfgs_step_kernel(const double* __restrict__ dmax,
+                                             const bool* __restrict__ active, double max_step,
+                                             int n_models, double* __restrict__ out) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= n_models) return;
+  out[b] = active[b] ? fmin(1.0, max_step / fmax(dmax[b], 1e-300)) : 0.0;
+}
+
+// Bounds of parameter p: n_lower / n_upper values (0: none, 1: one for all, else one each).
+__device__ inline real_t clip_to(real_t v, const double* lower, int n_lower,
+                                 const double* upper, int n_upper, long long p) {
+  if (n_lower) v = fmax(v, (real_t)lower[n_lower == 1 ? 0 : p]);
+  if (n_upper) v = fmin(v, (real_t)upper[n_upper == 1 ? 0 : p]);
+  return v;
+}
+
+// (B, P): the trial x + step d (in REAL, as x + (REAL)(step (REAL)d)), clipped, where pending;
+// the last accepted parameters elsewhere.
+extern "C" __global__ void lbfgs_trial_kernel(
+    const real_t* __restrict__ x, const double* __restrict__ d, const double* __restrict__ step,
+    const bool* __restrict__ pending, const real_t* __restrict__ x_last,
+    const double* __restrict__ lower, int n_lower, const double* __restrict__ upper,
+    int n_upper, long long n_par, long long n, real_t* __restrict__ out) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const long long b = i / n_par, p = i % n_par;
+  if (!pending[b]) {
+    out[i] = x_last[i];
+    return;
+  }
+  const real_t move = (real_t)(step[b] * (double)(real_t)d[i]);
+  out[i] = clip_to(x[i] + move, lower, n_lower, upper, n_upper, p);
+}
+
+// (B, P): the Armijo test of each model (recomputed by every thread of its row, written by
+// the row's first), and the last accepted x and g.
+extern "C" __global__ void lbfgs_accept_kernel(
+    const double* __restrict__ f_t, const real_t* __restrict__ g_t,
+    const real_t* __restrict__ trial, const double* __restrict__ f,
+    const double* __restrict__ decrease, const bool* __restrict__ pending, double armijo,
+    const double* __restrict__ f_last, const real_t* __restrict__ g_last,
+    const real_t* __restrict__ x_last, long long n_par, long long n,
+    double* __restrict__ f_out, real_t* __restrict__ g_out, real_t* __restrict__ x_out,
+    bool* __restrict__ ok_out, bool* __restrict__ pending_out) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const long long b = i / n_par, p = i % n_par;
+  const double ft = f_t[b];
+  const bool ok = pending[b] && isfinite(ft) && ft <= f[b] + armijo * fmin(decrease[b], 0.0) &&
+                  ft <= f[b];
+  g_out[i] = ok ? g_t[i] : g_last[i];
+  x_out[i] = ok ? trial[i] : x_last[i];
+  if (p == 0) {
+    ok_out[b] = ok;
+    pending_out[b] = pending[b] && !ok;
+    f_out[b] = ok ? ft : f_last[b];
+  }
+}
+
+// (B, P): the step's pair into the history block (B, 2m+1, P): s = x_new - x to slot head,
+// y = g_new - g to slot m + head, in double.
+extern "C" __global__ void lbfgs_pair_kernel(const real_t* __restrict__ x_new,
+                                             const real_t* __restrict__ x,
+                                             const real_t* __restrict__ g_new,
+                                             const real_t* __restrict__ g, int head, int m,
+                                             long long n_par, long long n,
+                                             double* __restrict__ vectors) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const long long b = i / n_par, p = i % n_par;
+  double* row = vectors + b * (2 * m + 1) * n_par;
+  row[head * n_par + p] = (double)x_new[i] - (double)x[i];
+  row[(m + head) * n_par + p] = (double)g_new[i] - (double)g[i];
 }

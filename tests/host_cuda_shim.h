@@ -42,6 +42,7 @@ using std::fabs;
 using std::floor;
 using std::fmax;
 using std::fmin;
+using std::isfinite;
 using std::max;
 using std::min;
 using std::pow;

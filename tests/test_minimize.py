@@ -1,5 +1,6 @@
 """Batched L-BFGS: every model converges on its own, bounds hold, finished models stay put."""
 import numpy as np
+import pytest
 
 import cpu_fallback
 from gpu_refine.minimize import LBFGSSettings, _History, _State, minimize_lbfgs
@@ -81,8 +82,9 @@ def test_history_direction_is_the_two_loop_recursion(backend, rng):
                        pending=xp.asarray(failed), failures=xp.zeros(n_models, np.int64),
                        slow=xp.zeros(n_models, np.int64),
                        iterations=xp.zeros(n_models, np.int64))
-        hist.update(backend.asarray(s), backend.asarray(y), state, xp.zeros(n_models),
-                    xp.ones(n_models), settings)
+        zero = backend.asarray(np.zeros_like(s))
+        hist.update(backend.asarray(s), zero, backend.asarray(y), zero, state,
+                    xp.zeros(n_models), xp.ones(n_models), settings)
         for b in range(n_models):
             good = keep[b] and not failed[b]
             kept[b] = (kept[b] + [(s[b], y[b]) if good else None])[-m:]
@@ -157,3 +159,50 @@ def test_lbfgs_kernels_parity(gpu, rng):
     for r, g in zip(arrays, dev):
         np.testing.assert_allclose(gpu.to_numpy(g), r, rtol=1e-14)
     assert arrays[3].tolist() == [False, False, True, True, False]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lbfgs_step_kernels_parity(gpu, rng, dtype):
+    """ops.lbfgs_step, lbfgs_trial (with and without bounds), lbfgs_accept and lbfgs_pair on
+    the device against their NumPy twins (fresh random inputs, poisoned outputs)."""
+    n, p = 5, 13
+    active = np.array([True, True, False, True, True])
+    dmax = rng.uniform(0.01, 3.0, n)
+    ref_step = cpu_fallback.lbfgs_step(dmax, active, 0.5, np.full(n, np.nan))
+    got = gpu.ops.lbfgs_step(gpu.asarray(dmax), gpu.asarray(active), 0.5, gpu.xp.full(n, np.nan))
+    np.testing.assert_array_equal(gpu.to_numpy(got), ref_step)
+
+    x = rng.uniform(0, 1, (n, p)).astype(dtype)
+    x_last = rng.uniform(0, 1, (n, p)).astype(dtype)
+    d = rng.normal(size=(n, p))
+    pending = np.array([True, False, True, True, False])
+    for lower, upper in ((None, None), (0.2, 0.9), (rng.uniform(0, 0.3, p), 1.0)):
+        ref = cpu_fallback.lbfgs_trial(x, d, ref_step, pending, x_last, lower, upper,
+                                       np.full((n, p), np.nan, dtype))
+        dev_bound = (lambda v: gpu.asarray(v) if isinstance(v, np.ndarray) else v)
+        got = gpu.ops.lbfgs_trial(gpu.asarray(x), gpu.asarray(d), gpu.asarray(ref_step),
+                                  gpu.asarray(pending), gpu.asarray(x_last), dev_bound(lower),
+                                  dev_bound(upper), gpu.xp.full((n, p), np.nan, dtype))
+        np.testing.assert_array_equal(gpu.to_numpy(got), ref)
+
+    f = rng.uniform(1, 2, n)
+    f_t = f + rng.normal(scale=0.1, size=n)
+    f_t[3] = np.nan
+    args = (f_t, rng.normal(size=(n, p)).astype(dtype), x, f, -rng.uniform(0, 1, n), pending,
+            1e-4, rng.uniform(1, 2, n), rng.normal(size=(n, p)).astype(dtype), x_last)
+    shapes = [((n,), np.float64), ((n, p), dtype), ((n, p), dtype), ((n,), bool), ((n,), bool)]
+    ref = [np.zeros(sh, dt) for sh, dt in shapes]
+    cpu_fallback.lbfgs_accept(*args, *ref)
+    got = [gpu.xp.zeros(sh, dt) for sh, dt in shapes]
+    gpu.ops.lbfgs_accept(*[gpu.asarray(a) if isinstance(a, np.ndarray) else a for a in args],
+                         *got)
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(gpu.to_numpy(g), r)
+    assert not ref[3][3] and ref[4][3]       # a non-finite f is never accepted
+
+    m = 3
+    vectors = rng.normal(size=(n, 2 * m + 1, p))
+    pair = (x, x_last, rng.normal(size=(n, p)).astype(dtype), x)
+    ref = cpu_fallback.lbfgs_pair(*pair, vectors.copy(), 2)
+    got = gpu.ops.lbfgs_pair(*[gpu.asarray(a) for a in pair], gpu.asarray(vectors), 2)
+    np.testing.assert_array_equal(gpu.to_numpy(got), ref)
