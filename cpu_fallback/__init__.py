@@ -5,14 +5,15 @@ Each function here is the reference that the matching ``.cu`` kernel is tested a
 from .banded import banded_solve
 from .cc_target import cc_gradient_map, cc_statistics
 from .density import cutoff_radii, density_adjoint, spread_density
+from .fourier import fourier_filter
 from .interpolate import interpolate_at_atoms
 from .lbfgs import (lbfgs_accept, lbfgs_direction, lbfgs_pair, lbfgs_step, lbfgs_trial,
                     lbfgs_update)
 from .restraints import (adp_similarity_terms, angle_terms, bond_terms, chiral_terms,
-                         nonbonded_terms, plane_terms, torsion_terms)
+                         moved_beyond, nonbonded_terms, plane_terms, torsion_terms)
 
 __all__ = ["spread_density", "density_adjoint", "cutoff_radii", "interpolate_at_atoms", "bond_terms",
            "angle_terms", "torsion_terms", "chiral_terms", "plane_terms", "nonbonded_terms",
            "adp_similarity_terms", "banded_solve", "cc_statistics", "cc_gradient_map",
            "lbfgs_direction", "lbfgs_update", "lbfgs_step", "lbfgs_trial", "lbfgs_accept",
-           "lbfgs_pair"]
+           "lbfgs_pair", "fourier_filter", "moved_beyond"]

@@ -190,3 +190,12 @@ def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
     _scatter(grad, atoms[:, 0], g)
     _scatter(grad, atoms[:, 1], -g)
     _finish(energy, delta, w * ss, np.sqrt(ss))
+
+
+def moved_beyond(xyz, ref, allowed, out):
+    """out (a 0-d int32 array) set to 1 where some atom of xyz (B,N,3) lies farther than
+    ``allowed`` from its place in ref (the kernel only ever sets it: the caller zeroes it)."""
+    d2 = ((xyz.astype(np.float64) - ref.astype(np.float64)) ** 2).sum(axis=-1)
+    if (d2 > allowed * allowed).any():
+        out[...] = 1
+    return out

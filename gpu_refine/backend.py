@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import numpy as np
 
@@ -35,11 +35,6 @@ class Backend:
     def is_gpu(self):
         return self.name == "cupy"
 
-    @property
-    def fft(self):
-        """cupy.fft, or for NumPy scipy.fft on all cores (pocketfft, float32 kept as float32)."""
-        return self.xp.fft if self.is_gpu else _scipy_fft()
-
     def asarray(self, a, dtype=None):
         """A C-contiguous array of this backend (gemmi grids are Fortran-ordered views)."""
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
@@ -58,12 +53,6 @@ class Backend:
 
 
 @functools.lru_cache(maxsize=None)
-def _scipy_fft():
-    from scipy import fft
-    return SimpleNamespace(rfftn=functools.partial(fft.rfftn, workers=-1),
-                           irfftn=functools.partial(fft.irfftn, workers=-1))
-
-
 def _numpy_backend():
     import cpu_fallback
     from cpu_fallback.allocator import keep_freed_memory

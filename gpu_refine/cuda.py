@@ -9,6 +9,7 @@ import functools
 import math
 
 import cupy as cp
+import cupyx.scipy.fft as cufft
 import numpy as np
 
 from cpu_fallback.density import periodic_axes
@@ -207,6 +208,17 @@ def plane_terms(xyz, ptr, atoms, weight, energy, grad, delta=None):
                       grad, delta)
 
 
+def moved_beyond(xyz, ref, allowed, out):
+    """GPU twin of cpu_fallback.moved_beyond."""
+    dtype = _real(xyz.dtype)
+    if out.dtype != cp.int32 or out.shape != ():
+        raise ValueError("out must be a 0-d int32 array")
+    n = xyz.shape[0] * xyz.shape[1]
+    _launch(get_kernel("restraints", "moved_beyond_kernel", dtype), n,
+            (_c(xyz, dtype), _c(ref, dtype), np.int64(n), np.float64(allowed * allowed), out))
+    return out
+
+
 def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
     """GPU twin of cpu_fallback.adp_similarity_terms."""
     dtype = _real(values.dtype)
@@ -363,3 +375,12 @@ def lbfgs_pair(x_new, x, g_new, g, vectors, head):
             (_c(x_new, dtype), _c(x, dtype), _c(g_new, dtype), _c(g, dtype), np.int32(head),
              np.int32(m), np.int64(n_par), np.int64(n_models * n_par), vectors))
     return vectors
+
+
+def fourier_filter(maps, filt):
+    """GPU twin of cpu_fallback.fourier_filter: cuFFT, the inverse's input overwritten (no
+    copy) and left unscaled (norm='forward': the 1/N is in the filter)."""
+    f = cufft.rfftn(maps, axes=(1, 2, 3))
+    f *= filt[None]
+    return cufft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3), norm="forward",
+                        overwrite_x=True).astype(maps.dtype, copy=False)

@@ -292,11 +292,7 @@ class ModelMapper:
     def apply_filter(self, maps, blur):
         """Fourier image of blurred densities: drop terms beyond d, undo the blur (batched FFT;
         the inverse unscaled, its 1/N in the filter)."""
-        fft = self.backend.fft
-        f = fft.rfftn(maps, axes=(1, 2, 3))
-        f *= self.fourier_filter(blur, maps.dtype)[None]
-        out = fft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3), norm="forward")
-        return out.astype(maps.dtype, copy=False)
+        return self.backend.ops.fourier_filter(maps, self.fourier_filter(blur, maps.dtype))
 
     def image(self, batch):
         """Model map at the mapper's resolution for each batch member: (B, n0, n1, n2)."""

@@ -1,7 +1,8 @@
 // Batched geometry and ADP restraint terms: energy per model, gradient per atom, deltas.
 //
 // NumPy twins: cpu_fallback/restraints.py  bond_terms, angle_terms, torsion_terms, chiral_terms,
-// plane_terms, nonbonded_terms, adp_similarity_terms (same arguments, same results).
+// plane_terms, nonbonded_terms, adp_similarity_terms, moved_beyond (same arguments, same
+// results).
 // Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
 // (nothing else is generated) and gives the options.
 //
@@ -312,4 +313,18 @@ extern "C" __global__ void adp_similarity_terms_kernel(
     e = w * ss;
   }
   EPILOGUE(sqrt(ss))
+}
+
+// One thread per (model, atom): out (one int, zeroed by the caller) becomes 1 where some atom
+// of xyz (B, N, 3) lies farther than sqrt(allowed2) from ref: the nonbonded pair list is stale.
+extern "C" __global__ void moved_beyond_kernel(const real_t* __restrict__ xyz,
+                                               const real_t* __restrict__ ref,
+                                               long long n_points, double allowed2,
+                                               int* __restrict__ out) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_points) return;
+  double dx = (double)xyz[3 * i] - (double)ref[3 * i];
+  double dy = (double)xyz[3 * i + 1] - (double)ref[3 * i + 1];
+  double dz = (double)xyz[3 * i + 2] - (double)ref[3 * i + 2];
+  if (dx * dx + dy * dy + dz * dz > allowed2) out[0] = 1;
 }

@@ -330,13 +330,15 @@ def _namespace(name, source, host_input=()):
     return module
 
 
-def _fft_namespace():
+def _fft_namespace(name="cupy.fft"):
     """cupy.fft on scipy.fft (as cuFFT, float32 stays single precision), with the passes
     CuPy adds to a transform counted as launches: the scaling by 1/N (or 1/sqrt N) where
     ``norm`` asks it of this direction, and the copy of a complex-to-real transform's input,
-    which cuFFT overwrites."""
+    which cuFFT overwrites (unless ``overwrite_x``, which only cupyx.scipy.fft takes)."""
     module = _namespace("cupy.fft", scipy.fft)
+    module.__name__ = name
     plain = module.__getattr__
+    scipy_like = name != "cupy.fft"
 
     def lookup(attr):
         fn = plain(attr)
@@ -345,17 +347,30 @@ def _fft_namespace():
         inverse = attr.startswith(("i", "h")) and attr != "ihfft" or attr == "hfft"
 
         @functools.wraps(fn)
-        def call(a, *args, **kwargs):
-            if attr.startswith("irfft") or attr == "hfft":
-                cost.launch(f"cupy.fft.{attr} input copy", 2 * _nbytes(a))
+        def call(a, *args, overwrite_x=False, **kwargs):
+            if overwrite_x and not scipy_like:
+                raise TypeError(f"cupy.fft.{attr}() got an unexpected keyword 'overwrite_x'")
+            if (attr.startswith("irfft") or attr == "hfft") and not overwrite_x:
+                cost.launch(f"{name}.{attr} input copy", 2 * _nbytes(a))
             out = fn(a, *args, **kwargs)
             norm = kwargs.get("norm") or "backward"
             if norm == "ortho" or (norm == "backward") == inverse:
-                cost.launch(f"cupy.fft.{attr} scaling", 2 * _nbytes(out))
+                cost.launch(f"{name}.{attr} scaling", 2 * _nbytes(out))
             return out
         return call
     module.__getattr__ = lookup
     return module
+
+
+def cupyx_modules():
+    """sys.modules entries that stand for cupyx, cupyx.scipy and cupyx.scipy.fft (the
+    transforms with ``overwrite_x``; their signatures are not in cupy_api.json)."""
+    fft = _fft_namespace("cupyx.scipy.fft")
+    scipy_ns = types.ModuleType("cupyx.scipy")
+    scipy_ns.fft = fft
+    root = types.ModuleType("cupyx")
+    root.scipy = scipy_ns
+    return {"cupyx": root, "cupyx.scipy": scipy_ns, "cupyx.scipy.fft": fft}
 
 
 def asnumpy(a):

@@ -218,17 +218,19 @@ def standin_cupy():
 
 @functools.lru_cache(maxsize=None)
 def host_kernels():
-    """gpu_refine/cuda.py loaded against the host stand-in for CuPy (a separate module object;
-    ``cupy`` stays absent from sys.modules)."""
+    """gpu_refine/cuda.py loaded against the host stand-in for CuPy and cupyx (a separate
+    module object; ``cupy`` and ``cupyx`` stay absent from sys.modules)."""
     spec = importlib.util.spec_from_file_location("gpu_refine._cuda_on_host", CUDA_PY)
     module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("cupy")
-    sys.modules["cupy"] = standin_cupy()
+    standins = {"cupy": standin_cupy(), **cupy_standin.cupyx_modules()}
+    saved = {name: sys.modules.get(name) for name in standins}
+    sys.modules.update(standins)
     try:
         spec.loader.exec_module(module)
     finally:
-        if saved is None:
-            del sys.modules["cupy"]
-        else:
-            sys.modules["cupy"] = saved
+        for name, was in saved.items():
+            if was is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = was
     return module

@@ -3,6 +3,8 @@ finite-difference checks of every gradient, on both backends."""
 import numpy as np
 import pytest
 
+import cpu_fallback
+
 KINDS = ["bond", "nonbonded", "angle", "torsion", "chiral", "plane", "adp1", "adp6"]
 
 
@@ -77,7 +79,6 @@ def evaluate(bk, name, args, values, n_delta, seed_energy=None, seed_grad=None, 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-3)])
 def test_restraint_parity(gpu, rng, kind, dtype, tol):
-    import cpu_fallback
     from gpu_refine.backend import get_backend
     name, args, values, n_delta = random_case(rng, kind, dtype=dtype)
     seed_e = rng.normal(size=values.shape[0])
@@ -127,3 +128,18 @@ def test_energy_is_weighted_sum_of_squared_deltas(backend, rng):
     name, args, values, n_delta = random_case(rng, "bond")
     energy, _, delta = evaluate(backend, name, args, values, n_delta)
     np.testing.assert_allclose(energy, (args[3] * delta ** 2).sum(axis=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moved_beyond_parity(gpu, rng, dtype):
+    """The pair list's staleness test on the device and in NumPy: set where one atom of one
+    model moved past the allowance, left alone otherwise."""
+    ref = rng.normal(size=(3, 50, 3)).astype(dtype)
+    still = (ref + rng.uniform(-0.1, 0.1, ref.shape)).astype(dtype)   # at most 0.18 Å
+    moved = still.copy()
+    moved[2, 17] += np.array([0.5, 0.0, 0.0], dtype)
+    for xyz, want in ((still, 0), (moved, 1)):
+        ref_out = cpu_fallback.moved_beyond(xyz, ref, 0.25, np.zeros((), np.int32))
+        got = gpu.ops.moved_beyond(gpu.asarray(xyz), gpu.asarray(ref), 0.25,
+                                   gpu.xp.zeros((), np.int32))
+        assert int(ref_out) == int(gpu.to_numpy(got)) == want

@@ -85,16 +85,16 @@ class GeometryRestraints:
     def update_pairs(self, xyz, force=False):
         """Rebuild the nonbonded pair list if any atom moved more than allowed since the last
         build (or the batch size changed)."""
-        xp = self.backend.xp
         ref = self._reference
         check = self._deferred
         force = force or (check is not None and check.due)
         if not force and ref is not None and ref.shape == xyz.shape:
-            moved2 = ((xyz - ref) ** 2).sum(-1).max()
+            moved = self.backend.ops.moved_beyond(xyz, ref, self.pairs.allowed_move,
+                                                  self.backend.xp.zeros((), np.int32))
             if check is not None:
-                check.flag = moved2 > self.pairs.allowed_move ** 2
+                check.flag = moved
                 return False
-            if float(moved2) <= self.pairs.allowed_move ** 2:
+            if not int(moved):
                 return False
         if check is not None:
             check.due, check.flag = False, None
@@ -198,8 +198,9 @@ class GeometryRestraints:
 
 
 class _PairCheck:
-    """The pair list's state under deferred checks: ``flag`` (a device bool: the last
-    evaluation's list was stale, or None) and ``due`` (rebuild at the next evaluation)."""
+    """The pair list's state under deferred checks: ``flag`` (a device 0-d int: nonzero where
+    the last evaluation's list was stale, or None) and ``due`` (rebuild at the next
+    evaluation)."""
 
     def __init__(self):
         self.flag = None

@@ -75,7 +75,7 @@ class SitesPreconditioner:
 
     def __init__(self, topology, backend, shift=SHIFT):
         self.backend = backend
-        self.n = n = topology.n_atoms
+        self.n = topology.n_atoms
         factor = banded_cholesky(restraint_laplacian(topology, shift))
         if factor is None:
             raise ValueError("the restraints' band is too wide to factor")
