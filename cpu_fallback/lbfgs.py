@@ -37,11 +37,12 @@ def lbfgs_direction(gram, gv, rho, gamma, gmax, active, head, check_descent, coe
     return coef, dg
 
 
-def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, gtol, ftol,
-                 failures, slow, iterations):
+def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, g_new, gtol, ftol,
+                 failures, slow, iterations, gmax):
     """After a step: the new pair's dot products ``cols`` (B, 2m, 2) into gram (in place),
     rho and gamma (in place) where the pair has curvature; the history dropped where the line
-    search failed; the counters and ``active`` (in place) for the stopping rules."""
+    search failed; max|g_new| of each model into ``gmax``; the counters and ``active`` (in
+    place) for the stopping rules."""
     m = rho.shape[1]
     h = head
     for j, slot in enumerate((h, m + h)):
@@ -58,12 +59,14 @@ def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, 
     rel = (f - f_new) / np.maximum(np.abs(f), 1e-300)
     slow[:] = np.where(moved & (rel < ftol), slow + 1, np.where(moved, 0, slow))
     iterations += moved
+    gmax[:] = np.abs(g_new).max(axis=1)
     active &= (failures < 2) & (slow < 2) & (gmax > gtol * np.maximum(1.0, np.abs(f_new)))
 
 
-def lbfgs_step(dmax, active, max_step, out):
-    """Step length of each model (B,): 1, or less where the direction's largest component
+def lbfgs_step(d, active, max_step, out):
+    """Step length of each model (B,) along d (B, P): 1, or less where d's largest component
     would move a parameter by more than ``max_step``; 0 for inactive models."""
+    dmax = np.abs(d).max(axis=1)
     out[:] = np.where(active, np.minimum(1.0, max_step / np.maximum(dmax, 1e-300)), 0.0)
     return out
 
@@ -79,11 +82,13 @@ def lbfgs_trial(x, d, step, pending, x_last, lower, upper, out):
     return out
 
 
-def lbfgs_accept(f_t, g_t, trial, f, decrease, pending, armijo, f_last, g_last, x_last,
+def lbfgs_accept(f_t, g_t, trial, f, step, slope, pending, armijo, f_last, g_last, x_last,
                  f_out, g_out, x_out, ok_out, pending_out):
-    """The Armijo test of each pending model's trial: finite, f_t <= f + armijo min(decrease,
-    0) and f_t <= f.  Writes ok, the models still pending, and the last accepted f, g, x
-    (the trial's where ok, the given last ones elsewhere)."""
+    """The Armijo test of each pending model's trial: finite, f_t <= f + armijo min(step
+    slope, 0) and f_t <= f (step slope: the first-order decrease).  Writes ok, the models
+    still pending, and the last accepted f, g, x (the trial's where ok, the given last ones
+    elsewhere)."""
+    decrease = step * slope
     ok = pending & np.isfinite(f_t) & (f_t <= f + armijo * np.minimum(decrease, 0.0)) \
         & (f_t <= f)
     ok_out[:] = ok
@@ -96,8 +101,10 @@ def lbfgs_accept(f_t, g_t, trial, f, decrease, pending, armijo, f_last, g_last, 
 
 def lbfgs_pair(x_new, x, g_new, g, vectors, head):
     """The step's pair into the history block (B, 2m+1, P) float64: slot ``head`` gets
-    s = x_new - x, slot m + head gets y = g_new - g (differences in float64)."""
+    s = x_new - x, slot m + head gets y = g_new - g (differences in float64), the last row
+    the new gradient g_new."""
     m = (vectors.shape[1] - 1) // 2
     vectors[:, head] = x_new.astype(np.float64) - x.astype(np.float64)
     vectors[:, m + head] = g_new.astype(np.float64) - g.astype(np.float64)
+    vectors[:, 2 * m] = g_new
     return vectors

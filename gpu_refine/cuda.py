@@ -308,23 +308,28 @@ def lbfgs_direction(gram, gv, rho, gamma, gmax, active, head, check_descent, coe
     return coef, dg
 
 
-def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, gmax, gtol, ftol,
-                 failures, slow, iterations):
-    """GPU twin of cpu_fallback.lbfgs_update."""
+def lbfgs_update(gram, rho, gamma, cols, head, active, pending, f, f_new, g_new, gtol, ftol,
+                 failures, slow, iterations, gmax):
+    """GPU twin of cpu_fallback.lbfgs_update (one warp per model)."""
     m = _check_history(gram, rho)
-    n = rho.shape[0]
-    _launch(get_kernel("lbfgs", "lbfgs_update_kernel", gmax.dtype), n,
+    dtype = _real(g_new.dtype)
+    n, n_par = g_new.shape
+    if n:
+        get_kernel("lbfgs", "lbfgs_update_kernel", dtype)(
+            (n,), (32,),
             (gram, rho, gamma, _c(cols, cp.float64), np.int32(head), np.int32(m), active,
-             _c(pending, cp.bool_), _c(f, cp.float64), _c(f_new, cp.float64),
-             _c(gmax, _real(gmax.dtype)), np.float64(gtol), np.float64(ftol), failures, slow,
-             iterations, np.int32(n)))
+             _c(pending, cp.bool_), _c(f, cp.float64), _c(f_new, cp.float64), _c(g_new, dtype),
+             np.int64(n_par), np.float64(gtol), np.float64(ftol), failures, slow, iterations,
+             gmax))
 
 
-def lbfgs_step(dmax, active, max_step, out):
-    """GPU twin of cpu_fallback.lbfgs_step."""
-    n = out.shape[0]
-    _launch(get_kernel("lbfgs", "lbfgs_step_kernel", cp.float64), n,
-            (_c(dmax, cp.float64), _c(active, cp.bool_), np.float64(max_step), np.int32(n), out))
+def lbfgs_step(d, active, max_step, out):
+    """GPU twin of cpu_fallback.lbfgs_step (one warp per model)."""
+    n, n_par = d.shape
+    if n:
+        get_kernel("lbfgs", "lbfgs_step_kernel", cp.float64)(
+            (n,), (32,), (_c(d, cp.float64), np.int64(n_par), _c(active, cp.bool_),
+                          np.float64(max_step), out))
     return out
 
 
@@ -351,14 +356,15 @@ def lbfgs_trial(x, d, step, pending, x_last, lower, upper, out):
     return out
 
 
-def lbfgs_accept(f_t, g_t, trial, f, decrease, pending, armijo, f_last, g_last, x_last,
+def lbfgs_accept(f_t, g_t, trial, f, step, slope, pending, armijo, f_last, g_last, x_last,
                  f_out, g_out, x_out, ok_out, pending_out):
     """GPU twin of cpu_fallback.lbfgs_accept."""
     dtype = _real(trial.dtype)
     n_models, n_par = trial.shape
     _launch(get_kernel("lbfgs", "lbfgs_accept_kernel", dtype), n_models * n_par,
             (_c(f_t, cp.float64), _c(g_t, dtype), _c(trial, dtype), _c(f, cp.float64),
-             _c(decrease, cp.float64), _c(pending, cp.bool_), np.float64(armijo),
+             _c(step, cp.float64), _c(slope, cp.float64), _c(pending, cp.bool_),
+             np.float64(armijo),
              _c(f_last, cp.float64), _c(g_last, dtype), _c(x_last, dtype), np.int64(n_par),
              np.int64(n_models * n_par), f_out, g_out, x_out, ok_out, pending_out))
     return ok_out

@@ -75,9 +75,10 @@ class _History:
         """(d = -H g (B, P) float64, d . g (B,)) for the inverse Hessian H of the stored
         pairs with H0 = gamma (1 / max|g| without history); zero for inactive models.  With
         ``check_descent``, a model whose d is no descent direction drops its history and
-        takes d = -H0 g."""
+        takes d = -H0 g.  g: None where it is the one the last update() stored."""
         xp, m = self.xp, self.m
-        self.vectors[:, 2 * m] = g
+        if g is not None:   # the first direction's; update() puts the later ones there
+            self.vectors[:, 2 * m] = g
         gv = xp.matmul(self.vectors, self.vectors[:, 2 * m, :, None])[..., 0]
         coef, dg = self.backend.ops.lbfgs_direction(self.gram, gv, self.rho, self.gamma, gmax,
                                                     active, self.head, check_descent,
@@ -85,17 +86,17 @@ class _History:
         return xp.matmul(coef[:, None, :], self.vectors)[:, 0, :], dg
 
     def update(self, x_new, x, g_new, g, state, f_new, gmax, settings):
-        """Store the step's pair (x_new - x, g_new - g) (B, P) in the next slot and update the
-        dot products, curvature scale and stopping counters of ``state`` (ops.lbfgs_pair,
-        lbfgs_update)."""
+        """Store the step's pair (x_new - x, g_new - g) (B, P) in the next slot and g_new as
+        the current gradient; update the dot products, curvature scale, max|g_new| (into
+        ``gmax``) and the stopping counters of ``state`` (ops.lbfgs_pair, lbfgs_update)."""
         xp, m, h = self.xp, self.m, self.head
         self.backend.ops.lbfgs_pair(x_new, x, g_new, g, self.vectors, h)
         pair = self.vectors[:, h:2 * m:m]                               # s_h, y_h
         cols = xp.matmul(self.vectors[:, :2 * m], pair.transpose(0, 2, 1))   # (B, 2m, 2)
         self.backend.ops.lbfgs_update(self.gram, self.rho, self.gamma, cols, h, state.active,
-                                      state.pending, state.f, f_new, gmax, settings.gtol,
+                                      state.pending, state.f, f_new, g_new, settings.gtol,
                                       settings.ftol, state.failures, state.slow,
-                                      state.iterations)
+                                      state.iterations, gmax)
         self.head = (h + 1) % m
 
 
@@ -163,10 +164,14 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
                    pending=xp.zeros(n_models, dtype=bool), failures=zeros,
                    slow=zeros.copy(), iterations=zeros.copy())
     ops = bk.ops
+    ones = xp.ones(n_models)
+    first = True
     for _ in range(s.max_iterations):
         if not bool(state.active.any()):
             break
-        d, dg = history.direction(g, gmax, state.active, check_descent=not bounded)
+        d, dg = history.direction(g if first else None, gmax, state.active,
+                                  check_descent=not bounded)
+        first = False
         if bounded:
             # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
             # bound would be clipped away yet set the step length (max_step) for the others:
@@ -180,28 +185,28 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
             d = xp.where(bad[:, None], -scale[:, None] * g, d)
             history.rho = xp.where(bad[:, None], 0.0, history.rho)
             dg = xp.where(bad, _rowdot(xp, d, g), dg)
-        step = ops.lbfgs_step(xp.abs(d).max(axis=1), state.active, s.max_step,
-                              xp.empty(n_models, xp.float64))
+        step = ops.lbfgs_step(d, state.active, s.max_step, xp.empty(n_models, xp.float64))
         state.pending = state.active
         x_new, f_new, g_new = x, f, g
         for _ls in range(s.max_backtracks):
             trial = ops.lbfgs_trial(x, d, step, state.pending, x_new, lower, upper,
                                     xp.empty_like(x))
-            # Without bounds the trial is x + step d, and its first-order decrease step d.g.
-            decrease = _rowdot(xp, trial - x, g) if bounded else step * dg
+            # Without bounds the trial is x + step d, and its first-order decrease step d.g;
+            # with bounds, (trial - x).g.
+            slope, scale = (_rowdot(xp, trial - x, g), ones) if bounded else (dg, step)
 
             def accepted(f_t, g_t):
                 out = (xp.empty_like(f_new), xp.empty_like(g_new), xp.empty_like(x_new),
                        xp.empty(n_models, bool), xp.empty(n_models, bool))
-                ops.lbfgs_accept(f_t, g_t, trial, f, decrease, state.pending, s.armijo, f_new,
-                                 g_new, x_new, *out)
+                ops.lbfgs_accept(f_t, g_t, trial, f, scale, slope, state.pending, s.armijo,
+                                 f_new, g_new, x_new, *out)
                 return out
             _, _, (f_new, g_new, x_new, _, pending), any_pending = evaluate(trial, accepted)
             state.pending = pending
             if not any_pending:
                 break
             step = xp.where(pending, step * 0.5, step)
-        gmax = xp.abs(g_new).max(axis=1)
+        gmax = xp.empty_like(gmax)
         history.update(x_new, x, g_new, g, state, f_new, gmax, s)
         x, f, g = x_new, f_new, g_new
         state.f = f

@@ -1,6 +1,7 @@
 // The per-model bookkeeping of the batched L-BFGS (gpu_refine/minimize.py): the two-loop
 // recursion on the dot products of the stored pairs, and the update after a step.  One thread
-// per model; the (B, P) vector work stays in batched matrix products on the Python side.
+// per model (one warp per model where a kernel also reduces over the P parameters); the other
+// (B, P) work is one thread per parameter, or batched matrix products on the Python side.
 //
 // NumPy twins: cpu_fallback/lbfgs.py  lbfgs_direction, lbfgs_update, lbfgs_step, lbfgs_trial,
 // lbfgs_accept, lbfgs_pair (same arguments).
@@ -24,7 +25,8 @@
 // Writes row and column h and m+h of gram; a moved model (active, not pending) whose pair has
 // s.y > 1e-12 max(1, y.y) keeps it (rho_h, gamma), else rho_h = 0; a failed line search (active
 // and pending) drops the history.  failures, slow (relative decrease below ftol) and iterations
-// count on; active stays where failures < 2, slow < 2 and max|g| > gtol max(1, |f_new|).
+// count on; gmax = max|g_new|; active stays where failures < 2, slow < 2 and
+// gmax > gtol max(1, |f_new|).
 
 #ifndef REAL
 #define REAL float
@@ -33,6 +35,19 @@
 typedef REAL real_t;
 
 #define MAX_HISTORY 32
+#define WARP_SIZE 32
+#define FULL_MASK 0xffffffffu
+
+// Largest |v[p]| of a row of n values, over the 32 lanes of the warp that calls it (lane 0
+// gets the whole row's).
+template <typename T>
+__device__ inline double warp_abs_max(const T* v, long long n) {
+  double m = 0.0;
+  for (long long p = threadIdx.x; p < n; p += WARP_SIZE) m = fmax(m, fabs((double)v[p]));
+  for (int off = WARP_SIZE / 2; off > 0; off >>= 1)
+    m = fmax(m, __shfl_down_sync(FULL_MASK, m, off));
+  return m;
+}
 
 extern "C" __global__ void lbfgs_direction_kernel(
     const double* __restrict__ gram, const double* __restrict__ gv, double* __restrict__ rho,
@@ -85,18 +100,20 @@ extern "C" __global__ void lbfgs_direction_kernel(
   dg[b] = d_g;
 }
 
+// One warp per model (grid B, block 32).
 extern "C" __global__ void lbfgs_update_kernel(
     double* __restrict__ gram, double* __restrict__ rho, double* __restrict__ gamma,
     const double* __restrict__ cols, int head, int m, bool* __restrict__ active,
     const bool* __restrict__ pending, const double* __restrict__ f,
-    const double* __restrict__ f_new, const real_t* __restrict__ gmax, double gtol,
-    double ftol, long long* __restrict__ failures, long long* __restrict__ slow,
-    long long* __restrict__ iterations, int n_models) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= n_models) return;
+    const double* __restrict__ f_new, const real_t* __restrict__ g_new, long long n_par,
+    double gtol, double ftol, long long* __restrict__ failures, long long* __restrict__ slow,
+    long long* __restrict__ iterations, real_t* __restrict__ gmax) {
+  const long long b = blockIdx.x;
+  const double gm = warp_abs_max(g_new + b * n_par, n_par);
+  if (threadIdx.x != 0) return;
   const int n = 2 * m, h = head;
-  double* G = gram + (long long)b * n * n;
-  const double* col = cols + (long long)b * n * 2;
+  double* G = gram + b * n * n;
+  const double* col = cols + b * n * 2;
   // Slot h's column and row, then slot m+h's: where the two products s_h . y_h differ in
   // rounding, the second one stays, as in the NumPy twin.
   for (int j = 0; j < n; ++j) G[j * n + h] = G[h * n + j] = col[2 * j];
@@ -104,7 +121,7 @@ extern "C" __global__ void lbfgs_update_kernel(
   const double sy = col[2 * h + 1], yy = col[2 * (m + h) + 1];
   const bool act = active[b], moved = act && !pending[b], failed = act && pending[b];
   const bool good = moved && sy > 1e-12 * fmax(1.0, yy);
-  double* r_b = rho + (long long)b * m;
+  double* r_b = rho + b * m;
   r_b[h] = good ? 1.0 / sy : 0.0;
   if (good) gamma[b] = sy / fmax(yy, 1e-300);
   if (failed)
@@ -113,17 +130,19 @@ extern "C" __global__ void lbfgs_update_kernel(
   const double rel = (f[b] - f_new[b]) / fmax(fabs(f[b]), 1e-300);
   if (moved) slow[b] = rel < ftol ? slow[b] + 1 : 0;
   iterations[b] += moved ? 1 : 0;
+  gmax[b] = (real_t)gm;
   active[b] = act && failures[b] < 2 && slow[b] < 2 &&
-              (double)gmax[b] > gtol * fmax(1.0, fabs(f_new[b]));
+              (double)(real_t)gm > gtol * fmax(1.0, fabs(f_new[b]));
 }
 
-// Step length per model: min(1, max_step / max|d|), 0 for inactive models.
-extern "C" __global__ void lbfgs_step_kernel(const double* __restrict__ dmax,
+// Step length per model along d (B, P), one warp per model (grid B, block 32):
+// min(1, max_step / max|d|), 0 for inactive models.
+extern "C" __global__ void lbfgs_step_kernel(const double* __restrict__ d, long long n_par,
                                              const bool* __restrict__ active, double max_step,
-                                             int n_models, double* __restrict__ out) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= n_models) return;
-  out[b] = active[b] ? fmin(1.0, max_step / fmax(dmax[b], 1e-300)) : 0.0;
+                                             double* __restrict__ out) {
+  const long long b = blockIdx.x;
+  const double dmax = warp_abs_max(d + b * n_par, n_par);
+  if (threadIdx.x == 0) out[b] = active[b] ? fmin(1.0, max_step / fmax(dmax, 1e-300)) : 0.0;
 }
 
 // Bounds of parameter p: n_lower / n_upper values (0: none, 1: one for all, else one each).
@@ -157,7 +176,8 @@ extern "C" __global__ void lbfgs_trial_kernel(
 extern "C" __global__ void lbfgs_accept_kernel(
     const double* __restrict__ f_t, const real_t* __restrict__ g_t,
     const real_t* __restrict__ trial, const double* __restrict__ f,
-    const double* __restrict__ decrease, const bool* __restrict__ pending, double armijo,
+    const double* __restrict__ step, const double* __restrict__ slope,
+    const bool* __restrict__ pending, double armijo,
     const double* __restrict__ f_last, const real_t* __restrict__ g_last,
     const real_t* __restrict__ x_last, long long n_par, long long n,
     double* __restrict__ f_out, real_t* __restrict__ g_out, real_t* __restrict__ x_out,
@@ -166,7 +186,8 @@ extern "C" __global__ void lbfgs_accept_kernel(
   if (i >= n) return;
   const long long b = i / n_par, p = i % n_par;
   const double ft = f_t[b];
-  const bool ok = pending[b] && isfinite(ft) && ft <= f[b] + armijo * fmin(decrease[b], 0.0) &&
+  const double decrease = step[b] * slope[b];
+  const bool ok = pending[b] && isfinite(ft) && ft <= f[b] + armijo * fmin(decrease, 0.0) &&
                   ft <= f[b];
   g_out[i] = ok ? g_t[i] : g_last[i];
   x_out[i] = ok ? trial[i] : x_last[i];
@@ -178,7 +199,7 @@ extern "C" __global__ void lbfgs_accept_kernel(
 }
 
 // (B, P): the step's pair into the history block (B, 2m+1, P): s = x_new - x to slot head,
-// y = g_new - g to slot m + head, in double.
+// y = g_new - g to slot m + head, in double; g_new to the last row.
 extern "C" __global__ void lbfgs_pair_kernel(const real_t* __restrict__ x_new,
                                              const real_t* __restrict__ x,
                                              const real_t* __restrict__ g_new,
@@ -191,4 +212,5 @@ extern "C" __global__ void lbfgs_pair_kernel(const real_t* __restrict__ x_new,
   double* row = vectors + b * (2 * m + 1) * n_par;
   row[head * n_par + p] = (double)x_new[i] - (double)x[i];
   row[(m + head) * n_par + p] = (double)g_new[i] - (double)g[i];
+  row[2 * m * n_par + p] = (double)g_new[i];
 }

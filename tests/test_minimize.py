@@ -84,7 +84,7 @@ def test_history_direction_is_the_two_loop_recursion(backend, rng):
                        iterations=xp.zeros(n_models, np.int64))
         zero = backend.asarray(np.zeros_like(s))
         hist.update(backend.asarray(s), zero, backend.asarray(y), zero, state,
-                    xp.zeros(n_models), xp.ones(n_models), settings)
+                    xp.zeros(n_models), xp.empty(n_models), settings)
         for b in range(n_models):
             good = keep[b] and not failed[b]
             kept[b] = (kept[b] + [(s[b], y[b]) if good else None])[-m:]
@@ -149,16 +149,19 @@ def test_lbfgs_kernels_parity(gpu, rng):
     f_new = f * rng.uniform(0.5, 0.9, n)          # decreases well ...
     f_new[0] = f[0] * (1 - 1e-9)                  # ... but model 1's: slow a second time
     counters = [np.array([0, 1, 0, 1, 0]), np.array([1, 0, 0, 1, 0]), np.arange(n)]
-    arrays = [gram.copy(), rho.copy(), gamma.copy(), active.copy()] + [c.copy() for c in counters]
+    g_new = rng.normal(size=(n, 37))
+    arrays = ([gram.copy(), rho.copy(), gamma.copy(), active.copy()]
+              + [c.copy() for c in counters] + [np.full(n, np.nan)])
     dev = [gpu.asarray(a) for a in arrays]
     cpu_fallback.lbfgs_update(arrays[0], arrays[1], arrays[2], cols, 1, arrays[3], pending, f,
-                              f_new, gmax, 1e-12, 1e-5, *arrays[4:])
+                              f_new, g_new, 1e-12, 1e-5, *arrays[4:])
     gpu.ops.lbfgs_update(dev[0], dev[1], dev[2], gpu.asarray(cols), 1, dev[3],
                          gpu.asarray(pending), gpu.asarray(f), gpu.asarray(f_new),
-                         gpu.asarray(gmax), 1e-12, 1e-5, *dev[4:])
+                         gpu.asarray(g_new), 1e-12, 1e-5, *dev[4:])
     for r, g in zip(arrays, dev):
         np.testing.assert_allclose(gpu.to_numpy(g), r, rtol=1e-14)
     assert arrays[3].tolist() == [False, False, True, True, False]
+    np.testing.assert_array_equal(arrays[-1], np.abs(g_new).max(axis=1))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -167,10 +170,12 @@ def test_lbfgs_step_kernels_parity(gpu, rng, dtype):
     the device against their NumPy twins (fresh random inputs, poisoned outputs)."""
     n, p = 5, 13
     active = np.array([True, True, False, True, True])
-    dmax = rng.uniform(0.01, 3.0, n)
-    ref_step = cpu_fallback.lbfgs_step(dmax, active, 0.5, np.full(n, np.nan))
-    got = gpu.ops.lbfgs_step(gpu.asarray(dmax), gpu.asarray(active), 0.5, gpu.xp.full(n, np.nan))
+    direction = rng.normal(size=(n, 77)) * rng.uniform(0.01, 3.0, (n, 1))
+    ref_step = cpu_fallback.lbfgs_step(direction, active, 0.5, np.full(n, np.nan))
+    got = gpu.ops.lbfgs_step(gpu.asarray(direction), gpu.asarray(active), 0.5,
+                             gpu.xp.full(n, np.nan))
     np.testing.assert_array_equal(gpu.to_numpy(got), ref_step)
+    assert ref_step[2] == 0 and ((ref_step > 0) == active).all()
 
     x = rng.uniform(0, 1, (n, p)).astype(dtype)
     x_last = rng.uniform(0, 1, (n, p)).astype(dtype)
@@ -188,8 +193,8 @@ def test_lbfgs_step_kernels_parity(gpu, rng, dtype):
     f = rng.uniform(1, 2, n)
     f_t = f + rng.normal(scale=0.1, size=n)
     f_t[3] = np.nan
-    args = (f_t, rng.normal(size=(n, p)).astype(dtype), x, f, -rng.uniform(0, 1, n), pending,
-            1e-4, rng.uniform(1, 2, n), rng.normal(size=(n, p)).astype(dtype), x_last)
+    args = (f_t, rng.normal(size=(n, p)).astype(dtype), x, f, ref_step, -rng.uniform(0, 1, n),
+            pending, 1e-4, rng.uniform(1, 2, n), rng.normal(size=(n, p)).astype(dtype), x_last)
     shapes = [((n,), np.float64), ((n, p), dtype), ((n, p), dtype), ((n,), bool), ((n,), bool)]
     ref = [np.zeros(sh, dt) for sh, dt in shapes]
     cpu_fallback.lbfgs_accept(*args, *ref)
