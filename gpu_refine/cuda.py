@@ -230,16 +230,19 @@ def adp_similarity_terms(values, atoms, weight, energy, grad, delta=None):
                       grad, delta)
 
 
-def banded_solve(band, rhs, transpose, out):
+def banded_solve(band, rhs, transpose, out, rhs_rows=None, out_rows=None):
     """GPU twin of cpu_fallback.banded_solve."""
     dtype = _real(out.dtype)
-    if not out.flags.c_contiguous or out.shape != rhs.shape:
-        raise ValueError("out must be C-contiguous and shaped as rhs")
-    n, ncol = rhs.shape
+    if not out.flags.c_contiguous or out.shape != rhs.shape or rhs.ndim != 3:
+        raise ValueError("rhs and out must be (B, n, w), out C-contiguous")
+    n_models, n, width = rhs.shape
     band = _c(band, cp.float64)
-    _launch(get_kernel("banded", "banded_solve_kernel", dtype), ncol,
-            (band, np.int32(n), np.int32(band.shape[0] - 1), _c(rhs, dtype), np.int32(ncol),
-             np.int32(bool(transpose)), out))
+    none = _on_device(np.zeros(1), np.int32)
+    rows = [(none, np.int32(0)) if r is None else (_c(r, cp.int32), np.int32(1))
+            for r in (rhs_rows, out_rows)]
+    _launch(get_kernel("banded", "banded_solve_kernel", dtype), n_models * width,
+            (band, np.int32(n), np.int32(band.shape[0] - 1), _c(rhs, dtype), *rows[0],
+             np.int32(n_models), np.int32(width), np.int32(bool(transpose)), *rows[1], out))
     return out
 
 
@@ -259,7 +262,7 @@ def _cc_args(image, masks, mask_index, y, my):
                                 _c(y, cp.float64), _c(my, cp.float64))
 
 
-def cc_statistics(image, masks, mask_index, y, my, w_sum, syy, out):
+def cc_statistics(image, masks, mask_index, y, my, w_sum, syy, scale, out, value):
     """GPU twin of cpu_fallback.cc_statistics."""
     dtype, n, n_voxels, args = _cc_args(image, masks, mask_index, y, my)
     if out.dtype != cp.float64 or not out.flags.c_contiguous or out.shape != (n, 4):
@@ -271,7 +274,7 @@ def cc_statistics(image, masks, mask_index, y, my, w_sum, syy, out):
         (blocks, n), (_BLOCK,), args + (np.int64(n_voxels), partial))
     _launch(get_kernel("cc_target", "cc_finish_kernel", dtype), n,
             (partial, np.int32(warps), args[2], _c(w_sum, cp.float64), _c(syy, cp.float64),
-             np.int32(n), out))
+             _c(scale, cp.float64), np.int32(n), out, value))
     return out
 
 
@@ -282,7 +285,7 @@ def cc_gradient_map(image, masks, mask_index, y, my, syy, stats, scale, out):
         raise ValueError("out must be C-contiguous, shaped and typed as image")
     get_kernel("cc_target", "cc_gradient_map_kernel", dtype)(
         (_voxel_blocks(n_voxels), n), (_BLOCK,),
-        args + (_c(syy, cp.float64), _c(stats, cp.float64), np.float64(scale),
+        args + (_c(syy, cp.float64), _c(stats, cp.float64), _c(scale, cp.float64),
                 np.int64(n_voxels), out))
     return out
 

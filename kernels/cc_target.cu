@@ -12,8 +12,9 @@
 // weighted mean, sum w and sum w (y - my)^2.  Per model (sums in double):
 //   mx = sum w x / w_sum,  Sxx = sum w x^2 - mx sum w x,  Sxy = sum w x (y - my),
 //   CC = Sxy / sqrt(Sxx Syy)
-// (sum w (y - my) = 0, so Sxy needs no centring of x).  stats (B, 4) double: CC, mx, Sxx, Sxy.
-// Gradient map of scale * CC:
+// (sum w (y - my) = 0, so Sxy needs no centring of x).  stats (B, 4) double: CC, mx, Sxx, Sxy;
+// value (B,) = scale (1 - CC) for a per-model scale (the target's atoms times its weight).
+// Gradient map of scale * CC (scale per model):
 //   out = scale * w * ((y - my) / sqrt(Sxx Syy) - CC / Sxx * (x - mx))
 
 #ifndef REAL
@@ -73,8 +74,10 @@ extern "C" __global__ void cc_sums_kernel(const real_t* __restrict__ image,
 extern "C" __global__ void cc_finish_kernel(const double* __restrict__ partial, int n_partial,
                                             const int* __restrict__ mask_index,
                                             const double* __restrict__ w_sum,
-                                            const double* __restrict__ syy, int n_models,
-                                            double* __restrict__ stats) {
+                                            const double* __restrict__ syy,
+                                            const double* __restrict__ scale, int n_models,
+                                            double* __restrict__ stats,
+                                            double* __restrict__ value) {
   const int model = blockIdx.x * blockDim.x + threadIdx.x;
   if (model >= n_models) return;
   const double* p = partial + 3LL * model * n_partial;
@@ -89,6 +92,7 @@ extern "C" __global__ void cc_finish_kernel(const double* __restrict__ partial, 
   const double s = sxx - mx * sx;
   double* out = stats + 4LL * model;
   out[0] = sxy / sqrt(fmax(s, 1e-300) * syy[mask]);
+  value[model] = scale[model] * (1.0 - out[0]);
   out[1] = mx;
   out[2] = s;
   out[3] = sxy;
@@ -99,7 +103,7 @@ extern "C" __global__ void cc_gradient_map_kernel(
     const real_t* __restrict__ image, const float* __restrict__ masks,
     const int* __restrict__ mask_index, const double* __restrict__ y,
     const double* __restrict__ my, const double* __restrict__ syy,
-    const double* __restrict__ stats, double scale, long long n_voxels,
+    const double* __restrict__ stats, const double* __restrict__ scale, long long n_voxels,
     real_t* __restrict__ out) {
   const long long model = blockIdx.y;
   const int mask = mask_index[model];
@@ -108,7 +112,8 @@ extern "C" __global__ void cc_gradient_map_kernel(
   real_t* o = out + model * n_voxels;
   const double* st = stats + 4 * model;
   const double sxx = fmax(st[2], 1e-300);
-  const double a = scale / sqrt(sxx * syy[mask]), c = scale * st[0] / sxx, mx = st[1];
+  const double a = scale[model] / sqrt(sxx * syy[mask]), c = scale[model] * st[0] / sxx;
+  const double mx = st[1];
   const double m = my[mask];
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < n_voxels;

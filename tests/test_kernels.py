@@ -235,45 +235,57 @@ def _cc_inputs(rng, n_models=5, n_masks=2, shape=(7, 9, 11), dtype=np.float32):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cc_statistics_are_the_weighted_correlation(rng, dtype):
     image, masks, index, y, my, w_sum, syy = _cc_inputs(rng, dtype=dtype)
-    stats = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy,
-                                       np.full((len(image), 4), np.nan))
+    scale = rng.uniform(1, 9, len(image))
+    value = np.full(len(image), np.nan)
+    stats = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy, scale,
+                                       np.full((len(image), 4), np.nan), value)
     for m, k in enumerate(index):
         w, x = masks[k].astype(np.float64).ravel(), image[m].astype(np.float64).ravel()
         mx = (w * x).sum() / w.sum()
         dx, dy = x - mx, y.ravel() - my[k]
-        cc = (w * dx * dy).sum() / np.sqrt((w * dx * dx).sum() * (w * dy * dy).sum())
-        np.testing.assert_allclose(stats[m, :3], [cc, mx, (w * dx * dx).sum()], rtol=1e-10)
+        sxx, sxy = (w * dx * dx).sum(), (w * dx * dy).sum()
+        cc = sxy / np.sqrt(sxx * (w * dy * dy).sum())
+        np.testing.assert_allclose(stats[m, :3], [cc, mx, sxx], rtol=1e-10)
+        np.testing.assert_allclose(value[m], scale[m] * (1 - cc), rtol=1e-10)
 
 
 def test_cc_gradient_map_matches_finite_differences(rng):
     image, masks, index, y, my, w_sum, syy = _cc_inputs(rng, n_models=2, dtype=np.float64)
+    scale = np.array([-3.0, 5.0])
 
     def cc(img):
-        return cpu_fallback.cc_statistics(img, masks, index, y, my, w_sum, syy,
-                                          np.empty((len(img), 4)))[:, 0]
-    stats = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy, np.empty((2, 4)))
-    grad = cpu_fallback.cc_gradient_map(image, masks, index, y, my, syy, stats, -3.0,
+        return cpu_fallback.cc_statistics(img, masks, index, y, my, w_sum, syy, scale,
+                                          np.empty((len(img), 4)), np.empty(len(img)))[:, 0]
+    stats = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy, scale,
+                                       np.empty((2, 4)), np.empty(2))
+    grad = cpu_fallback.cc_gradient_map(image, masks, index, y, my, syy, stats, scale,
                                         np.full(image.shape, np.nan))
     h = 1e-6
     for p in [(0, 1, 2, 3), (1, 4, 0, 7), (1, 6, 8, 10)]:
         up, down = image.copy(), image.copy()
         up[p] += h
         down[p] -= h
-        fd = -3.0 * (cc(up)[p[0]] - cc(down)[p[0]]) / (2 * h)
+        fd = scale[p[0]] * (cc(up)[p[0]] - cc(down)[p[0]]) / (2 * h)
         np.testing.assert_allclose(grad[p], fd, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 1e-5)])
 def test_cc_kernels_parity(gpu, rng, dtype, rtol):
     image, masks, index, y, my, w_sum, syy = _cc_inputs(rng, dtype=dtype)
-    ref = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy,
-                                     np.full((len(image), 4), np.nan))
+    n = len(image)
+    scale = rng.uniform(-9, 9, n)
+    ref = cpu_fallback.cc_statistics(image, masks, index, y, my, w_sum, syy, scale,
+                                     np.full((n, 4), np.nan), value := np.full(n, np.nan))
     dev = [gpu.asarray(a) for a in (image, masks, index, y, my, w_sum, syy)]
-    got = gpu.to_numpy(gpu.ops.cc_statistics(*dev, gpu.xp.full((len(image), 4), np.nan)))
+    got_value = gpu.xp.full(n, np.nan)
+    got = gpu.to_numpy(gpu.ops.cc_statistics(*dev, gpu.asarray(scale), gpu.xp.full((n, 4), np.nan),
+                                             got_value))
     np.testing.assert_allclose(got, ref, rtol=rtol)
-    ref_g = cpu_fallback.cc_gradient_map(image, masks, index, y, my, syy, ref, -7.0,
+    np.testing.assert_allclose(gpu.to_numpy(got_value), value, rtol=rtol)
+    ref_g = cpu_fallback.cc_gradient_map(image, masks, index, y, my, syy, ref, scale,
                                          np.full(image.shape, np.nan, dtype))
-    got_g = gpu.to_numpy(gpu.ops.cc_gradient_map(*dev[:5], dev[6], gpu.asarray(ref), -7.0,
+    got_g = gpu.to_numpy(gpu.ops.cc_gradient_map(*dev[:5], dev[6], gpu.asarray(ref),
+                                                 gpu.asarray(scale),
                                                  gpu.xp.full(image.shape, np.nan, dtype)))
     assert np.isfinite(got_g).all()
     np.testing.assert_allclose(got_g, ref_g, rtol=rtol, atol=rtol * np.abs(ref_g).max())

@@ -37,26 +37,36 @@ def _dense(band):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_banded_solve_equals_the_dense_triangular_solve(rng, transpose):
+    """Each (model, coordinate) column solved, its rows read and written through the maps."""
     import cpu_fallback
-    band = _random_band(rng, 37, 5)
-    rhs = rng.normal(size=(37, 7))
+    n = 37
+    band = _random_band(rng, n, 5)
+    rhs = rng.normal(size=(4, n, 3))
+    rows_in, rows_out = rng.permutation(n), rng.permutation(n)
     out = np.full_like(rhs, np.nan)
-    cpu_fallback.banded_solve(band, rhs, transpose, out)
-    ref = solve_triangular(_dense(band), rhs, lower=True, trans="T" if transpose else "N")
-    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)
+    cpu_fallback.banded_solve(band, rhs, transpose, out, rhs_rows=rows_in, out_rows=rows_out)
+    cols = rhs[:, rows_in].transpose(1, 0, 2).reshape(n, -1)
+    ref = solve_triangular(_dense(band), cols, lower=True, trans="T" if transpose else "N")
+    np.testing.assert_allclose(out[:, rows_out].transpose(1, 0, 2).reshape(n, -1), ref,
+                               rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("maps", [False, True])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 1e-4)])
-def test_banded_solve_parity(gpu, rng, transpose, dtype, rtol):
+def test_banded_solve_parity(gpu, rng, transpose, dtype, rtol, maps):
     from gpu_refine.backend import get_backend
-    n, k, ncol = int(rng.integers(20, 60)), int(rng.integers(0, 8)), int(rng.integers(1, 300))
+    n, k = int(rng.integers(20, 60)), int(rng.integers(0, 8))
+    n_models, width = int(rng.integers(1, 50)), int(rng.integers(1, 5))
     band = _random_band(rng, n, k)
-    rhs = rng.normal(size=(n, ncol)).astype(dtype)
+    rhs = rng.normal(size=(n_models, n, width)).astype(dtype)
+    rows = {"rhs_rows": rng.permutation(n).astype(np.int32),
+            "out_rows": rng.permutation(n).astype(np.int32)} if maps else {}
     outs = []
     for bk in (get_backend("numpy"), gpu):
-        out = bk.xp.full((n, ncol), np.nan, dtype=dtype)         # poisoned
-        bk.ops.banded_solve(bk.asarray(band), bk.asarray(rhs), transpose, out)
+        out = bk.xp.full(rhs.shape, np.nan, dtype=dtype)         # poisoned
+        bk.ops.banded_solve(bk.asarray(band), bk.asarray(rhs), transpose, out,
+                            **{key: bk.asarray(v) for key, v in rows.items()})
         outs.append(bk.to_numpy(out))
     assert not np.isnan(outs[1]).any(), "rows left unwritten"
     np.testing.assert_allclose(outs[1], outs[0], rtol=rtol, atol=rtol * np.abs(outs[0]).max())

@@ -83,6 +83,23 @@ def test_model_map_cc_gradient(case, backend, rng):
     assert cc.shape == (2,) and np.all((cc > 0.3) & (cc < 1))
 
 
+@pytest.mark.parametrize("kind", ["cc", "map_value"])
+def test_weights_scale_each_models_value_and_gradient(case, backend, rng, kind):
+    """value_and_gradient(..., weight): each model's value and gradient times its weight
+    (the sites objective's data term, weighed inside the kernels)."""
+    model, prepared = case
+    target = (ModelMapTarget(prepared, 2.5, backend=backend) if kind == "cc"
+              else MapValueTarget(prepared, model, backend=backend))
+    batch = _batch(model, backend, rng, n=3)
+    weight = backend.asarray(np.array([0.5, 0.0, 7.0]))
+    f, g = target.value_and_gradient(batch, ("xyz",))
+    fw, gw = target.value_and_gradient(batch, ("xyz",), weight)
+    w = backend.to_numpy(weight)
+    np.testing.assert_allclose(backend.to_numpy(fw), w * backend.to_numpy(f), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(gw.xyz), w[:, None, None] * backend.to_numpy(
+        g.xyz), rtol=1e-5, atol=1e-7 * np.abs(backend.to_numpy(g.xyz)).max())
+
+
 def test_model_map_cc_gradient_through_symmetry_mates(crystal_case, backend, rng):
     """Atoms with a copy in the box: their gradient gathers the copy's, rotated back."""
     model, prepared = crystal_case

@@ -81,33 +81,22 @@ class SitesPreconditioner:
             raise ValueError("the restraints' band is too wide to factor")
         order, band = factor
         self.bandwidth = band.shape[0] - 1
-        self.order = backend.asarray(order)
-        self.inverse = backend.asarray(np.argsort(order))
+        self.order = backend.asarray(order, dtype=np.int32)
         self.band = backend.asarray(band, dtype=np.float64)
         self.shift_value = shift
 
-    def _solve(self, cols, transpose):
-        out = self.backend.xp.empty_like(cols)
-        return self.backend.ops.banded_solve(self.band, cols, transpose, out)
-
-    def _columns(self, v):
-        """(B, N, 3) in the factor's atom order -> (N, 3B), one column per coordinate."""
-        xp = self.backend.xp
-        return xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(self.n, -1)
-
-    def _rows(self, cols, n_models):
-        return cols.reshape(self.n, n_models, 3).transpose(1, 0, 2)
-
     def gradient(self, g):
-        """∂f/∂z (B, 3N) = C⁻¹ ∂f/∂x for ``g`` = ∂f/∂x (B, N, 3)."""
-        y = self._solve(self._columns(g[:, self.order]), False)
-        return self._rows(y, g.shape[0]).reshape(g.shape[0], -1)
+        """∂f/∂z (B, 3N) = C⁻¹ ∂f/∂x for ``g`` = ∂f/∂x (B, N, 3); z's atoms in the factor's
+        order."""
+        out = self.backend.xp.empty_like(g)
+        self.backend.ops.banded_solve(self.band, g, False, out, rhs_rows=self.order)
+        return out.reshape(g.shape[0], -1)
 
     def step(self, z):
         """x - x0 (B, N, 3) = C⁻ᵀ z for ``z`` (B, 3N)."""
-        b = z.shape[0]
-        y = self._solve(self._columns(z.reshape(b, self.n, 3)), True)
-        return self._rows(y, b)[:, self.inverse]
+        z = z.reshape(z.shape[0], self.n, 3)
+        out = self.backend.xp.empty_like(z)
+        return self.backend.ops.banded_solve(self.band, z, True, out, out_rows=self.order)
 
     def wrap(self, fg, x0):
         """(fg_z, z0, x_of): ``fg_z(z) -> (f, ∂f/∂z)`` for ``fg(x) -> (f, ∂f/∂x)`` of the

@@ -19,8 +19,9 @@ class Target(Protocol):
     #: which of "xyz", "b", "occ" the target has gradients for
     parameters: tuple
 
-    def value_and_gradient(self, batch, wrt=("xyz",)):
-        """(T (B,) float64, Gradients) with the fields named in ``wrt`` filled."""
+    def value_and_gradient(self, batch, wrt=("xyz",), weight=None):
+        """(T (B,) float64, Gradients) with the fields named in ``wrt`` filled; with
+        per-model ``weight`` (B,) (a device array), weight T and its gradients."""
 
     def value(self, batch):
         """T (B,) float64."""

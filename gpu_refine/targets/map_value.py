@@ -39,12 +39,14 @@ class MapValueTarget:
     def _weights(self, batch):
         return self.strength.astype(batch.dtype)[None] * batch.occ
 
-    def value_and_gradient(self, batch, wrt=("xyz",)):
+    def value_and_gradient(self, batch, wrt=("xyz",), weight=None):
         if set(wrt) - set(self.parameters):
             raise ParameterError("the map-value target refines sites only")
         xp = self.backend.xp
         value, grad = self._interpolate(batch)
         w = self._weights(batch)
+        if weight is not None:
+            w = w * xp.asarray(weight, dtype=w.dtype)[:, None]
         f = -(w.astype(xp.float64) * value).sum(axis=1)
         return f, Gradients(xyz=-(w[..., None] * grad))
 

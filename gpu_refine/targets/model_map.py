@@ -40,6 +40,7 @@ class ModelMapTarget:
         self.syy = (w * (self.y[None] - self.my[:, None, None, None]) ** 2).sum(axis=(1, 2, 3))
         self.chunk = None   # models per evaluation: all, until the device runs out of memory
         self._index = None  # (mask_index on the host, on the device) of the last call
+        self._weights = None   # (key, n w, -n w) of the last call (_scales)
 
     def _mask_index(self, batch):
         """batch.mask_index on the device, moved there only when it changes (fixed within a
@@ -52,16 +53,39 @@ class ModelMapTarget:
             self._index = (index.copy(), self.backend.asarray(index, dtype=np.int32))
         return self._index[1]
 
-    def _stats(self, image, batch):
-        """(B, 4) float64 on the device: CC, mx, Sxx, Sxy of each image against the map."""
+    def _stats(self, image, batch, scale):
+        """((B, 4) float64 on the device: CC, mx, Sxx, Sxy of each image against the map;
+        (B,) scale (1 - CC))."""
         xp = self.backend.xp
-        out = xp.empty((batch.size, 4), xp.float64)
-        return self.backend.ops.cc_statistics(image, self.w, self._mask_index(batch), self.y,
-                                              self.my, self.w_sum, self.syy, out)
+        out, value = xp.empty((batch.size, 4), xp.float64), xp.empty(batch.size, xp.float64)
+        self.backend.ops.cc_statistics(image, self.w, self._mask_index(batch), self.y, self.my,
+                                       self.w_sum, self.syy, scale, out, value)
+        return out, value
+
+    def _scales(self, batch, weight, part):
+        """(n w, -n w) (B,) on the device for the models ``part`` (a slice) of a call with
+        per-model weights ``weight`` (None: 1), n the model's atoms: kept for the last
+        weight array, fixed within a minimisation."""
+        key = (weight, part.start, part.stop, batch.model.n_atoms)
+        last = self._weights
+        if last is None or last[0][0] is not weight or last[0][1:] != key[1:]:
+            xp = self.backend.xp
+            n = float(batch.model.n_atoms)
+            w = (xp.ones(batch.size) if weight is None
+                 else xp.asarray(weight, dtype=xp.float64)[part])
+            self._weights = (key, n * w, -n * w)
+        return self._weights[1:]
 
     def _chunked(self, batch, fn):
-        """fn over sub-batches whose model maps fit on the device (all at once where they do)."""
-        parts, self.chunk = map_in_chunks(self.backend, batch, fn, self.chunk)
+        """fn(sub-batch, its slice) over sub-batches whose model maps fit on the device (all
+        at once where they do)."""
+        done = [0]
+
+        def part(sub):
+            out = fn(sub, slice(done[0], done[0] + sub.size))
+            done[0] += sub.size
+            return out
+        parts, self.chunk = map_in_chunks(self.backend, batch, part, self.chunk)
         return parts
 
     def fixed_b(self, batch):
@@ -72,15 +96,20 @@ class ModelMapTarget:
         """The blur held while B is refined (ModelMapper.fixed_blur)."""
         return self.mapper.fixed_blur(batch)
 
-    def _target_cc(self, batch):
-        return self._stats(self.mapper.image(batch), batch)[:, 0]
+    def _target_cc(self, batch, part):
+        scale = self._scales(batch, None, part)[0]
+        return self._stats(self.mapper.image(batch), batch, scale)[0][:, 0]
 
     def value(self, batch):
         cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))
         return batch.model.n_atoms * (1.0 - cc)
 
-    def value_and_gradient(self, batch, wrt=("xyz",)):
-        parts = self._chunked(batch, lambda sub: self._value_and_gradient(sub, wrt))
+    def value_and_gradient(self, batch, wrt=("xyz",), weight=None):
+        """(T, Gradients); with per-model ``weight`` (B,) (a device array, kept by the
+        caller through a minimisation), (weight T, weight × gradients), weighed inside the
+        kernels."""
+        parts = self._chunked(batch, lambda sub, part: self._value_and_gradient(sub, wrt,
+                                                                                weight, part))
         if len(parts) == 1:
             return parts[0]
         xp = self.backend.xp
@@ -89,19 +118,19 @@ class ModelMapTarget:
         return (xp.concatenate([f for f, _ in parts]),
                 Gradients(xyz=join("xyz"), b=join("b"), occ=join("occ")))
 
-    def _value_and_gradient(self, batch, wrt):
+    def _value_and_gradient(self, batch, wrt, weight, part):
         xp = self.backend.xp
+        value_scale, gradient_scale = self._scales(batch, weight, part)
         image = self.mapper.image(batch)
-        stats = self._stats(image, batch)
-        n = batch.model.n_atoms
+        stats, value = self._stats(image, batch, value_scale)
         dmap = self.backend.ops.cc_gradient_map(image, self.w, self._mask_index(batch), self.y,
-                                                self.my, self.syy, stats, -n,
+                                                self.my, self.syy, stats, gradient_scale,
                                                 xp.empty_like(image))
         del image
         gx, gb, _, go = self.mapper.image_adjoint(batch, dmap)
         grads = Gradients(xyz=gx if "xyz" in wrt else None, b=gb if "b" in wrt else None,
                           occ=go if "occ" in wrt else None)
-        return n * (1.0 - stats[:, 0]), grads
+        return value, grads
 
     def stats(self, batch):
         cc = self.backend.xp.concatenate(self._chunked(batch, self._target_cc))

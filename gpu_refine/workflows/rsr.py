@@ -410,9 +410,9 @@ class RealSpaceRefinement:
             xyz = x.reshape(shape)
             fr, gr = restraints.energy_and_gradient(xyz)
             if with_data:
-                fd, gd = target.value_and_gradient(self._view(batch, xyz=xyz), ("xyz",))
-                fr = fr + w * fd
-                gr = gr + (w[:, None, None] * gd.xyz).astype(gr.dtype)
+                fd, gd = target.value_and_gradient(self._view(batch, xyz=xyz), ("xyz",), w)
+                fr += fd
+                gr += gd.xyz
             return fr, gr.reshape(shape[0], -1)
         return fg
 
