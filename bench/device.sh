@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # GPU checks in one call on a lent device machine (see /work/.library/device).
 #
-#   bash bench/device.sh prepare   # here: cp312 wheels of gemmi/mrcfile into .whl/ and the
+#   bash bench/device.sh prepare   # here: cp312 wheels of gemmi/mrcfile into .whl/, the
 #                                  # shared data the GPU tests and benchmarks read into
-#                                  # .shared_data/ (both git-ignored, carried, ~25 MB)
-#   run(command="bash bench/device.sh run", carry=[".whl", ".shared_data"])   # on the device
-#   run(command="bash bench/device.sh sanitize", carry=[".whl", ".shared_data"])
+#                                  # .shared_data/ and the cost model's H100 estimates into
+#                                  # .cost/ (bench/gpu_cost.py, ~8 min; all git-ignored,
+#                                  # carried, ~25 MB)
+#   run(command="bash bench/device.sh run", carry=[".whl", ".shared_data", ".cost"])
+#   run(command="bash bench/device.sh sanitize", carry=[".whl", ".shared_data", ".cost"])
 #
-# "run" installs the wheels, then writes to $OUT: nvidia-smi, the GPU tests (backend=cupy
-# and the parity tests; NumPy-only tests are deselected), bench/kernels.py (NVRTC resource
-# report), bench/restraints.py, bench/rsr.py and bench/density.py.  Each step has its own
+# "run" installs the wheels, then writes to $OUT: nvidia-smi, a first run of the example on
+# CuPy (it compiles every kernel into CuPy's cache, so that no later time includes NVRTC), the
+# GPU tests (backend=cupy and the parity tests; NumPy-only tests are deselected),
+# bench/kernels.py (NVRTC resource report), bench/restraints.py, bench/rsr.py (with the cost
+# model's estimates beside the measured times) and bench/density.py --quick.  Each step has its own
 # time limit, so that one slow step cannot take the others' results with it when the call's
 # 600 s run out.  Copy the numbers into bench/RESULTS.md with the date and commit.
 #
@@ -31,7 +35,9 @@ prepare)
         rm -rf ".shared_data/$d" && cp -r "$shared/$d" ".shared_data/$d" || exit 1
     done
     chmod -R u+w .shared_data
-    du -sh .whl .shared_data
+    mkdir -p .cost
+    python3 bench/gpu_cost.py --data "$shared" --json .cost/estimates.json | tail -n 3 || exit 1
+    du -sh .whl .shared_data .cost
     ;;
 run|sanitize)
     : "${OUT:?run this on the device machine, where OUT is set}"
@@ -59,12 +65,15 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-k", "cupy and not numpy"
             python3 -c "$tests"
         exit 0
     fi
+    step 60 warm.txt bash -c 'python3 -m gpu_refine example directory=/tmp/ex &&
+        python3 -m gpu_refine rsr /tmp/ex/helix.cif /tmp/ex/helix_3A.mrc resolution=3 \
+        --backend cupy output.prefix=/tmp/ex/warm'
     step 240 tests.txt python3 -m pytest -q tests -k "not numpy and not standin and not benchmark"
     step 30 kernels.txt python3 bench/kernels.py
     step 60 restraints.txt python3 bench/restraints.py --data .shared_data --batches 1,32,256
     step 150 rsr.txt python3 bench/rsr.py --data .shared_data --batches 1,16,128 \
-        --numpy-batches 0
-    step 80 density.txt python3 bench/density.py
+        --numpy-batches 0 --estimates .cost/estimates.json
+    step 60 density.txt python3 bench/density.py --quick
     ;;
 *)
     echo "usage: bash bench/device.sh prepare|run|sanitize" >&2

@@ -14,10 +14,14 @@ prints per evaluation, per iteration and per run with an estimated H100 time:
     bytes / HBM + launches × LAUNCH + syncs × SYNC + pairs / PAIR_RATE
 
     python bench/gpu_cost.py [--data ../shared/data] [--batches 1,16,128] [--quick]
+                             [--json FILE]
 
 ``--quick``: the example helix (120 atoms) instead, batches 1 and 2 (tests/test_bench.py).
+``--json FILE``: the estimates per batch also into FILE, for bench/rsr.py ``--estimates`` to
+print beside the times a GPU measures (bench/device.sh).
 """
 import argparse
+import json
 import platform
 import sys
 import time
@@ -164,6 +168,7 @@ def main():
     ap.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data"))
     ap.add_argument("--batches", default=None)
     ap.add_argument("--quick", action="store_true", help="the example helix, batches 1 and 2")
+    ap.add_argument("--json", default=None, help="write the estimates per batch to this file")
     args = ap.parse_args()
     if host_cuda.compiler() is None:
         sys.exit("gpu_cost: no C++20 compiler to build the CUDA sources for the host")
@@ -223,6 +228,8 @@ def main():
         print(f"\nsites evaluation: {ev['bytes'] / floor:.1f}x the floor of {floor / 1e9:.3f} GB "
               f"(the grids an evaluation must read and write once); per sites iteration "
               f"{sites['syncs']:.0f} syncs, {sites['launches']:.0f} launches")
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(b): estimate[b] for b in batches}))
     for b in batches:
         print(f"H100 estimate, {b} models: {estimate[b]:.2f} s")
 

@@ -22,6 +22,7 @@ With ``--repeat R`` every row runs R times, the rows taking turns (so that a mac
 down for a while slows all of them alike), and the median wall time is reported with the range.
 """
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -176,6 +177,8 @@ def main():
     ap.add_argument("--cctbx", default=None, metavar="PYTHON",
                     help="a Python with cctbx-base: every row's CCmask by mmtbx map_model_cc too")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every row, taking turns")
+    ap.add_argument("--estimates", default=None, metavar="JSON",
+                    help="bench/gpu_cost.py --json output: its H100 estimates beside the rows")
     ap.add_argument("--weights", default=None,
                     help="a weight grid (comma-separated): every start with every weight")
     args = ap.parse_args()
@@ -184,9 +187,11 @@ def main():
     model, map_data = load(data)
     print(f"# EMD-2566 / 3J6B chain 9 ({model.n_atoms} atoms, no H), 3.2 Å, sites + ADP, "
           f"shake 0.5 Å\n# hardware: {hardware()}")
+    estimates = json.loads(Path(args.estimates).read_text()) if args.estimates else {}
     print("| program | batch | wall (s) | s per model | CCmask mean | CCmask min | "
-          "bonds max (Å) | angles max (°) | cctbx CCmask mean | cctbx CCmask min |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "bonds max (Å) | angles max (°) | cctbx CCmask mean | cctbx CCmask min | "
+          "cost model's H100 estimate (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [(name, b) for name, sizes in (("numpy", args.numpy_batches),
                                           ("cupy", args.batches)) for b in sizes
             if name in available_backends()]
@@ -224,9 +229,11 @@ def main():
         spread = f" ({w.min():.1f}-{w.max():.1f})" if len(w) > 1 else ""
         by_cctbx = (f"{peer[row].mean():.4f} | {peer[row].min():.4f}" if row in peer
                     else "– | –")
+        estimate = estimates.get(str(n)) if name == "cupy" else None
         print(f"| {label} | {members} | {np.median(w):.1f}{spread} | "
               f"{np.median(w) / members:.3f} | {cc.mean():.4f} | {cc.min():.4f} | {bonds:.4f} | "
-              f"{angles:.2f} | {by_cctbx} |", flush=True)
+              f"{angles:.2f} | {by_cctbx} | "
+              f"{'–' if estimate is None else f'{estimate:.2f}'} |", flush=True)
     if phases:
         names = list(next(iter(phases.values())))
         print("\nWhere the time goes (seconds; the last run of each row):\n\n"
