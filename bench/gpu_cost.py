@@ -104,11 +104,12 @@ def minus(a, b, scale=1.0):
 def numpy_iterations(model, map_data, d):
     """({phase: L-BFGS iterations} of a whole default run of one start on NumPy, seconds).
     Phases: "regularize" (restraints alone), "sites" (coarse stages, macro-cycles), "weight"
-    (the weight search's trials), "adp" and "trials" (how many)."""
+    (the weight search's trials), "adp"; "trials" (how many) and "rebuilds" (of the
+    nonbonded pair list)."""
     job = RealSpaceRefinement(model, map_data, RSRSettings(resolution=d),
                               backend=get_backend("numpy"),
                               starts=shaken_batch(model, 1, 0.5, seed=0, backend="numpy"))
-    its = {"regularize": 0, "sites": 0, "weight": 0, "adp": 0, "trials": 0}
+    its = {"regularize": 0, "sites": 0, "weight": 0, "adp": 0, "trials": 0, "rebuilds": 0}
     phase = ["sites"]
     search = job.search_weight
 
@@ -133,26 +134,42 @@ def numpy_iterations(model, map_data, d):
         setattr(job, name, wrapped)
     t0 = time.perf_counter()
     job.run()
+    its["rebuilds"] = job.restraints.pairs.n_builds
     return its, time.perf_counter() - t0
 
 
 def per_iteration(job, batch, phase, weight):
-    """Counts of one L-BFGS iteration of ``phase`` (sites or adp) at ``batch``: runs of 4 and
-    of 2 iterations, differenced (what a call costs once, its set-up and first evaluation,
-    cancels)."""
+    """Counts of one L-BFGS iteration of ``phase`` (sites, regularize or adp) at ``batch``:
+    runs of 4 and of 2 iterations, differenced (what a call costs once, its set-up and first
+    evaluation, cancels).  Both start from a settled batch (20 iterations in) with the pair
+    list built there, so that neither rebuilds it: rebuilds are counted per run instead
+    (``rebuilds``)."""
+    settled = batch.subset(list(range(batch.size)))
+    job.refine_sites(settled, weight, 20)
+
     def run(n):
-        copy = batch.subset(list(range(batch.size)))
+        copy = settled.subset(list(range(settled.size)))
+        job.restraints.update_pairs(copy.xyz, force=True)
         if phase == "sites":
             return job.refine_sites(copy, weight, n)
         if phase == "regularize":
             return job.regularize(copy, n)
         return job.refine_adp(copy, n)
-    run(2)                                  # caches and pair lists of this batch size
+    run(2)                                  # caches of this batch size
     c4, r4 = counted(lambda: run(4))
     c2, r2 = counted(lambda: run(2))
     its = max(int(np.max(r4.iterations) - np.max(r2.iterations)), 1)
     out = minus(c4, c2, 1.0 / its)
     out["evaluations"] = (r4.n_evaluations - r2.n_evaluations) / its
+    return out
+
+
+def rebuilds(ev, n):
+    """Counts of n pair-list rebuilds in a run: each repeats one sites evaluation (the stale
+    one) after a sync, and uploads the new list (3 arrays)."""
+    out = {k: ev[k] * n for k in COLUMNS}
+    out["syncs"] += n
+    out["uploads"] += 3 * n
     return out
 
 
@@ -187,7 +204,8 @@ def main():
     print(f"# run of B starts = regularisation x {its['regularize']} + sites x {its['sites']} "
           f"(+ {settings.sites_iterations} where B > 1: macro-cycle 1 of the starts the search "
           f"did not refine) + ADP x {its['adp']} + weight search x {2 * per_trial:.0f} (its "
-          f"{n_trials} trials side by side, as on a GPU)")
+          f"{n_trials} trials side by side, as on a GPU) + {its['rebuilds']} pair-list rebuilds "
+          f"(each a repeated evaluation)")
     print(f"# H100 model: bytes / {HBM / 1e12:.1f} TB/s + launches x {LAUNCH * 1e6:.0f} us + "
           f"syncs x {SYNC * 1e6:.0f} us + pairs / {PAIR_RATE:.0e}/s")
     bk = standin_backend()
@@ -212,8 +230,9 @@ def main():
         trials = trial_costs.setdefault("trials", per_iteration(
             job, job.copy_batch().subset([0] * n_trials), "sites", np.full(n_trials, 100.0)))
         n_sites = its["sites"] + (settings.sites_iterations if b > 1 else 0)
+        extra = rebuilds(ev, its["rebuilds"])
         run = {k: regularize[k] * its["regularize"] + sites[k] * n_sites
-               + adp[k] * its["adp"] + trials[k] * 2 * per_trial for k in COLUMNS}
+               + adp[k] * its["adp"] + trials[k] * 2 * per_trial + extra[k] for k in COLUMNS}
         estimate[b] = seconds(run)
         print(f"\n## batch {b}\n")
         print("| per | syncs | uploads | launches | GB | G pairs | H100 ms |")

@@ -104,9 +104,9 @@ class SitesPreconditioner:
         shape = (x0.shape[0], self.n, 3)
 
         def x_of(z):
-            return x0 + self.step(z).reshape(x0.shape).astype(x0.dtype)
+            return x0 + self.step(z).reshape(x0.shape).astype(x0.dtype, copy=False)
 
         def fg_z(z):
             f, g = fg(x_of(z))
-            return f, self.gradient(g.reshape(shape)).astype(z.dtype)
+            return f, self.gradient(g.reshape(shape)).astype(z.dtype, copy=False)
         return fg_z, self.backend.xp.zeros_like(x0), x_of
