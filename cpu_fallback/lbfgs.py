@@ -108,3 +108,59 @@ def lbfgs_pair(x_new, x, g_new, g, vectors, head):
     vectors[:, m + head] = g_new.astype(np.float64) - g.astype(np.float64)
     vectors[:, 2 * m] = g_new
     return vectors
+
+
+def _bound_values(v, n_par):
+    """A bound as (P,) float64 (None: none)."""
+    return None if v is None else np.broadcast_to(np.asarray(v, np.float64), (n_par,))
+
+
+def _outward(x, v, lower, upper):
+    """Components of v (B, P) that point out through the bound x sits on."""
+    out = np.zeros(x.shape, dtype=bool)
+    if lower is not None:
+        out |= (x <= lower) & (v < 0)
+    if upper is not None:
+        out |= (x >= upper) & (v > 0)
+    return out
+
+
+def lbfgs_project_gradient(x, g, lower, upper, out):
+    """g (B, P) with the components held at a bound zeroed: where x sits on a bound and the
+    descent direction -g points out through it."""
+    n_par = x.shape[1]
+    lo, hi = _bound_values(lower, n_par), _bound_values(upper, n_par)
+    out[...] = np.where(_outward(x, -g, lo, hi), 0, g)
+    return out
+
+
+def lbfgs_bound_direction(d, x, g, lower, upper, active, gamma, gmax, rho, dg):
+    """The direction d (B, P) float64 kept inside the bounds, in place: zero for held
+    parameters (on a bound, gradient zero) and for moves out through a bound; dg (B,) = d . g.
+    A model whose d is then no descent direction takes d = -scale g (scale = gamma, or
+    1 / max|g| without history) and drops its history (rho, in place).  Inactive: d = 0."""
+    n_par = x.shape[1]
+    lo, hi = _bound_values(lower, n_par), _bound_values(upper, n_par)
+    on_bound = np.zeros(x.shape, dtype=bool)
+    if lo is not None:
+        on_bound |= x <= lo
+    if hi is not None:
+        on_bound |= x >= hi
+    d[(g == 0) & on_bound | _outward(x, d, lo, hi)] = 0.0
+    g64 = g.astype(np.float64)
+    dg[:] = (d * g64).sum(axis=1)
+    bad = ~(dg < 0) & active
+    scale = np.where(gamma > 0, gamma, 1.0 / np.maximum(gmax.astype(np.float64), 1e-300))
+    d[bad] = -scale[bad, None] * g64[bad]
+    rho[bad] = 0.0
+    dg[bad] = (d[bad] * g64[bad]).sum(axis=1)
+    d[~active] = 0.0
+    dg[~active] = 0.0
+    return d, dg
+
+
+def lbfgs_slope(trial, x, g, out):
+    """(trial - x) . g of each model (B,), in float64: a bounded step's first-order decrease."""
+    out[:] = ((trial.astype(np.float64) - x.astype(np.float64)) * g.astype(np.float64)).sum(
+        axis=1)
+    return out

@@ -393,3 +393,41 @@ def fourier_filter(maps, filt):
     f *= filt[None]
     return cufft.irfftn(f, s=maps.shape[1:], axes=(1, 2, 3), norm="forward",
                         overwrite_x=True).astype(maps.dtype, copy=False)
+
+
+def lbfgs_project_gradient(x, g, lower, upper, out):
+    """GPU twin of cpu_fallback.lbfgs_project_gradient."""
+    dtype = _real(x.dtype)
+    n_models, n_par = x.shape
+    (lo, n_lo), (hi, n_hi) = _bound(lower), _bound(upper)
+    _launch(get_kernel("lbfgs", "lbfgs_project_gradient_kernel", dtype), n_models * n_par,
+            (_c(x, dtype), _c(g, dtype), lo, n_lo, hi, n_hi, np.int64(n_par),
+             np.int64(n_models * n_par), out))
+    return out
+
+
+def lbfgs_bound_direction(d, x, g, lower, upper, active, gamma, gmax, rho, dg):
+    """GPU twin of cpu_fallback.lbfgs_bound_direction (one warp per model)."""
+    dtype = _real(x.dtype)
+    n_models, n_par = x.shape
+    if d.dtype != cp.float64 or not d.flags.c_contiguous:
+        raise ValueError("d must be a C-contiguous float64 array")
+    (lo, n_lo), (hi, n_hi) = _bound(lower), _bound(upper)
+    if n_models:
+        get_kernel("lbfgs", "lbfgs_bound_direction_kernel", dtype)(
+            (n_models,), (32,),
+            (d, _c(x, dtype), _c(g, dtype), lo, n_lo, hi, n_hi, _c(active, cp.bool_),
+             _c(gamma, cp.float64), _c(gmax, dtype), rho, np.int32(rho.shape[1]),
+             np.int64(n_par), dg))
+    return d, dg
+
+
+def lbfgs_slope(trial, x, g, out):
+    """GPU twin of cpu_fallback.lbfgs_slope (one warp per model)."""
+    dtype = _real(x.dtype)
+    n_models, n_par = x.shape
+    if n_models:
+        get_kernel("lbfgs", "lbfgs_slope_kernel", dtype)(
+            (n_models,), (32,), (_c(trial, dtype), _c(x, dtype), _c(g, dtype), np.int64(n_par),
+                                 out))
+    return out

@@ -32,24 +32,6 @@ class LBFGSResult:
     n_evaluations: int
 
 
-def _on_bound(xp, x, lower, upper, d=None):
-    """Components on a bound; with ``d``, only those that ``d`` would move outwards."""
-    out = xp.zeros(x.shape, dtype=bool)
-    if lower is not None:
-        out |= (x <= lower) if d is None else (x <= lower) & (d < 0)
-    if upper is not None:
-        out |= (x >= upper) if d is None else (x >= upper) & (d > 0)
-    return out
-
-
-def _rowdot(xp, a, b):
-    """Row-wise dot products in float64 (one batched matrix product: on a GPU each array
-    operation is a launch, and the minimiser's own work is mostly launches)."""
-    a = a.astype(xp.float64, copy=False)
-    b = b.astype(xp.float64, copy=False)
-    return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
-
-
 class _History:
     """The last m (s, y) pairs of every model, their dot products and the current gradient.
 
@@ -135,7 +117,7 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
 
         def fg(x):
             f, g = raw_fg(x)
-            return f, xp.where(_on_bound(xp, x, lower, upper, -g), 0, g)
+            return f, bk.ops.lbfgs_project_gradient(x, g, lower, upper, xp.empty_like(g))
     n_models, n_par = x.shape
     history = _History(bk, n_models, n_par, max(1, s.history))
     n_eval = 0
@@ -175,16 +157,9 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
         if bounded:
             # Held parameters (on a bound, gradient zeroed) stay put, and moves out through a
             # bound would be clipped away yet set the step length (max_step) for the others:
-            # both are left out of the direction.
-            held = (g == 0) & _on_bound(xp, x, lower, upper)
-            d = xp.where(held | _on_bound(xp, x, lower, upper, d), 0, d)
-            dg = _rowdot(xp, d, g)
-            bad = ~(dg < 0) & state.active  # not a descent direction: steepest descent
-            scale = xp.where(history.gamma > 0, history.gamma,
-                             1.0 / xp.maximum(gmax.astype(xp.float64), 1e-300))
-            d = xp.where(bad[:, None], -scale[:, None] * g, d)
-            history.rho = xp.where(bad[:, None], 0.0, history.rho)
-            dg = xp.where(bad, _rowdot(xp, d, g), dg)
+            # both are left out of the direction (then checked for descent).
+            ops.lbfgs_bound_direction(d, x, g, lower, upper, state.active, history.gamma,
+                                      gmax, history.rho, dg)
         step = ops.lbfgs_step(d, state.active, s.max_step, xp.empty(n_models, xp.float64))
         state.pending = state.active
         x_new, f_new, g_new = x, f, g
@@ -193,7 +168,8 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
                                     xp.empty_like(x))
             # Without bounds the trial is x + step d, and its first-order decrease step d.g;
             # with bounds, (trial - x).g.
-            slope, scale = (_rowdot(xp, trial - x, g), ones) if bounded else (dg, step)
+            slope, scale = ((ops.lbfgs_slope(trial, x, g, xp.empty(n_models)), ones)
+                            if bounded else (dg, step))
 
             def accepted(f_t, g_t):
                 out = (xp.empty_like(f_new), xp.empty_like(g_new), xp.empty_like(x_new),

@@ -4,7 +4,8 @@
 // (B, P) work is one thread per parameter, or batched matrix products on the Python side.
 //
 // NumPy twins: cpu_fallback/lbfgs.py  lbfgs_direction, lbfgs_update, lbfgs_step, lbfgs_trial,
-// lbfgs_accept, lbfgs_pair (same arguments).
+// lbfgs_accept, lbfgs_pair, lbfgs_project_gradient, lbfgs_bound_direction, lbfgs_slope (same
+// arguments).
 // Loader: gpu_refine/cuda.py; gpu_refine/kernel_source.py prepends "#define REAL float|double"
 // (nothing else is generated): REAL is the parameters' precision; the history, the dot
 // products and the per-model numbers are double.
@@ -213,4 +214,84 @@ extern "C" __global__ void lbfgs_pair_kernel(const real_t* __restrict__ x_new,
   row[head * n_par + p] = (double)x_new[i] - (double)x[i];
   row[(m + head) * n_par + p] = (double)g_new[i] - (double)g[i];
   row[2 * m * n_par + p] = (double)g_new[i];
+}
+
+// Bounds are given as n_lower / n_upper values (0: none, 1: one for all, else one each).
+__device__ inline bool outward(double x, double v, const double* lower, int n_lower,
+                               const double* upper, int n_upper, long long p) {
+  return (n_lower && x <= lower[n_lower == 1 ? 0 : p] && v < 0) ||
+         (n_upper && x >= upper[n_upper == 1 ? 0 : p] && v > 0);
+}
+
+// (B, P): g with the components held at a bound zeroed (x on a bound, -g pointing out).
+extern "C" __global__ void lbfgs_project_gradient_kernel(
+    const real_t* __restrict__ x, const real_t* __restrict__ g, const double* __restrict__ lower,
+    int n_lower, const double* __restrict__ upper, int n_upper, long long n_par, long long n,
+    real_t* __restrict__ out) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const long long p = i % n_par;
+  const real_t gi = g[i];
+  out[i] = outward((double)x[i], -(double)gi, lower, n_lower, upper, n_upper, p) ? (real_t)0
+                                                                                  : gi;
+}
+
+// One warp per model (grid B, block 32): d (B, P) kept inside the bounds in place, dg = d.g;
+// no descent: d = -scale g and the history dropped; inactive: d = 0.
+extern "C" __global__ void lbfgs_bound_direction_kernel(
+    double* __restrict__ d, const real_t* __restrict__ x, const real_t* __restrict__ g,
+    const double* __restrict__ lower, int n_lower, const double* __restrict__ upper,
+    int n_upper, const bool* __restrict__ active, const double* __restrict__ gamma,
+    const real_t* __restrict__ gmax, double* __restrict__ rho, int m, long long n_par,
+    double* __restrict__ dg) {
+  const long long b = blockIdx.x;
+  double* db = d + b * n_par;
+  const real_t* xb = x + b * n_par;
+  const real_t* gb = g + b * n_par;
+  if (!active[b]) {
+    for (long long p = threadIdx.x; p < n_par; p += WARP_SIZE) db[p] = 0.0;
+    if (threadIdx.x == 0) dg[b] = 0.0;
+    return;
+  }
+  double s = 0.0;
+  for (long long p = threadIdx.x; p < n_par; p += WARP_SIZE) {
+    const double xp = xb[p], gp = gb[p];
+    const bool on_bound = (n_lower && xp <= lower[n_lower == 1 ? 0 : p]) ||
+                          (n_upper && xp >= upper[n_upper == 1 ? 0 : p]);
+    if ((gp == 0.0 && on_bound) || outward(xp, db[p], lower, n_lower, upper, n_upper, p))
+      db[p] = 0.0;
+    s += db[p] * gp;
+  }
+  for (int off = WARP_SIZE / 2; off > 0; off >>= 1) s += __shfl_down_sync(FULL_MASK, s, off);
+  s = __shfl_sync(FULL_MASK, s, 0);
+  if (s < 0.0) {
+    if (threadIdx.x == 0) dg[b] = s;
+    return;
+  }
+  const double scale = gamma[b] > 0.0 ? gamma[b] : 1.0 / fmax((double)gmax[b], 1e-300);
+  double t = 0.0;
+  for (long long p = threadIdx.x; p < n_par; p += WARP_SIZE) {
+    db[p] = -scale * (double)gb[p];
+    t += db[p] * (double)gb[p];
+  }
+  for (int off = WARP_SIZE / 2; off > 0; off >>= 1) t += __shfl_down_sync(FULL_MASK, t, off);
+  if (threadIdx.x == 0) {
+    dg[b] = t;
+    for (int i = 0; i < m; ++i) rho[b * m + i] = 0.0;
+  }
+}
+
+// One warp per model: (trial - x) . g in double.
+extern "C" __global__ void lbfgs_slope_kernel(const real_t* __restrict__ trial,
+                                              const real_t* __restrict__ x,
+                                              const real_t* __restrict__ g, long long n_par,
+                                              double* __restrict__ out) {
+  const long long b = blockIdx.x;
+  double s = 0.0;
+  for (long long p = threadIdx.x; p < n_par; p += WARP_SIZE) {
+    const long long i = b * n_par + p;
+    s += ((double)trial[i] - (double)x[i]) * (double)g[i];
+  }
+  for (int off = WARP_SIZE / 2; off > 0; off >>= 1) s += __shfl_down_sync(FULL_MASK, s, off);
+  if (threadIdx.x == 0) out[b] = s;
 }

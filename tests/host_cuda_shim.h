@@ -2,8 +2,8 @@
 // sources run on a CPU (tests/host_cuda.py).  Every thread of a launch runs, one after another;
 // where a source uses warp shuffles, the lanes of a warp run as fibers (ucontext) stepped
 // together, so that __shfl_down_sync exchanges values as on a GPU.
-// Only what kernels/*.cu use is provided: thread / block indices, atomicAdd, __shfl_down_sync
-// and the device math overloads.
+// Only what kernels/*.cu use is provided: thread / block indices, atomicAdd, __shfl_down_sync,
+// __shfl_sync and the device math overloads.
 #pragma once
 
 // Lanes switch with _setjmp/_longjmp between stacks, which glibc's fortified longjmp refuses.
@@ -162,6 +162,18 @@ inline T __shfl_down_sync(unsigned, T value, unsigned delta) {
   w.values[me] = (double)value;
   host_cuda::yield_lane();
   const int src = me + (int)delta;
+  T out = src < w.lanes ? (T)w.values[src] : value;
+  host_cuda::yield_lane();
+  return out;
+}
+
+// Lane src's value to every lane (same rules as __shfl_down_sync).
+template <typename T>
+inline T __shfl_sync(unsigned, T value, int src) {
+  host_cuda::Warp& w = *host_cuda::warp;
+  const int me = host_cuda::lane;
+  w.values[me] = (double)value;
+  host_cuda::yield_lane();
   T out = src < w.lanes ? (T)w.values[src] : value;
   host_cuda::yield_lane();
   return out;

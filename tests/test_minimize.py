@@ -211,3 +211,45 @@ def test_lbfgs_step_kernels_parity(gpu, rng, dtype):
     ref = cpu_fallback.lbfgs_pair(*pair, vectors.copy(), 2)
     got = gpu.ops.lbfgs_pair(*[gpu.asarray(a) for a in pair], gpu.asarray(vectors), 2)
     np.testing.assert_array_equal(gpu.to_numpy(got), ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lbfgs_bound_kernels_parity(gpu, rng, dtype):
+    """ops.lbfgs_project_gradient, lbfgs_bound_direction and lbfgs_slope on the device
+    against their NumPy twins: parameters on either bound, held, moving out or in; a model
+    whose direction turns uphill once masked (a restart); an inactive model."""
+    n, p, m = 4, 70, 3
+    lower, upper = rng.uniform(0, 0.2, p).astype(dtype).astype(np.float64), 1.0
+    x = rng.uniform(0.2, 0.9, (n, p)).astype(dtype)
+    x[:, :10] = lower[:10].astype(dtype)
+    x[:, 10:20] = upper
+    g = rng.normal(size=(n, p)).astype(dtype)
+    g[:, 5] = 0
+    ref = cpu_fallback.lbfgs_project_gradient(x, g, lower, upper, np.full_like(g, np.nan))
+    got = gpu.ops.lbfgs_project_gradient(gpu.asarray(x), gpu.asarray(g), gpu.asarray(lower),
+                                         upper, gpu.xp.full(g.shape, np.nan, dtype))
+    np.testing.assert_array_equal(gpu.to_numpy(got), ref)
+    assert (ref[:, :10][g[:, :10] > 0] == 0).all() and (ref[:, 10:20][g[:, 10:20] < 0] == 0).all()
+
+    d = -g.astype(np.float64) * rng.uniform(0.5, 2, (n, p))
+    d[1] = g[1]                                 # model 2 goes uphill: steepest descent
+    active = np.array([True, True, True, False])
+    gamma, gmax = np.array([0.5, 0.0, 2.0, 1.0]), np.abs(g).max(axis=1)
+    rho = rng.uniform(0.1, 1, (n, m))
+    out = [d.copy(), rho.copy(), np.full(n, np.nan)]
+    cpu_fallback.lbfgs_bound_direction(out[0], x, g, lower, upper, active, gamma, gmax,
+                                       out[1], out[2])
+    dev = [gpu.asarray(a) for a in (d, rho, np.full(n, np.nan))]
+    gpu.ops.lbfgs_bound_direction(dev[0], gpu.asarray(x), gpu.asarray(g), gpu.asarray(lower),
+                                  upper, gpu.asarray(active), gpu.asarray(gamma),
+                                  gpu.asarray(gmax), dev[1], dev[2])
+    for r, a in zip(out, dev):
+        np.testing.assert_allclose(gpu.to_numpy(a), r, rtol=1e-12, atol=1e-14)
+    assert (out[1][1] == 0).all() and (out[1][0] != 0).all()     # only model 2 restarted
+    assert (out[2][:3] < 0).all() and out[2][3] == 0 and (out[0][3] == 0).all()
+
+    trial = rng.uniform(0, 1, (n, p)).astype(dtype)
+    ref = cpu_fallback.lbfgs_slope(trial, x, g, np.full(n, np.nan))
+    got = gpu.ops.lbfgs_slope(gpu.asarray(trial), gpu.asarray(x), gpu.asarray(g),
+                              gpu.xp.full(n, np.nan))
+    np.testing.assert_allclose(gpu.to_numpy(got), ref, rtol=1e-12)

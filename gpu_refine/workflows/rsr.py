@@ -494,14 +494,16 @@ class RealSpaceRefinement:
             held = _all_of(held, index, n)   # a parameter is kept where all its atoms are outside
         hold = xp.asarray(held) if held.any() else None
         restrained = self.settings.adp == "individual"
+        weight = xp.full(batch.size, float(adp_w))
 
         def fg(p):
             b = to_atoms(p)
-            fd, gd = target.value_and_gradient(self._view(batch, b=b), ("b",))
-            f, g = adp_w * fd, adp_w * gd.b
+            f, gd = target.value_and_gradient(self._view(batch, b=b), ("b",), weight)
+            g = gd.b
             if restrained:
                 fr, gr = adp.b_energy_and_gradient(b)
-                f, g = f + fr, g + gr
+                f += fr
+                g += gr
             g = back(g)
             # Zero in every step, so the L-BFGS history never moves a kept B.
             return f, g if hold is None else xp.where(hold, 0, g)
