@@ -535,8 +535,8 @@ def _model_chunks(shapes, m, xyz_m, radius_m, geom, shape, periodic, real):
 def spread_density(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, blur, periodic, out,
                    radius_max=None):
     """Sum the density of every atom of model m into out[m] (B,n0,n1,n2); returns out.
-    ``radius_max``: radius.max() where the caller knows it (the GPU twin sizes its launch by
-    it; here each atom's box is its own)."""
+    ``radius_max``: an upper bound of radius where the caller knows one (the GPU twin sizes
+    its launch by it; here each atom's box is its own)."""
     shapes = _atom_shapes(b, u, is_aniso, stype, coefs, blur)
     real = _real(xyz)
     for m in range(xyz.shape[0]):

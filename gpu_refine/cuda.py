@@ -62,7 +62,7 @@ def _atom_args(xyz, b, u, is_aniso, occ, stype, coefs, radius, geom, dtype, radi
     flag = _c(is_aniso, cp.uint8) if has_aniso else _on_device(np.zeros(1), np.uint8)
     geom_np = np.asarray(geom.get() if hasattr(geom, "get") else geom, dtype=np.float64)
     # Slabs along the first grid axis: the widest bounding box over all atoms (radius.max(),
-    # a device→host sync, unless the caller knows it).
+    # a device→host sync, unless the caller gives it: an upper bound of the radii).
     if radius_max is None:
         radius_max = float(radius.max()) if radius.size else 0.0
     rmax = float(radius_max)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cpu_fallback import cutoff_radii
+
 from .backend import get_backend
 from .errors import InputError, ParameterError
 from .grid import is_identity
@@ -170,13 +172,18 @@ class ModelMapper:
             self._held = None
 
     @contextlib.contextmanager
-    def fixed_blur(self, batch):
-        """Within, B changes (a B refinement of ``batch``'s model) but the blur stays the one
-        of the B now, and the launches are sized by the radii now: each evaluation's radii
-        are found on the device, with no device→host sync.  (A B that falls below today's
-        lowest is sampled a little less finely; the kernels cover radii that grow.)"""
+    def fixed_blur(self, batch, b_max):
+        """Within, B changes (a B refinement of ``batch``'s model, B at most ``b_max``) but
+        the blur stays the one of the B now: each evaluation's radii are found on the device,
+        and the launches are sized for the widest atom B can make, with no device→host sync.
+        (A B that falls below today's lowest is sampled a little less finely.)"""
         blur = self.blur_for(batch)
-        self._held_blur = (batch.model, blur, self._radii(batch, blur, measure=True)[1])
+        rmax = self._radii(batch, blur, measure=True)[1]
+        _, coefs = self._type_arrays(batch.model)[:2]
+        widest = cutoff_radii(np.full((1, len(coefs)), float(b_max)), None, None,
+                              np.arange(len(coefs)), coefs, blur, self.settings.cutoff,
+                              np.empty((1, len(coefs))))
+        self._held_blur = (batch.model, blur, max(rmax, float(widest.max())))
         try:
             yield
         finally:

@@ -149,13 +149,11 @@ __device__ inline double quad(const double* s, double x, double y, double z) {
          2.0 * (s[3] * x * y + s[4] * x * z + s[5] * y * z);
 }
 
-// One work item (model, atom, first slab): its frame and shape, or false if the atom's box has
-// no plane that far along the first grid axis.  The item then takes the planes lo + slab,
-// lo + slab + n_slabs, ...: any n_slabs >= 1 covers every atom (a launch sized from radii
-// that have since grown is slower, not wrong).
+// One work item (model, atom, slab): its frame, shape and first-axis plane, or false if the
+// slab lies outside the atom's box or (for a box grid) outside the stored grid.
 struct WorkItem {
   long long ma, model;
-  int slab;
+  int i, iw;
   double r, o;
   AtomFrame f;
   AtomShape sh;
@@ -168,13 +166,14 @@ __device__ inline bool work_item(long long tid, const real_t* xyz, const real_t*
                                  const real_t* radius, const double* geom, double blur,
                                  int periodic, int has_aniso, long long n_atoms, int n_slabs,
                                  int n0, WorkItem& w) {
-  w.slab = (int)(tid % n_slabs);
+  int slab = (int)(tid % n_slabs);
   w.ma = tid / n_slabs;  // model * n_atoms + atom
   long long atom = w.ma % n_atoms;
   w.model = w.ma / n_atoms;
   w.r = (double)radius[w.ma];
   atom_frame(geom, xyz + 3 * w.ma, w.r, w.f);
-  if (w.f.lo[0] + w.slab > w.f.hi[0]) return false;
+  w.i = w.f.lo[0] + slab;
+  if (w.i > w.f.hi[0] || !wrap_index(w.i, n0, periodic & 1, w.iw)) return false;
   bool aniso = ALLOW_ANISO && has_aniso && is_aniso[atom];
   atom_shape(coefs + 2 * NGAUSS * stype[atom], (double)bfac[w.ma],
              has_aniso ? uaniso + 6 * w.ma : nullptr, aniso, blur, w.sh);
@@ -203,36 +202,32 @@ __device__ inline void spread_density(
   const double o = w.o;
   double r2max = w.r * w.r;
   const double* M = geom + 9;
+  double fi = w.i - f.g[0];
+  real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   const Metric gm = grid_metric(M);
-  for (int i = f.lo[0] + w.slab; i <= f.hi[0]; i += n_slabs) {
-    int iw;
-    if (!wrap_index(i, n0, periodic & 1, iw)) continue;
-    double fi = i - f.g[0];
-    real_t* grid = out + w.model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
-    int jlo = f.lo[1], jhi = f.hi[1];
-    if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) continue;
-    for (int j = jlo; j <= jhi; ++j) {
-      int jw;
-      if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
-      double fj = j - f.g[1];
-      int klo = f.lo[2], khi = f.hi[2];
-      if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
-      for (int k = klo; k <= khi; ++k) {
-        int kw;
-        if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
-        double fk = k - f.g[2];
-        double dx = M[0] * fi + M[1] * fj + M[2] * fk;
-        double dy = M[3] * fi + M[4] * fj + M[5] * fk;
-        double dz = M[6] * fi + M[7] * fj + M[8] * fk;
-        double d2 = dx * dx + dy * dy + dz * dz;
-        if (d2 >= r2max) continue;
-        double rho = 0.0;
-        for (int g = 0; g < NGAUSS; ++g) {
-          double e = aniso ? 4.0 * PI_D * PI_D * quad(sh.s[g], dx, dy, dz) : sh.k[g] * d2;
-          rho += sh.amp[g] * exp(-e);
-        }
-        atomicAdd(grid + (long long)jw * n2 + kw, (real_t)(o * rho));
+  int jlo = f.lo[1], jhi = f.hi[1];
+  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
+  for (int j = jlo; j <= jhi; ++j) {
+    int jw;
+    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
+    double fj = j - f.g[1];
+    int klo = f.lo[2], khi = f.hi[2];
+    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+    for (int k = klo; k <= khi; ++k) {
+      int kw;
+      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
+      double fk = k - f.g[2];
+      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+      double d2 = dx * dx + dy * dy + dz * dz;
+      if (d2 >= r2max) continue;
+      double rho = 0.0;
+      for (int g = 0; g < NGAUSS; ++g) {
+        double e = aniso ? 4.0 * PI_D * PI_D * quad(sh.s[g], dx, dy, dz) : sh.k[g] * d2;
+        rho += sh.amp[g] * exp(-e);
       }
+      atomicAdd(grid + (long long)jw * n2 + kw, (real_t)(o * rho));
     }
   }
 }
@@ -263,61 +258,57 @@ __device__ inline void density_adjoint(
   double r2max = w.r * w.r;
   const double* M = geom + 9;
   const double four_pi2 = 4.0 * PI_D * PI_D;
+  double fi = w.i - f.g[0];
+  const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)w.iw * n1 * n2;
   double sx = 0, sy = 0, sz = 0, sb = 0, socc = 0;
   double su[6] = {0, 0, 0, 0, 0, 0};
   const Metric gm = grid_metric(M);
-  for (int i = f.lo[0] + w.slab; i <= f.hi[0]; i += n_slabs) {
-    int iw;
-    if (!wrap_index(i, n0, periodic & 1, iw)) continue;
-    double fi = i - f.g[0];
-    const real_t* grid = dmap + w.model * (long long)n0 * n1 * n2 + (long long)iw * n1 * n2;
-    int jlo = f.lo[1], jhi = f.hi[1];
-    if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) continue;
-    for (int j = jlo; j <= jhi; ++j) {
-      int jw;
-      if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
-      double fj = j - f.g[1];
-      int klo = f.lo[2], khi = f.hi[2];
-      if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
-      for (int k = klo; k <= khi; ++k) {
-        int kw;
-        if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
-        double fk = k - f.g[2];
-        double dx = M[0] * fi + M[1] * fj + M[2] * fk;
-        double dy = M[3] * fi + M[4] * fj + M[5] * fk;
-        double dz = M[6] * fi + M[7] * fj + M[8] * fk;
-        double d2 = dx * dx + dy * dy + dz * dz;
-        if (d2 >= r2max) continue;
-        double w = (double)grid[(long long)jw * n2 + kw];
-        if (w == 0.0) continue;
-        for (int g = 0; g < NGAUSS; ++g) {
-          if (!aniso) {
-            double rho = sh.amp[g] * exp(-sh.k[g] * d2);
-            double wr = w * rho;
-            socc += wr;
-            // d rho / d x = rho * 2k d ; d rho / d B = rho (k d2 / Bt - 1.5 / Bt)
-            double c = 2.0 * sh.k[g] * wr;
-            sx += c * dx; sy += c * dy; sz += c * dz;
-            sb += wr * (sh.k[g] * d2 - 1.5) / sh.bt[g];
-          } else {
-            const double* s = sh.s[g];
-            double rho = sh.amp[g] * exp(-four_pi2 * quad(s, dx, dy, dz));
-            double wr = w * rho;
-            socc += wr;
-            double vx = s[0] * dx + s[3] * dy + s[4] * dz;  // S d
-            double vy = s[3] * dx + s[1] * dy + s[5] * dz;
-            double vz = s[4] * dx + s[5] * dy + s[2] * dz;
-            double c = 2.0 * four_pi2 * wr;
-            sx += c * vx; sy += c * vy; sz += c * vz;
-            // d rho / d Bm = rho (-S/2 + 4 pi^2 S d d^T S); dU = 8 pi^2 dBm, off-diagonals twice
-            double e = 8.0 * PI_D * PI_D * wr;
-            su[0] += e * (-0.5 * s[0] + four_pi2 * vx * vx);
-            su[1] += e * (-0.5 * s[1] + four_pi2 * vy * vy);
-            su[2] += e * (-0.5 * s[2] + four_pi2 * vz * vz);
-            su[3] += 2.0 * e * (-0.5 * s[3] + four_pi2 * vx * vy);
-            su[4] += 2.0 * e * (-0.5 * s[4] + four_pi2 * vx * vz);
-            su[5] += 2.0 * e * (-0.5 * s[5] + four_pi2 * vy * vz);
-          }
+  int jlo = f.lo[1], jhi = f.hi[1];
+  if (!slab_rows(gm, fi, r2max, f.g[1], jlo, jhi)) return;
+  for (int j = jlo; j <= jhi; ++j) {
+    int jw;
+    if (!wrap_index(j, n1, (periodic >> 1) & 1, jw)) continue;
+    double fj = j - f.g[1];
+    int klo = f.lo[2], khi = f.hi[2];
+    if (!row_points(gm, fi, fj, r2max, f.g[2], klo, khi)) continue;
+    for (int k = klo; k <= khi; ++k) {
+      int kw;
+      if (!wrap_index(k, n2, (periodic >> 2) & 1, kw)) continue;
+      double fk = k - f.g[2];
+      double dx = M[0] * fi + M[1] * fj + M[2] * fk;
+      double dy = M[3] * fi + M[4] * fj + M[5] * fk;
+      double dz = M[6] * fi + M[7] * fj + M[8] * fk;
+      double d2 = dx * dx + dy * dy + dz * dz;
+      if (d2 >= r2max) continue;
+      double w = (double)grid[(long long)jw * n2 + kw];
+      if (w == 0.0) continue;
+      for (int g = 0; g < NGAUSS; ++g) {
+        if (!aniso) {
+          double rho = sh.amp[g] * exp(-sh.k[g] * d2);
+          double wr = w * rho;
+          socc += wr;
+          // d rho / d x = rho * 2k d ; d rho / d B = rho (k d2 / Bt - 1.5 / Bt)
+          double c = 2.0 * sh.k[g] * wr;
+          sx += c * dx; sy += c * dy; sz += c * dz;
+          sb += wr * (sh.k[g] * d2 - 1.5) / sh.bt[g];
+        } else {
+          const double* s = sh.s[g];
+          double rho = sh.amp[g] * exp(-four_pi2 * quad(s, dx, dy, dz));
+          double wr = w * rho;
+          socc += wr;
+          double vx = s[0] * dx + s[3] * dy + s[4] * dz;  // S d
+          double vy = s[3] * dx + s[1] * dy + s[5] * dz;
+          double vz = s[4] * dx + s[5] * dy + s[2] * dz;
+          double c = 2.0 * four_pi2 * wr;
+          sx += c * vx; sy += c * vy; sz += c * vz;
+          // d rho / d Bm = rho (-S/2 + 4 pi^2 S d d^T S); dU = 8 pi^2 dBm, off-diagonals twice
+          double e = 8.0 * PI_D * PI_D * wr;
+          su[0] += e * (-0.5 * s[0] + four_pi2 * vx * vx);
+          su[1] += e * (-0.5 * s[1] + four_pi2 * vy * vy);
+          su[2] += e * (-0.5 * s[2] + four_pi2 * vz * vz);
+          su[3] += 2.0 * e * (-0.5 * s[3] + four_pi2 * vx * vy);
+          su[4] += 2.0 * e * (-0.5 * s[4] + four_pi2 * vx * vz);
+          su[5] += 2.0 * e * (-0.5 * s[5] + four_pi2 * vy * vz);
         }
       }
     }

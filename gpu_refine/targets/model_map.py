@@ -92,9 +92,9 @@ class ModelMapTarget:
         """The blur and the atoms' radii found once for ``batch``'s B (ModelMapper.fixed_b)."""
         return self.mapper.fixed_b(batch)
 
-    def fixed_blur(self, batch):
-        """The blur held while B is refined (ModelMapper.fixed_blur)."""
-        return self.mapper.fixed_blur(batch)
+    def fixed_blur(self, batch, b_max):
+        """The blur held while B (at most b_max) is refined (ModelMapper.fixed_blur)."""
+        return self.mapper.fixed_blur(batch, b_max)
 
     def _target_cc(self, batch, part):
         scale = self._scales(batch, None, part)[0]

@@ -508,7 +508,7 @@ class RealSpaceRefinement:
             # Zero in every step, so the L-BFGS history never moves a kept B.
             return f, g if hold is None else xp.where(hold, 0, g)
 
-        with target.fixed_blur(batch):
+        with target.fixed_blur(batch, B_BOUNDS[1]):
             res = minimize_lbfgs(fg, p0, _lbfgs(iterations, max_step=20.0),
                                  lower=B_BOUNDS[0], upper=B_BOUNDS[1], backend=self.backend)
         batch.b[...] = to_atoms(res.x)
