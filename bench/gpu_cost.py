@@ -17,6 +17,7 @@ prints per evaluation, per iteration and per run with an estimated H100 time:
                              [--json FILE]
 
 ``--quick``: the example helix (120 atoms) instead, batches 1 and 2 (tests/test_bench.py).
+The full run takes ~40 min on 2 cores: the host-built kernels do batch 128's work on a CPU.
 ``--json FILE``: the estimates per batch also into FILE, for bench/rsr.py ``--estimates`` to
 print beside the times a GPU measures (bench/device.sh).
 """

@@ -3,7 +3,9 @@
 Every model has its own history, step length, convergence flag and iteration count; the
 objective is evaluated for the whole batch at once (that is what makes batching pay), and
 models that have converged keep their parameters while the others go on.  Bounds are kept by
-projection onto [lower, upper] (used for B > 0 and occupancies in [0, 1]).
+projection onto [lower, upper] (used for B > 0 and occupancies in [0, 1]).  The per-model
+decisions are the kernel set's ``lbfgs_*`` functions (kernels/lbfgs.cu, cpu_fallback/lbfgs.py),
+so that on a GPU they stay on the device.
 """
 from dataclasses import dataclass
 
@@ -101,10 +103,10 @@ def minimize_lbfgs(fg, x0, settings=None, lower=None, upper=None, backend=None,
     gradient is taken as zero), the others move freely and are projected back after a step.
     The decisions stay on the device: two device→host transfers per iteration (whether a
     trial step left any model pending, whether any model is still active), one more per
-    backtrack.  ``recheck`` (optional): ``stale()`` is a device bool (or None) after each
-    evaluation, true where fg's own caches were out of date for it (a restraint pair list);
-    it travels with the minimiser's transfer, and such an evaluation is made again after
-    ``refresh()``.
+    backtrack.  ``recheck`` (optional): ``stale()`` is a device flag (or None) after each
+    evaluation, nonzero where fg's own caches were out of date for it (a restraint pair
+    list); it travels with the minimiser's transfer, and such an evaluation is made again
+    after ``refresh()``.
     """
     s = settings or LBFGSSettings()
     bk = get_backend(backend)
