@@ -139,14 +139,19 @@ def numpy_iterations(model, map_data, d):
     return its, time.perf_counter() - t0
 
 
-def per_iteration(job, batch, phase, weight):
-    """Counts of one L-BFGS iteration of ``phase`` (sites, regularize or adp) at ``batch``:
-    runs of 4 and of 2 iterations, differenced (what a call costs once, its set-up and first
-    evaluation, cancels).  Both start from a settled batch (20 iterations in) with the pair
-    list built there, so that neither rebuilds it: rebuilds are counted per run instead
-    (``rebuilds``)."""
+def settle(job, batch, weight):
+    """A copy of ``batch`` 20 sites iterations in: where per_iteration starts, so that its
+    short runs move atoms too little to rebuild the pair list."""
     settled = batch.subset(list(range(batch.size)))
     job.refine_sites(settled, weight, 20)
+    return settled
+
+
+def per_iteration(job, settled, phase, weight):
+    """Counts of one L-BFGS iteration of ``phase`` (sites, regularize or adp) at a settled
+    batch (``settle``): runs of 4 and of 2 iterations, differenced (what a call costs once,
+    its set-up and first evaluation, cancels).  Both start with the pair list built there,
+    so that neither rebuilds it: rebuilds are counted per run instead (``rebuilds``)."""
 
     def run(n):
         copy = settled.subset(list(range(settled.size)))
@@ -223,13 +228,17 @@ def main():
             fg(batch.xyz.reshape(b, -1))          # caches filled, as in a run
             ev = counted(lambda: fg(batch.xyz.reshape(b, -1)))[0]
         floor = floor_bytes(job, b)
-        regularize = per_iteration(job, batch, "regularize", weight)
-        sites = per_iteration(job, batch, "sites", weight)
-        adp = per_iteration(job, batch, "adp", weight)
+        settled = settle(job, batch, weight)
+        regularize = per_iteration(job, settled, "regularize", weight)
+        sites = per_iteration(job, settled, "sites", weight)
+        adp = per_iteration(job, settled, "adp", weight)
         # On a GPU the weight search refines its trials side by side from model 1: one batch
         # of weight_trials, twice as long as a trial (the round and the halfway trial).
-        trials = trial_costs.setdefault("trials", per_iteration(
-            job, job.copy_batch().subset([0] * n_trials), "sites", np.full(n_trials, 100.0)))
+        if "trials" not in trial_costs:
+            w = np.full(n_trials, 100.0)
+            trial_costs["trials"] = per_iteration(
+                job, settle(job, job.copy_batch().subset([0] * n_trials), w), "sites", w)
+        trials = trial_costs["trials"]
         n_sites = its["sites"] + (settings.sites_iterations if b > 1 else 0)
         extra = rebuilds(ev, its["rebuilds"])
         run = {k: regularize[k] * its["regularize"] + sites[k] * n_sites
