@@ -153,28 +153,30 @@ inline T atomicAdd(T* address, T value) {
   return old;
 }
 
-// Every lane of the warp must call this the same number of times, as on a GPU: each lane
-// publishes its value and waits until all have, reads, and waits until all have read.
+namespace host_cuda {
+
+// Every lane of the warp must call a shuffle the same number of times, as on a GPU: each lane
+// publishes its value and waits until all have, reads lane src's (its own where src is past
+// the warp), and waits until all have read.
 template <typename T>
-inline T __shfl_down_sync(unsigned, T value, unsigned delta) {
-  host_cuda::Warp& w = *host_cuda::warp;
-  const int me = host_cuda::lane;
-  w.values[me] = (double)value;
-  host_cuda::yield_lane();
-  const int src = me + (int)delta;
+inline T exchange(T value, int src) {
+  Warp& w = *warp;
+  w.values[lane] = (double)value;
+  yield_lane();
   T out = src < w.lanes ? (T)w.values[src] : value;
-  host_cuda::yield_lane();
+  yield_lane();
   return out;
 }
 
-// Lane src's value to every lane (same rules as __shfl_down_sync).
+}  // namespace host_cuda
+
+template <typename T>
+inline T __shfl_down_sync(unsigned, T value, unsigned delta) {
+  return host_cuda::exchange(value, host_cuda::lane + (int)delta);
+}
+
+// Lane src's value to every lane.
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int src) {
-  host_cuda::Warp& w = *host_cuda::warp;
-  const int me = host_cuda::lane;
-  w.values[me] = (double)value;
-  host_cuda::yield_lane();
-  T out = src < w.lanes ? (T)w.values[src] : value;
-  host_cuda::yield_lane();
-  return out;
+  return host_cuda::exchange(value, src);
 }
